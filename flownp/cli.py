@@ -1,0 +1,57 @@
+"""The ``flownp`` command. Each subcommand lives in ``flownp/commands/<name>.py`` and defines
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+
+Exit codes: 0 success, 1 a check/claim failed or training diverged, 2 bad usage or bad input
+(argparse's convention), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flownp.errors import FlownpError
+
+# name -> module; the order is the order of ``flownp --help``.
+COMMANDS = {
+    "train": "flownp.commands.train",
+    "sample": "flownp.commands.sample",
+    "evaluate": "flownp.commands.evaluate",
+    "verify": "flownp.commands.verify",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flownp",
+        description="flownp: CInC Flow (invertible padded convolutions) in NumPy + Numba.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("flownp: interrupted", file=sys.stderr)
+        return 130
+    except FlownpError as exc:
+        print(f"flownp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``flownp`` command line (see :mod:`flownp.cli`)."""

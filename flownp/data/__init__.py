@@ -1,0 +1,1 @@
+"""Datasets: loaders and the bundled MNIST test set (being written)."""

@@ -1,0 +1,24 @@
+"""Flow layers. Every layer follows the contract in :mod:`flownp.layers.base`."""
+
+from flownp.layers.actnorm import ActNorm
+from flownp.layers.base import Layer
+from flownp.layers.cinc import CInCConv
+from flownp.layers.conditioner import ConditionerNet
+from flownp.layers.conv1x1 import Conv1x1
+from flownp.layers.coupling import AffineCoupling, QuadCoupling
+from flownp.layers.emerging import EmergingConv
+from flownp.layers.split import Split
+from flownp.layers.squeeze import Squeeze
+
+__all__ = [
+    "Layer",
+    "ActNorm",
+    "CInCConv",
+    "Conv1x1",
+    "EmergingConv",
+    "ConditionerNet",
+    "AffineCoupling",
+    "QuadCoupling",
+    "Squeeze",
+    "Split",
+]

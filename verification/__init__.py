@@ -1,0 +1,1 @@
+"""Explicit-matrix verification of the CInC Flow paper (being written)."""
