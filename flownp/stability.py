@@ -1,0 +1,747 @@
+r"""Numerical stability of the CInC inverse: measure it, bound it, guard it (issue 8).
+
+The inverse of a top-left padded convolution (paper Section 3.1, Lemma 1) is a 2-D causal
+recursion (an IIR filter). Theorem 1 makes ``M`` nonsingular whenever the corner diagonal is
+nonzero, but says nothing about how much the recursion amplifies round-off: with off-corner
+taps of 0.1 against a unit diagonal and 16 channels, ``||M^{-1}||`` reaches 1e24 on a
+14 x 14 image and a float64 round trip returns garbage. Proofs and evidence:
+``docs/stability.md``; the verification section: :mod:`verification.stability`.
+
+Notation (as in :mod:`flownp.kernels.conv`)::
+
+    K : (k, k, C, C)   effective kernel, corner tap (k-1, k-1), A[o, c] = K[k-1, k-1, c, o]
+    d_o  = K[k-1, k-1, o, o]                               corner diagonal
+    r_o  = sum_{(a, b, c) != (k-1, k-1, o)} |K[a, b, c, o]|   off-diagonal row sum of M
+    rho_o = r_o / |d_o|                                     dominance ratio of output channel o
+
+Size-independent bounds (``docs/stability.md``, Propositions 1 and 2)::
+
+    row dominance   max_o rho_o < 1      =>  ||M^{-1}||_inf <= 1 / min_o (|d_o| - r_o)   (Varah)
+    block dominance q = ||A^{-1}||_inf * max_o sum_{(a,b) != corner} sum_c |K[a,b,c,o]| < 1
+                                        =>  ||M^{-1}||_inf <= ||A^{-1}||_inf / (1 - q)
+
+Measurements (exact for any H x W, float64)::
+
+    ||M^{-1}||_1   = max_c  || M^{-1} e_(0,0,c) ||_1      impulse responses (C solves)
+    ||M^{-1}||_inf = max_o  || M^{-T} e_(H-1,W-1,o) ||_1  impulse responses of the transpose
+    ||M^{-1}||_2   >= power iteration on M^{-T} M^{-1}     (a lower bound, converges from below)
+
+Both impulse identities hold because ``M^{-1}`` is the truncation to the H x W window of a
+quarter-plane causal filter: every column (row) of ``M^{-1}`` is a shifted truncation of the
+column of pixel (0, 0) (the row of pixel (H-1, W-1)). The same impulse response restricted to
+``[0, n) x [0, n)`` gives the amplification on an n x n image, for every n at once.
+
+``M^T`` (the transpose used by the backward pass) is the *bottom-right* padded convolution
+with the channel-transposed kernel ``Kt[a, b, c, o] = K[a, b, o, c]``; with ``F`` the spatial
+flip (i, j) -> (H-1-i, W-1-j), ``M^T = F M' F`` where ``M'`` is the top-left padded
+convolution of ``Kt`` (corner block ``A^T``). Hence ``M^{-T} = F M'^{-1} F`` is one more
+substitution with the existing solvers (:func:`solve_transpose`).
+
+Guard (``docs/stability.md#guard``): every tap of output channel ``o`` other than the corner
+diagonal is multiplied by ``h(u_o)`` with ``u_o = s_o / t_o``, ``s_o`` the raw row sum and
+``t_o = rho |d_o|`` the budget::
+
+    "tanh":  h(u) = tanh(u) / u     ->  guarded row sum  t_o tanh(u_o) < rho |d_o|
+    "clip":  h(u) = 1 / max(1, u)   ->  guarded row sum  min(s_o, t_o) <= rho |d_o|
+
+so for any parameter values the layer has dominance ratio ``< rho < 1`` and
+``||M^{-1}||_inf <= 1 / ((1 - rho) min_o |d_o|)`` on every image size.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from flownp.errors import SingularKernelError
+from flownp.kernels import conv as K_
+from flownp.layers.base import Layer, check_dtype
+
+GUARD_MODES = ("tanh", "clip")
+
+
+class InverseInstabilityWarning(UserWarning):
+    """An invertible layer's inverse amplifies round-off beyond the configured threshold."""
+
+
+# --------------------------------------------------------------------------------------------
+# Size-independent margins, from the kernel alone
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelMargins:
+    """Dominance margins of one padded convolution kernel (independent of the image size).
+
+    Attributes
+    ----------
+    diag : (C,) corner diagonal ``d_o``.
+    offdiag_sum : (C,) ``r_o``, absolute sum of every other tap feeding output channel ``o``.
+    ratio : (C,) ``r_o / |d_o|`` (``inf`` where ``d_o = 0``). Row dominance iff all ``< 1``.
+    row_bound : Varah's bound ``1 / min_o(|d_o| - r_o)`` on ``||M^{-1}||_inf`` (``inf`` if
+        not row dominant).
+    block_ratio : ``q = ||A^{-1}||_inf * max_o sum_{(a,b) != corner} sum_c |K[a,b,c,o]|``.
+    block_bound : ``||A^{-1}||_inf / (1 - q)`` (``inf`` if ``q >= 1`` or ``A`` is singular).
+    """
+
+    diag: np.ndarray
+    offdiag_sum: np.ndarray
+    ratio: np.ndarray
+    row_bound: float
+    block_ratio: float
+    block_bound: float
+
+    @property
+    def max_ratio(self) -> float:
+        """``max_o r_o / |d_o|``: the layer is row dominant iff this is ``< 1``."""
+        return float(np.max(self.ratio))
+
+    @property
+    def dominant(self) -> bool:
+        """True when one of the two sufficient conditions holds."""
+        return bool(self.max_ratio < 1.0 or self.block_ratio < 1.0)
+
+    @property
+    def bound(self) -> float:
+        """The better of the two upper bounds on ``||M^{-1}||_inf`` (``inf`` if neither holds)."""
+        return float(min(self.row_bound, self.block_bound))
+
+
+def kernel_margins(kernel: np.ndarray, corner: tuple[int, int] | None = None) -> KernelMargins:
+    """Dominance margins of a ``(k, k, C, C)`` kernel whose diagonal tap is ``corner``.
+
+    ``corner`` defaults to ``(k-1, k-1)`` (top-left padding, CInC). A bottom-right padded
+    convolution (the first conv of an Emerging layer) passes ``(0, 0)``. The rows of ``M``
+    contain the same taps whatever the padding side, so the bounds are the same.
+    """
+    K = np.asarray(kernel, dtype=np.float64)
+    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3]:
+        raise ValueError(f"kernel_margins: kernel must be (k, k, C, C), got {K.shape}")
+    k = K.shape[0]
+    a0, b0 = (k - 1, k - 1) if corner is None else corner
+    absK = np.abs(K)
+    d = np.diag(K[a0, b0]).copy()  # (C,)
+    r = absK.sum(axis=(0, 1, 2)) - np.abs(d)  # (C,) all taps of output o but the diagonal
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(d != 0, r / np.abs(d), np.inf)
+    gap = np.abs(d) - r
+    row_bound = float(1.0 / gap.min()) if gap.min() > 0 else np.inf
+    off = absK.sum(axis=2)  # (k, k, C): sum over input channels
+    off[a0, b0] = 0.0
+    off_max = float(off.sum(axis=(0, 1)).max())  # ||R||_inf of the off-pixel blocks
+    A = K[a0, b0].T  # A[o, c]
+    try:
+        ainv = float(np.abs(np.linalg.inv(A)).sum(axis=1).max())
+    except np.linalg.LinAlgError:
+        ainv = np.inf
+    q = ainv * off_max if np.isfinite(ainv) else np.inf
+    block_bound = ainv / (1.0 - q) if q < 1.0 else np.inf
+    return KernelMargins(d, r, ratio, row_bound, float(q), float(block_bound))
+
+
+def layer_kernels(layer: Layer) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """The ``(kernel, corner)`` pairs whose substitutions make up ``layer.inverse``.
+
+    A CInC-like layer (attributes ``kernel`` and ``corner_matrix``) gives one pair. Other
+    layers opt in with a method ``stability_kernels()`` returning the same list (an Emerging
+    layer: its two kernels, in solve order). Raises ``TypeError`` otherwise.
+    """
+    if hasattr(layer, "stability_kernels"):
+        return [(np.asarray(K), tuple(c)) for K, c in layer.stability_kernels()]
+    if _is_cinc_like(layer):
+        K = np.asarray(layer.kernel)
+        return [(K, (K.shape[0] - 1, K.shape[0] - 1))]
+    raise TypeError(
+        f"{type(layer).__name__} exposes no convolution kernels "
+        "(expected .kernel/.corner_matrix or .stability_kernels())"
+    )
+
+
+def _is_cinc_like(layer: Any) -> bool:
+    return hasattr(layer, "corner_matrix") and hasattr(layer, "kernel")
+
+
+# --------------------------------------------------------------------------------------------
+# Exact amplification: transposed solve, impulse responses, power iteration, dense matrices
+# --------------------------------------------------------------------------------------------
+
+
+def _plu(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(L, U, perm)`` with ``A = P L U`` in the convention of :mod:`flownp.kernels.conv`."""
+    P, L, U = scipy.linalg.lu(A)
+    if np.any(np.diag(U) == 0):
+        raise SingularKernelError(f"stability: the corner block {A.tolist()} is singular")
+    return L, U, np.argmax(P, axis=0)
+
+
+def solve_padded(y: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Solve the top-left padded convolution ``conv(pad(x), K) = y`` for ``x`` (float64).
+
+    The corner block is taken from ``K`` itself and factorised with partial pivoting.
+    """
+    K = np.ascontiguousarray(K, dtype=np.float64)
+    L, U, perm = _plu(K[-1, -1].T)
+    return K_.solve_wavefront(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
+
+
+def solve_transpose(z: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Solve ``M^T w = z`` for ``w``, ``M`` the top-left padded convolution of ``K``.
+
+    ``M^T = F M' F`` (``F`` the spatial flip, ``M'`` the top-left padded convolution of the
+    channel-transposed kernel), so ``w = F solve(M', F z)``. ``M^T`` itself is
+    :func:`flownp.kernels.conv.conv_backward_input`.
+    """
+    Kt = np.ascontiguousarray(np.swapaxes(np.asarray(K, dtype=np.float64), 2, 3))
+    zf = np.ascontiguousarray(np.asarray(z, dtype=np.float64)[:, ::-1, ::-1, :])
+    return np.ascontiguousarray(solve_padded(zf, Kt)[:, ::-1, ::-1, :])
+
+
+def impulse_responses(K: np.ndarray, H: int, W: int, transpose: bool = False) -> np.ndarray:
+    """``h[c] = M^{-1} e_(0,0,c)`` for every channel ``c``: shape ``(C, H, W, C)``, float64.
+
+    ``transpose=True``: the impulse responses of ``M^{-T}`` at the last pixel, flipped back to
+    the origin (``h[o] = F M^{-T} e_(H-1,W-1,o)``), whose absolute sums are the row sums of
+    the last pixel's rows of ``M^{-1}``.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    C = K.shape[2]
+    E = np.zeros((C, H, W, C))
+    E[np.arange(C), 0, 0, np.arange(C)] = 1.0
+    if transpose:
+        return solve_padded(E, np.swapaxes(K, 2, 3))
+    return solve_padded(E, K)
+
+
+def amplification_by_size(h: np.ndarray) -> np.ndarray:
+    """``a[n-1] = max_c sum_{i, j < n} sum_ch |h[c, i, j, ch]|`` for ``n = 1 .. min(H, W)``.
+
+    With ``h`` from :func:`impulse_responses` this is ``||M^{-1}||_1`` (``transpose=True``:
+    ``||M^{-1}||_inf``) of the same kernel on an n x n image, exactly, for every n.
+    """
+    s = np.abs(h).sum(axis=3)  # (C, H, W)
+    cs = s.cumsum(axis=1).cumsum(axis=2)  # (C, H, W) sums over [0, i] x [0, j]
+    n = min(h.shape[1], h.shape[2])
+    idx = np.arange(n)
+    return cs[:, idx, idx].max(axis=0)  # (n,)
+
+
+def growth_rate(a: np.ndarray) -> float:
+    """Per-row/column growth factor of an amplification curve ``a(n)`` (last half of it).
+
+    ``(a[-1] / a[m]) ** (1 / (len(a) - 1 - m))`` with ``m = len(a) // 2``: about 1 when the
+    recursion is stable (``a`` saturates), > 1 when the amplification grows exponentially
+    with the image size.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.size < 3:
+        return float("nan")
+    m = a.size // 2
+    if not (np.isfinite(a[-1]) and a[m] > 0):
+        return float("inf")
+    return float((a[-1] / a[m]) ** (1.0 / (a.size - 1 - m)))
+
+
+def power_norm(
+    apply: Callable[[np.ndarray], np.ndarray],
+    apply_t: Callable[[np.ndarray], np.ndarray],
+    shape: tuple[int, ...],
+    iters: int = 60,
+    tol: float = 1e-8,
+    seed: int = 0,
+) -> float:
+    """Estimate ``||B||_2`` by power iteration on ``B^T B`` (a lower bound, from below).
+
+    ``apply(v) = B v`` and ``apply_t(w) = B^T w`` act on arrays of ``shape``. Stops after
+    ``iters`` steps or when the estimate changes by less than ``tol`` (relative).
+    """
+    v = np.random.default_rng(seed).standard_normal(shape)
+    v /= np.linalg.norm(v)
+    est = 0.0
+    for _ in range(iters):
+        w = apply(v)
+        new = float(np.linalg.norm(w))
+        if not np.isfinite(new) or new == 0.0:
+            return new
+        v = apply_t(w / new)
+        nv = float(np.linalg.norm(v))
+        if not np.isfinite(nv) or nv == 0.0:
+            return new
+        v /= nv
+        if abs(new - est) <= tol * new:
+            return new
+        est = new
+    return est
+
+
+def dense_matrix(fn: Callable[[np.ndarray], np.ndarray], H: int, W: int, C: int) -> np.ndarray:
+    """The ``(HWC, HWC)`` matrix of a linear map of NHWC float64 images (one batched call).
+
+    Column ``n`` is ``fn(e_n)`` in the paper's vectorisation ``x.reshape(-1)``.
+    """
+    D = H * W * C
+    E = np.eye(D).reshape(D, H, W, C)
+    return np.asarray(fn(E), dtype=np.float64).reshape(D, D).T
+
+
+def cast_layer(layer: Layer, dtype: Any) -> Layer:
+    """A deep copy of ``layer`` (and its sub-layers) with parameters in ``dtype``.
+
+    Float arrays held by the layers (parameters, gradients, masks) are converted; buffers keep
+    their own dtype. The original layer is not touched.
+    """
+    dt = check_dtype(dtype)
+    new = copy.deepcopy(layer)
+    stack = [new]
+    while stack:
+        lay = stack.pop()
+        stack.extend(lay._layers.values())
+        lay.dtype = dt
+        lay._cache = None
+        for store in (lay._params, lay._grads):
+            for key in store:
+                store[key] = np.ascontiguousarray(store[key], dtype=dt)
+        buffers = {id(b) for b in lay._buffers.values()}
+        for name, val in vars(lay).items():
+            if isinstance(val, np.ndarray) and val.dtype.kind == "f" and id(val) not in buffers:
+                setattr(lay, name, np.ascontiguousarray(val, dtype=dt))
+    return new
+
+
+def roundtrip_error(layer: Layer, x: np.ndarray, dtype: Any = None) -> float:
+    """Relative round-trip error ``max|inverse(forward(x)) - x| / max|x|`` in ``dtype``.
+
+    ``dtype`` defaults to the layer's; the layer is cast (a copy) when it differs. Returns
+    ``inf`` when the reconstruction is not finite (never a silenced NaN).
+    """
+    dt = layer.dtype if dtype is None else check_dtype(dtype)
+    lay = layer if dt == layer.dtype else cast_layer(layer, dt)
+    xd = np.ascontiguousarray(x, dtype=dt)
+    y, _ = lay.forward(xd)
+    lay.clear_cache()
+    with np.errstate(over="ignore", invalid="ignore"):
+        xr = lay.inverse(y)
+        if not np.all(np.isfinite(xr)):
+            return float("inf")
+        return float(np.max(np.abs(xr.astype(np.float64) - xd)) / np.max(np.abs(xd)))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StabilityThresholds:
+    """When a layer is reported.
+
+    ``max_roundtrip_f32``: relative float32 round-trip error above which the layer is
+    ``"unstable"`` (issue 8's target for a model: 1e-4). ``max_condition``: above this value of
+    ``kappa = ||M||_inf ||M^{-1}||_inf`` a layer whose round trip still passes is ``"at-risk"``
+    (larger images, other inputs or float32 sampling may fail).
+    """
+
+    max_roundtrip_f32: float = 1e-4
+    max_condition: float = 1e4
+
+
+@dataclass
+class LayerStability:
+    """The stability numbers of one invertible layer at one image size (see module docstring).
+
+    ``max_ratio`` is the row dominance ratio ``max_o r_o / |d_o|``, ``block_ratio`` the block
+    ratio ``q`` (worst kernel of the layer; either ``< 1`` makes ``bound`` finite).
+    ``norm_inf``/``norm_1`` are exact (``None`` when not computed), ``norm_2`` is a
+    power-iteration lower bound, ``bound`` the size-independent dominance bound on
+    ``norm_inf`` (``inf`` if no sufficient condition holds), ``growth`` the per-pixel growth
+    factor of the amplification with the image side (about 1 = stable).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int, int]
+    max_ratio: float
+    block_ratio: float
+    bound: float
+    norm_inf: float | None
+    norm_1: float | None
+    norm_2: float | None
+    condition: float | None
+    growth: float | None
+    roundtrip_f32: float
+    roundtrip_f64: float
+    status: str = "ok"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dominant(self) -> bool:
+        return bool(np.isfinite(self.bound))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "notes"}
+        out["shape"] = list(self.shape)
+        out["notes"] = "; ".join(self.notes)
+        return out
+
+
+def measure_layer(
+    layer: Layer,
+    H: int,
+    W: int,
+    *,
+    name: str = "",
+    x: np.ndarray | None = None,
+    batch: int = 4,
+    seed: int = 0,
+    power_iters: int = 60,
+    max_dense: int = 4096,
+    thresholds: StabilityThresholds | None = None,
+) -> LayerStability:
+    """Measure the stability of ``layer.inverse`` on ``H x W`` images.
+
+    Parameters
+    ----------
+    layer : a CInC-like layer (exact impulse-response norms for any size), or any invertible
+        linear layer with ``channels``: its norms then come from the dense inverse
+        (``H W C <= max_dense``, else they are ``None`` and a note says so).
+    x : (N, H, W, C) inputs for the round trips (held-out data); default ``batch`` standard
+        normal images drawn with ``seed``.
+    power_iters : steps of the 2-norm power iteration (0 to skip).
+
+    The measurement is deterministic for fixed arguments (fixed seeds, no atomics).
+    """
+    thr = thresholds or StabilityThresholds()
+    C = int(layer.channels)
+    notes: list[str] = []
+    # every norm and margin is a property of the parameters: computed from a float64 copy
+    lay64 = layer if layer.dtype == np.float64 else cast_layer(layer, np.float64)
+    margins = [kernel_margins(K, c) for K, c in layer_kernels(lay64)]
+    max_ratio = max(m.max_ratio for m in margins)
+    block_ratio = max(m.block_ratio for m in margins)
+    bound = float(np.prod([m.bound for m in margins]))  # ||M1^{-1} M2^{-1}|| <= product
+    if x is None:
+        x = np.random.default_rng(seed).standard_normal((batch, H, W, C))
+    elif x.shape[1:] != (H, W, C):
+        raise ValueError(f"measure_layer: x has shape {x.shape}, expected (N, {H}, {W}, {C})")
+    rt32 = roundtrip_error(layer, x, np.float32)
+    rt64 = roundtrip_error(lay64, x, np.float64)
+
+    norm_1 = norm_inf = norm_2 = m_inf = growth = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if _is_cinc_like(layer) and not hasattr(layer, "stability_kernels"):
+            K = np.asarray(lay64.kernel, dtype=np.float64)
+            E = np.zeros((C, H, W, C))
+            E[np.arange(C), 0, 0, np.arange(C)] = 1.0
+            h = lay64.inverse(E)  # the layer's own solver: columns of M^{-1} at pixel (0, 0)
+            ht = impulse_responses(K, H, W, transpose=True)
+            norm_1 = _abs_max_sum(h)
+            a_inf = amplification_by_size(ht)
+            norm_inf = _abs_max_sum(ht)
+            growth = growth_rate(a_inf)
+            m_inf = float(np.abs(K).sum(axis=(0, 1, 2)).max())  # ||M||_inf (interior rows)
+            if power_iters:
+                norm_2 = power_norm(
+                    lambda v: solve_padded(v, K),
+                    lambda w: solve_transpose(w, K),
+                    (1, H, W, C),
+                    iters=power_iters,
+                    seed=seed,
+                )
+        elif H * W * C <= max_dense:
+            Minv = dense_matrix(lay64.inverse, H, W, C)
+            M = dense_matrix(lambda e: _forward_only(lay64, e), H, W, C)
+            norm_1 = float(np.abs(Minv).sum(axis=0).max())
+            norm_inf = float(np.abs(Minv).sum(axis=1).max())
+            m_inf = float(np.abs(M).sum(axis=1).max())
+            if power_iters:
+                norm_2 = power_norm(
+                    lambda v: (Minv @ v.reshape(-1)).reshape(v.shape),
+                    lambda w: (Minv.T @ w.reshape(-1)).reshape(w.shape),
+                    (1, H, W, C),
+                    iters=power_iters,
+                    seed=seed,
+                )
+        else:
+            notes.append(
+                f"norms not computed: {type(layer).__name__} has no impulse path "
+                f"and H*W*C = {H * W * C} > max_dense = {max_dense}"
+            )
+    condition = None if norm_inf is None else norm_inf * m_inf
+    if not np.isfinite(norm_inf if norm_inf is not None else 0.0):
+        notes.append("||M^-1|| overflows float64")
+    status = "ok"
+    if condition is not None and not condition <= thr.max_condition:
+        status = "at-risk"
+        notes.append(f"condition ||M|| ||M^-1|| = {condition:.3g} > {thr.max_condition:.3g}")
+    if not rt32 <= thr.max_roundtrip_f32:
+        status = "unstable"
+        notes.append(f"float32 round trip {rt32:.3g} > {thr.max_roundtrip_f32:.3g}")
+    if not np.isfinite(bound) and status != "ok":
+        notes.append(
+            f"not diagonally dominant: max r_o/|d_o| = {max_ratio:.3g}, "
+            f"block ratio q = {block_ratio:.3g}"
+        )
+    return LayerStability(
+        name or type(layer).__name__,
+        type(layer).__name__,
+        (H, W, C),
+        max_ratio,
+        block_ratio,
+        bound,
+        norm_inf,
+        norm_1,
+        norm_2,
+        condition,
+        growth,
+        rt32,
+        rt64,
+        status,
+        notes,
+    )
+
+
+def _abs_max_sum(h: np.ndarray) -> float:
+    return float(np.abs(h).reshape(h.shape[0], -1).sum(axis=1).max())
+
+
+def _forward_only(layer: Layer, x: np.ndarray) -> np.ndarray:
+    y, _ = layer.forward(x)
+    layer.clear_cache()
+    return y
+
+
+def format_report(rows: list[LayerStability]) -> str:
+    """A fixed-width text table of :class:`LayerStability` rows."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    head = (
+        f"{'layer':<28} {'HxWxC':>10} {'r/|d|':>7} {'bound':>8} {'|M^-1|inf':>10} "
+        f"{'growth':>7} {'rt f32':>9} {'rt f64':>9}  status"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        hwc = "x".join(str(s) for s in r.shape)
+        lines.append(
+            f"{r.name[:28]:<28} {hwc:>10} {r.max_ratio:>7.3g} {f(r.bound):>8} "
+            f"{f(r.norm_inf):>10} {f(r.growth):>7} {r.roundtrip_f32:>9.2e} "
+            f"{r.roundtrip_f64:>9.2e}  {r.status}"
+        )
+    return "\n".join(lines)
+
+
+def warn_unstable(rows: list[LayerStability]) -> list[LayerStability]:
+    """Emit one :class:`InverseInstabilityWarning` naming every layer not ``"ok"``; return them."""
+    bad = [r for r in rows if r.status != "ok"]
+    if bad:
+        msg = "; ".join(f"{r.name} [{r.status}]: {', '.join(r.notes)}" for r in bad)
+        warnings.warn(
+            f"the inverse of {len(bad)} layer(s) amplifies round-off: {msg}",
+            InverseInstabilityWarning,
+            stacklevel=2,
+        )
+    return bad
+
+
+# --------------------------------------------------------------------------------------------
+# Whole models: find the invertible convolutions and the image size each one sees
+# --------------------------------------------------------------------------------------------
+
+
+def iter_invertible_convs(root: Layer, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+    """``(path, layer)`` for every CInC-like layer (or one with ``stability_kernels``) in the
+    tree under ``root`` (paths as in :attr:`Layer.params`, without the parameter name)."""
+    if hasattr(root, "stability_kernels") or _is_cinc_like(root):
+        yield prefix or type(root).__name__, root
+    for name, sub in root._layers.items():
+        yield from iter_invertible_convs(sub, f"{prefix}/{name}" if prefix else name)
+
+
+def record_input_shapes(root: Layer, run: Callable[[], Any]) -> dict[str, tuple[int, int]]:
+    """Call ``run()`` (e.g. ``lambda: model.forward(x)``) and record the ``(H, W)`` each
+    invertible convolution under ``root`` receives. Caches are cleared afterwards."""
+    shapes: dict[str, tuple[int, int]] = {}
+    layers = dict(iter_invertible_convs(root))
+
+    def spy(path: str, lay: Layer) -> Callable:
+        cls_forward = type(lay).forward
+
+        def forward(x, *args, **kw):
+            shapes[path] = (int(x.shape[1]), int(x.shape[2]))
+            return cls_forward(lay, x, *args, **kw)
+
+        return forward
+
+    try:
+        for path, lay in layers.items():
+            lay.forward = spy(path, lay)  # instance attribute shadows the method
+        run()
+    finally:
+        for lay in layers.values():
+            lay.__dict__.pop("forward", None)
+        root.clear_cache()
+    return shapes
+
+
+def measure_model(
+    root: Layer, shapes: dict[str, tuple[int, int]], **kw: Any
+) -> list[LayerStability]:
+    """:func:`measure_layer` for every invertible convolution of ``root`` listed in ``shapes``
+    (from :func:`record_input_shapes`), in tree order."""
+    return [
+        measure_layer(lay, *shapes[path], name=path, **kw)
+        for path, lay in iter_invertible_convs(root)
+        if path in shapes
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Guard: a parameterisation inside the dominance region
+# --------------------------------------------------------------------------------------------
+
+
+def _guard_h(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """``h(u)`` and ``h'(u)`` of the guard (module docstring), elementwise, ``u >= 0``."""
+    if mode == "tanh":
+        small = u < 1e-2
+        us = np.where(small, 1.0, u)  # avoid 0/0 in the unused branch
+        th = np.tanh(us)
+        h = np.where(small, 1 - u**2 / 3 + 2 * u**4 / 15, th / us)
+        # h' = (u sech^2 u - tanh u) / u^2; series -2u/3 + 8u^3/15 - 34u^5/105 near 0
+        dh = np.where(
+            small,
+            -2 * u / 3 + 8 * u**3 / 15 - 34 * u**5 / 105,
+            (us * (1 - th**2) - th) / us**2,
+        )
+        return h, dh
+    if mode == "clip":
+        over = u > 1.0
+        us = np.where(over, u, 1.0)
+        return np.where(over, 1.0 / us, 1.0), np.where(over, -1.0 / us**2, 0.0)
+    raise ValueError(f"guard: mode must be one of {GUARD_MODES}, got {mode!r}")
+
+
+def guard_taps(weight: np.ndarray, budget: np.ndarray, mode: str = "tanh") -> np.ndarray:
+    """Scale output channel ``o`` of ``weight (k, k, C_in, C)`` so its absolute sum is below
+    ``budget[o] > 0``: ``taps[..., o] = weight[..., o] * h(s_o / budget_o)``,
+    ``s_o = sum |weight[..., o]|``."""
+    budget = np.asarray(budget)
+    if np.any(~(budget > 0)):
+        raise SingularKernelError(
+            f"guard: every budget rho*|d_o| must be > 0, got {budget.tolist()} "
+            "(a zero corner diagonal is not invertible, Theorem 1)"
+        )
+    s = np.abs(weight).sum(axis=(0, 1, 2))  # (C,)
+    h, _ = _guard_h(s / budget, mode)
+    return weight * h.astype(weight.dtype)
+
+
+def guard_taps_backward(
+    dtaps: np.ndarray, weight: np.ndarray, budget: np.ndarray, mode: str = "tanh"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact backward of :func:`guard_taps`: ``(dweight, dbudget)`` from ``dtaps``.
+
+    With ``u_o = s_o / t_o`` and ``S_o = sum(dtaps[..., o] * weight[..., o])``::
+
+        dweight[..., o] = dtaps[..., o] h(u_o) + S_o h'(u_o) / t_o * sign(weight[..., o])
+        dbudget[o]      = -S_o h'(u_o) u_o / t_o
+    """
+    t = np.asarray(budget, dtype=weight.dtype)
+    s = np.abs(weight).sum(axis=(0, 1, 2))  # (C,)
+    u = s / t
+    h, dh = _guard_h(u, mode)
+    S = (dtaps * weight).sum(axis=(0, 1, 2))  # (C,)
+    dweight = dtaps * h + (S * dh / t) * np.sign(weight)
+    dbudget = -S * dh * u / t
+    return dweight.astype(weight.dtype), dbudget.astype(weight.dtype)
+
+
+def guard_kernel(
+    weight_masked: np.ndarray, diag: np.ndarray, rho: float, mode: str = "tanh"
+) -> np.ndarray:
+    """Guarded effective kernel of a masked-corner CInC layer (``"triangular"``/``"unit"``).
+
+    Parameters
+    ----------
+    weight_masked : (k, k, C, C) raw taps after the layer's mask (corner: ``c < o`` only; the
+        corner diagonal must be zero: the diagonal is ``diag``).
+    diag : (C,) corner diagonal ``d`` (nonzero).
+    rho : target dominance ratio, ``0 < rho < 1``.
+    mode : ``"tanh"`` (smooth, default) or ``"clip"``.
+
+    Returns
+    -------
+    K_eff : (k, k, C, C) with ``K_eff[k-1, k-1, o, o] = d_o`` and every other tap of output
+        channel ``o`` scaled by ``h(s_o / (rho |d_o|))``, so that its off-diagonal row sum is
+        ``< rho |d_o|`` (``"clip"``: ``<=``) whatever the raw values: ``||M^{-1}||_inf <=
+        1 / ((1 - rho) min|d|)`` for every image size.
+    """
+    k = _check_guard_args(weight_masked, diag, rho)
+    K = guard_taps(weight_masked, rho * np.abs(diag), mode)
+    idx = np.arange(K.shape[3])
+    K[k - 1, k - 1, idx, idx] = diag
+    return K
+
+
+def guard_kernel_backward(
+    dK_eff: np.ndarray,
+    weight_masked: np.ndarray,
+    diag: np.ndarray,
+    rho: float,
+    mode: str = "tanh",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact backward of :func:`guard_kernel`: ``(dweight, ddiag)`` from ``dK_eff``.
+
+    ``ddiag[o] = dK_eff[k-1,k-1,o,o] + rho sign(d_o) dbudget[o]`` (the diagonal enters both
+    directly and through the budget). ``dweight`` is zero on the corner diagonal; the caller
+    multiplies it by its mask, as for the unguarded kernel.
+    """
+    k = _check_guard_args(weight_masked, diag, rho)
+    dK = np.array(dK_eff, dtype=weight_masked.dtype)
+    idx = np.arange(dK.shape[3])
+    direct = dK[k - 1, k - 1, idx, idx].copy()
+    dK[k - 1, k - 1, idx, idx] = 0.0
+    dweight, dbudget = guard_taps_backward(dK, weight_masked, rho * np.abs(diag), mode)
+    dweight[k - 1, k - 1, idx, idx] = 0.0
+    ddiag = direct + rho * np.sign(diag) * dbudget
+    return dweight, ddiag.astype(weight_masked.dtype)
+
+
+def _check_guard_args(weight_masked: np.ndarray, diag: np.ndarray, rho: float) -> int:
+    w = np.asarray(weight_masked)
+    if w.ndim != 4 or w.shape[0] != w.shape[1] or w.shape[2] != w.shape[3]:
+        raise ValueError(f"guard_kernel: weight_masked must be (k, k, C, C), got {w.shape}")
+    k, C = w.shape[0], w.shape[3]
+    if np.shape(diag) != (C,):
+        raise ValueError(f"guard_kernel: diag must have shape ({C},), got {np.shape(diag)}")
+    if not 0.0 < rho < 1.0:
+        raise ValueError(f"guard_kernel: rho must be in (0, 1), got {rho!r}")
+    if np.any(np.diagonal(w[k - 1, k - 1]) != 0):
+        raise ValueError(
+            "guard_kernel: weight_masked has a nonzero corner diagonal "
+            "(apply the layer's mask first; the diagonal is passed as diag)"
+        )
+    if not np.all(np.isfinite(w)):
+        raise ValueError("guard_kernel: weight_masked contains NaN/Inf")
+    return k
+
+
+def corner_inverse_norm(A: np.ndarray) -> tuple[float, np.ndarray]:
+    """``n = ||A^{-1}||_inf`` and ``dn/dA`` (for the block-dominance guard of the ``"lu"``
+    corner: budget ``rho / n`` for the off-corner taps of every output channel).
+
+    With ``B = A^{-1}`` and ``r*`` the row of largest absolute sum,
+    ``dn/dB = e_{r*} sign(B[r*])`` and ``dn/dA = -B^T (dn/dB) B^T``.
+    """
+    B = np.linalg.inv(np.asarray(A, dtype=np.float64))
+    rows = np.abs(B).sum(axis=1)
+    r = int(np.argmax(rows))
+    G = np.zeros_like(B)
+    G[r] = np.sign(B[r])
+    return float(rows[r]), -B.T @ G @ B.T
