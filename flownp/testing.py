@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def dense_jacobian(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def dense_jacobian(
+    fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
     """Jacobian ``d fn(x).reshape(-1) / d x.reshape(-1)`` for a single sample ``x`` (N = 1),
     by central differences. Use float64."""
     if x.shape[0] != 1:

@@ -44,6 +44,7 @@ import scipy.linalg
 from flownp.errors import SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
+from flownp.stability import guard_kernel, guard_kernel_backward
 
 CORNERS = ("triangular", "unit", "lu")
 SOLVERS = ("wavefront", "raster", "reference")
@@ -81,6 +82,14 @@ class CInCConv(Layer):
         Standard deviation of the random initial taps (off-corner and corner off-diagonal).
     solver : {"wavefront", "raster", "reference"}
         Default inverse algorithm (see :mod:`flownp.kernels.conv`).
+    guard : float or None
+        Stability guard ``rho`` in (0, 1) (``"triangular"``/``"unit"`` corners only): the
+        off-diagonal taps of every output channel ``o`` are rescaled so that their absolute sum
+        stays below ``rho |d_o|`` for *any* parameter values, which bounds
+        ``||M^{-1}||_inf <= 1 / ((1 - rho) min|d|)`` on every image size
+        (:func:`flownp.stability.guard_kernel`, ``docs/stability.md``). ``None``: no guard.
+    guard_mode : {"tanh", "clip"}
+        Smooth (default) or hard rescaling.
     """
 
     def __init__(
@@ -93,8 +102,20 @@ class CInCConv(Layer):
         dtype: Any = np.float64,
         init_std: float = 0.01,
         solver: str = "wavefront",
+        guard: float | None = None,
+        guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
+        if guard is not None:
+            if corner not in ("triangular", "unit"):
+                raise ValueError(
+                    f"CInCConv: guard is available for the triangular and unit corners, "
+                    f"not corner={corner!r}"
+                )
+            if not 0.0 < float(guard) < 1.0:
+                raise ValueError(f"CInCConv: guard (rho) must be in (0, 1), got {guard!r}")
+        self.guard = None if guard is None else float(guard)
+        self.guard_mode = guard_mode
         if not isinstance(channels, (int, np.integer)) or channels < 1:
             raise ValueError(f"CInCConv: channels must be a positive int, got {channels!r}")
         if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
@@ -138,8 +159,9 @@ class CInCConv(Layer):
         when the corner is singular. The dtype is the kernel's unless ``dtype=`` is given.
         """
         kernel = np.asarray(kernel)
-        if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != kernel.shape[3]:
-            raise ValueError(f"CInCConv.from_kernel: kernel must be (k, k, C, C), got {kernel.shape}")
+        sh = kernel.shape
+        if kernel.ndim != 4 or sh[0] != sh[1] or sh[2] != sh[3]:
+            raise ValueError(f"CInCConv.from_kernel: kernel must be (k, k, C, C), got {sh}")
         k, C = kernel.shape[0], kernel.shape[2]
         kw.setdefault("dtype", kernel.dtype if kernel.dtype.kind == "f" else np.float64)
         layer = cls(C, k, corner="fixed", **kw)
@@ -147,7 +169,7 @@ class CInCConv(Layer):
         if masked and np.any(np.tril(corner, -1) != 0):
             c, o = np.argwhere(np.tril(corner, -1) != 0)[0]
             raise ValueError(
-                f"CInCConv.from_kernel: masked=True but kernel[{k-1},{k-1},{c},{o}] = "
+                f"CInCConv.from_kernel: masked=True but kernel[{k - 1},{k - 1},{c},{o}] = "
                 f"{corner[c, o]!r} is nonzero (input channel {c} > output channel {o})"
             )
         if not np.all(np.isfinite(kernel)):
@@ -168,6 +190,8 @@ class CInCConv(Layer):
         if self.corner == "lu":
             P = np.eye(C, dtype=self.dtype)[:, self._buffers["perm"]]
             return P @ self._lu_lower() @ self._lu_upper()
+        if self.guard is not None:
+            return self.kernel[-1, -1].T  # the guard rescales the corner's strict lower part
         A = p["weight"][-1, -1].T * self._mask[-1, -1].T  # strictly lower
         return A + np.diag(self.diagonal())
 
@@ -194,6 +218,8 @@ class CInCConv(Layer):
         if self.corner == "fixed":
             return self._params["kernel"] * self._mask
         K = self._params["weight"] * self._mask
+        if self.guard is not None:
+            return guard_kernel(K, self.diagonal(), self.guard, self.guard_mode)
         K[-1, -1] = self.corner_matrix().T
         return K
 
@@ -228,9 +254,10 @@ class CInCConv(Layer):
         if self.masked:
             d = np.diag(A)
             if np.any(d == 0):
+                zero = np.flatnonzero(d == 0).tolist()
                 raise SingularKernelError(
                     f"CInCConv.inverse: the corner diagonal K[{self.kernel_size - 1},"
-                    f"{self.kernel_size - 1},c,c] is zero for channel(s) {np.flatnonzero(d == 0).tolist()}: "
+                    f"{self.kernel_size - 1},c,c] is zero for channel(s) {zero}: "
                     "the convolution is not invertible (Theorem 1)"
                 )
             return A, np.eye(C, dtype=self.dtype), np.arange(C)
@@ -252,8 +279,11 @@ class CInCConv(Layer):
         if method not in SOLVERS:
             raise ValueError(f"CInCConv.inverse: method must be one of {SOLVERS}, got {method!r}")
         L, U, perm = self._corner_factors()
-        fn = {"wavefront": K_.solve_wavefront, "raster": K_.solve_raster,
-              "reference": K_.solve_reference}[method]
+        fn = {
+            "wavefront": K_.solve_wavefront,
+            "raster": K_.solve_raster,
+            "reference": K_.solve_reference,
+        }[method]
         return fn(y, self.kernel, L.astype(self.dtype), U.astype(self.dtype), np.asarray(perm))
 
     # ------------------------------------------------------------------ backward
@@ -275,9 +305,17 @@ class CInCConv(Layer):
             else:  # d log|det A| / dA = A^{-T};  K-layout corner is A^T, so dK_corner = A^{-1}
                 g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)
             return dx
+        d = self.diagonal()
+        if self.guard is not None:  # chain rule through the guard's rescaling
+            dW, dd = guard_kernel_backward(
+                dK, self._params["weight"] * self._mask, d, self.guard, self.guard_mode
+            )
+            g["weight"] += dW * self._mask
+            if self.corner == "triangular":
+                g["log_diag"] += dd * d + g_ld
+            return dx
         g["weight"] += dK * self._mask
         dA = dK[-1, -1].T  # gradient w.r.t. A[o, c]
-        d = self.diagonal()
         if self.corner == "triangular":
             g["log_diag"] += np.diag(dA) * d + g_ld
         elif self.corner == "lu":
