@@ -7,7 +7,7 @@ from flownp.layers.conditioner import ConditionerNet
 from flownp.layers.conv1x1 import Conv1x1
 from flownp.layers.coupling import AffineCoupling, QuadCoupling
 from flownp.layers.emerging import EmergingConv
-from flownp.layers.split import Split
+from flownp.layers.split import LearnedPrior, Split
 from flownp.layers.squeeze import Squeeze
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "QuadCoupling",
     "Squeeze",
     "Split",
+    "LearnedPrior",
 ]

@@ -1,6 +1,6 @@
 r"""The CInC invertible padded k x k convolution (paper Section 3.1, Lemma 1, Theorem 1).
 
-Math (conventions in ``docs/conventions.md``; derivations in ``docs/layers.md#cincconv``)::
+Math (conventions in ``docs/conventions.md``; derivations in ``docs/layers/cinc.md``)::
 
     forward   y[n,i,j,o] = sum_{a,b<k} sum_c x[n, i-(k-1)+a, j-(k-1)+b, c] K[a,b,c,o]
               (zero padding of k-1 rows on top and k-1 columns on the left)
@@ -41,10 +41,12 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from flownp.errors import SingularKernelError
+# Module import (attributes looked up at call time): flownp.stability imports flownp.layers,
+# so ``from flownp.stability import ...`` here would be circular when stability loads first.
+from flownp import stability as _stability
+from flownp.errors import NonFiniteError, SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
-from flownp.stability import guard_kernel, guard_kernel_backward
 
 CORNERS = ("triangular", "unit", "lu")
 SOLVERS = ("wavefront", "raster", "reference")
@@ -219,15 +221,15 @@ class CInCConv(Layer):
             return self._params["kernel"] * self._mask
         K = self._params["weight"] * self._mask
         if self.guard is not None:
-            return guard_kernel(K, self.diagonal(), self.guard, self.guard_mode)
+            return _stability.guard_kernel(K, self.diagonal(), self.guard, self.guard_mode)
         K[-1, -1] = self.corner_matrix().T
         return K
 
     def logdet_per_pixel(self) -> float:
         """``log|det A|``, so that ``logdet = H * W * logdet_per_pixel()``."""
-        if self.corner == "fixed" and not self.masked:
-            sign, ld = np.linalg.slogdet(self._params["kernel"][-1, -1].astype(np.float64))
-            return float(ld) if sign != 0 else -np.inf
+        if self.corner == "fixed" and not self.masked:  # same LU as the inverse: consistent
+            _, _, Uf, singular = self._full_corner_lu()
+            return -np.inf if singular else float(np.sum(np.log(np.abs(np.diag(Uf)))))
         if self.corner == "triangular":
             return float(np.sum(self._params["log_diag"], dtype=np.float64))
         if self.corner == "lu":
@@ -250,7 +252,13 @@ class CInCConv(Layer):
         C = self.channels
         A = self.corner_matrix()
         if self.corner == "lu":
-            return self._lu_lower(), self._lu_upper(), self._buffers["perm"]
+            U = self._lu_upper()
+            if np.any(np.diag(U) == 0):  # exp(log_s) underflowed to 0
+                raise SingularKernelError(
+                    "CInCConv.inverse: the LU corner has a zero on the diagonal of U "
+                    f"(log_s = {self._params['log_s'].tolist()}): the convolution is not invertible"
+                )
+            return self._lu_lower(), U, np.asarray(self._buffers["perm"])
         if self.masked:
             d = np.diag(A)
             if np.any(d == 0):
@@ -261,15 +269,30 @@ class CInCConv(Layer):
                     "the convolution is not invertible (Theorem 1)"
                 )
             return A, np.eye(C, dtype=self.dtype), np.arange(C)
+        P, Lf, Uf, singular = self._full_corner_lu()
+        if singular:
+            raise SingularKernelError(
+                "CInCConv.inverse: the corner channel block K[k-1,k-1] is singular to working "
+                f"precision (LU pivots {np.diag(Uf).tolist()}): the convolution is not invertible"
+            )
+        return Lf.astype(self.dtype), Uf.astype(self.dtype), np.argmax(P, axis=0)
+
+    def _full_corner_lu(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """``(P, L, U, singular)``: float64 LU with partial pivoting of the full corner
+        ``A = P L U``; ``singular`` when a pivot is at most ``C eps max|U|`` (``eps`` of the
+        layer dtype): the computed factors satisfy ``L U = P^T A + E`` with
+        ``|E| <= gamma_C |L||U|`` and ``|L| <= 1``, so such a pivot is indistinguishable from
+        zero and ``A`` is singular to working precision. A float LU of an exactly singular
+        matrix rarely gives an exact zero pivot, hence the threshold (the masked corner needs
+        none: its pivots are its diagonal entries, exactly). Used by both the logdet and the
+        inverse, so ``logdet == -inf`` exactly when ``inverse`` raises
+        :class:`SingularKernelError`."""
+        A = self.corner_matrix().astype(np.float64)
         P, Lf, Uf = scipy.linalg.lu(A)
         u = np.abs(np.diag(Uf))
         eps = np.finfo(self.dtype).eps
-        if np.any(u == 0) or u.min() <= C * eps * u.max():
-            raise SingularKernelError(
-                "CInCConv.inverse: the corner channel block K[k-1,k-1] is singular "
-                f"(LU pivots {np.diag(Uf).tolist()}): the convolution is not invertible"
-            )
-        return Lf, Uf, np.argmax(P, axis=0)
+        singular = bool(u.min() <= self.channels * eps * np.abs(Uf).max())
+        return P, Lf, Uf, singular
 
     def inverse(self, y: np.ndarray, method: str | None = None) -> np.ndarray:
         """Solve ``forward(x)[0] == y`` for ``x`` by substitution (``method`` overrides
@@ -284,7 +307,23 @@ class CInCConv(Layer):
             "raster": K_.solve_raster,
             "reference": K_.solve_reference,
         }[method]
-        return fn(y, self.kernel, L.astype(self.dtype), U.astype(self.dtype), np.asarray(perm))
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, never silenced
+            try:
+                x = fn(y, self.kernel, L.astype(self.dtype), U.astype(self.dtype), perm)
+            except ValueError as exc:  # SciPy's finiteness check inside the reference solver
+                if "infs or NaNs" not in str(exc):
+                    raise
+                x = np.full_like(y, np.nan)
+        if not np.isfinite(x).all():
+            # Invertible (nonzero corner) but numerically singular: the solve overflowed
+            # (tiny corner diagonal against the other taps). Never hand back inf/NaN.
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise NonFiniteError(
+                f"CInCConv.inverse: the solution overflowed ({bad} inf/NaN value(s)); the kernel "
+                f"is invertible but numerically singular in {self.dtype} (corner diagonal "
+                f"min |d| = {float(np.min(np.abs(np.diag(U) * np.diag(L)))):.3g})"
+            )
+        return x
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
@@ -300,14 +339,16 @@ class CInCConv(Layer):
         if self.corner == "fixed":
             g["kernel"] += dK * self._mask
             corner = self._params["kernel"][-1, -1]
-            if self.masked:  # d log|d_c| / d d_c = 1 / d_c
+            if g_ld == 0.0:  # logdet unused: no term (avoids 0 * inf = NaN for a zero corner)
+                pass
+            elif self.masked:  # d log|d_c| / d d_c = 1 / d_c
                 g["kernel"][-1, -1] += np.diag(g_ld / np.diag(corner))
             else:  # d log|det A| / dA = A^{-T};  K-layout corner is A^T, so dK_corner = A^{-1}
                 g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)
             return dx
         d = self.diagonal()
         if self.guard is not None:  # chain rule through the guard's rescaling
-            dW, dd = guard_kernel_backward(
+            dW, dd = _stability.guard_kernel_backward(
                 dK, self._params["weight"] * self._mask, d, self.guard, self.guard_mode
             )
             g["weight"] += dW * self._mask
