@@ -37,6 +37,13 @@ def pjit(fn):
     return numba.njit(**PARALLEL_OPTIONS)(fn)
 
 
+def jit_inline(fn):
+    """Compile ``fn`` as a serial kernel that Numba inlines into its callers at the IR level
+    (``inline="always"``): small register-blocked micro-kernels whose local accumulator arrays
+    only stay in registers when the caller sees their loops (see :mod:`flownp.kernels.conv`)."""
+    return numba.njit(inline="always", **NJIT_OPTIONS)(fn)
+
+
 prange = numba.prange
 
 

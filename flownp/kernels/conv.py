@@ -29,6 +29,37 @@ its own diagonal, ``P`` a permutation given as ``perm`` with ``(P^T r)[m] = r[pe
 The masked CInC layer passes ``L = A`` (lower triangular), ``U = I``, ``perm = arange(C)``.
 All pixels on one anti-diagonal ``i + j = s`` depend only on diagonals ``< s``: the
 wavefront solve needs ``H + W - 1`` sequential steps, each parallel over batch and pixels.
+
+Implementation (``docs/performance.md``)
+----------------------------------------
+Every compiled kernel is one register-blocked micro-kernel, :func:`_accumulate_taps`, applied
+to a list of *taps*: tap ``t`` adds ``x[n, i + off[t, 0], j + off[t, 1], :] @ Kp[t]`` to output
+pixel ``(i, j)``. The forward uses the taps ``(-da, -db)`` with ``Kp[t] = K[a, b]``, the input
+gradient the taps ``(+da, +db)`` with ``K[a, b]^T``, and the inverse the non-corner taps with
+``-K[a, b]``. Taps whose kernel block is all zero are dropped (Emerging's masked kernels cost
+only their nonzero taps).
+
+* A block of ``_P = 8`` samples at the same pixel times ``_VW = 16`` output channels is
+  accumulated in a local ``(8, 16)`` array that LLVM keeps in vector registers; every load of
+  ``Kp[t, c, o0:o0 + 16]`` serves eight samples. The output channels are padded with zeros to
+  a multiple of 16 in ``Kp`` (so C = 12 uses 12 of 16 lanes); padded lanes are never stored.
+  Tap validity is the same for all samples of a block, so there are no per-lane bounds
+  checks. Samples beyond the batch (N not a multiple of 8) are clamped to the last sample:
+  computed, never stored.
+* The inverse forms the residual with the same micro-kernel into a scratch buffer ``r``
+  distinct from ``x`` and applies ``A^{-1} = U^{-1} L^{-1} P^T`` (computed once per call, in
+  float64, from the triangular factors) as one more dense C x C "tap", so it does the same
+  multiply-adds as the forward plus one C x C product per pixel, all vectorised. (The
+  readable substitution ``L z = P^T r``, ``U x = z`` is kept in :func:`solve_reference` and
+  :func:`solve_pixelwise`.) Rounding: ``x = fl(A^{-1}) r`` differs from substitution by
+  O(cond(A) eps), far below the float32 round-off of a training step for the well
+  conditioned corners flows use.
+* Parallelism (``prange``) is over independent work only: (sample block, output row) for the
+  convolutions, sample blocks for the raster solve, (sample block, pixel) on one
+  anti-diagonal for the wavefront solve. Every task writes disjoint outputs. The kernel
+  gradient is summed per fixed chunk of samples (the chunking does not depend on the thread
+  count) and the partial sums are added in chunk order: results are bitwise reproducible for
+  any number of threads.
 """
 
 from __future__ import annotations
@@ -36,7 +67,150 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from flownp._numba import jit, pjit, prange
+from flownp._numba import jit, jit_inline, pjit, prange
+
+#: Output channels per register block (16 float32 = one AVX-512 or two AVX2 registers).
+_VW = 16
+#: Samples per register block: each loaded kernel row serves this many samples (the
+#: micro-kernels write the 8 samples out explicitly).
+_P = 8
+#: Number of sample chunks of the kernel gradient (fixed, so the sum order never changes).
+_GRAD_CHUNKS = 8
+
+
+def _padded_channels(c: int) -> int:
+    return -(-c // _VW) * _VW
+
+
+# --------------------------------------------------------------------------------------------
+# Tap lists: (offsets (T, 2), padded weights (T, C_in, Cp_out)) for the micro-kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _taps(
+    K: np.ndarray,
+    dtype: np.dtype,
+    *,
+    direction: int = -1,
+    transpose: bool = False,
+    skip_corner: bool = False,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero taps of ``K`` as ``(off, Kp)``.
+
+    Tap ``t`` built from ``K[a, b]`` reads the pixel ``(i + off[t, 0], j + off[t, 1])`` with
+    ``off = direction * (k-1-a, k-1-b)``; ``Kp[t] = scale * K[a, b]`` (``K[a, b].T`` if
+    ``transpose``), output channels zero padded to a multiple of :data:`_VW`.
+    """
+    k = K.shape[0]
+    Ki, Ko = (K.shape[3], K.shape[2]) if transpose else (K.shape[2], K.shape[3])
+    offs, blocks = [], []
+    for a in range(k):
+        for b in range(k):
+            if skip_corner and a == k - 1 and b == k - 1:
+                continue
+            blk = K[a, b].T if transpose else K[a, b]
+            if not np.any(blk):  # all-zero tap (masked kernels): no work
+                continue
+            offs.append((direction * (k - 1 - a), direction * (k - 1 - b)))
+            blocks.append(blk)
+    Kp = np.zeros((len(blocks), Ki, _padded_channels(Ko)), dtype=dtype)  # (T, C_in, Cp_out)
+    for t, blk in enumerate(blocks):
+        Kp[t, :, :Ko] = blk if scale == 1.0 else scale * blk
+    off = np.array(offs, dtype=np.int64).reshape(len(offs), 2)  # (T, 2)
+    return off, Kp
+
+
+# --------------------------------------------------------------------------------------------
+# The micro-kernel and the convolution built on it
+# --------------------------------------------------------------------------------------------
+
+
+def _accumulate_taps(x, Kp, off, n0, i, j, o0, acc):  # pragma: no cover - compiled
+    """``acc[p, :] += sum_t sum_c x[n0+p, i+off[t,0], j+off[t,1], c] * Kp[t, c, o0:o0+_VW]``.
+
+    p < _P (= 8, written out so that LLVM keeps ``acc`` in registers); samples past the batch
+    read the last sample; taps outside the image are skipped.
+    """
+    N, H, W, C = x.shape
+    n1 = min(n0 + 1, N - 1)
+    n2 = min(n0 + 2, N - 1)
+    n3 = min(n0 + 3, N - 1)
+    n4 = min(n0 + 4, N - 1)
+    n5 = min(n0 + 5, N - 1)
+    n6 = min(n0 + 6, N - 1)
+    n7 = min(n0 + 7, N - 1)
+    for t in range(off.shape[0]):
+        ii = i + off[t, 0]
+        jj = j + off[t, 1]
+        if ii < 0 or ii >= H or jj < 0 or jj >= W:
+            continue
+        for c in range(C):
+            x0 = x[n0, ii, jj, c]
+            x1 = x[n1, ii, jj, c]
+            x2 = x[n2, ii, jj, c]
+            x3 = x[n3, ii, jj, c]
+            x4 = x[n4, ii, jj, c]
+            x5 = x[n5, ii, jj, c]
+            x6 = x[n6, ii, jj, c]
+            x7 = x[n7, ii, jj, c]
+            for o in range(_VW):
+                kv = Kp[t, c, o0 + o]
+                acc[0, o] += x0 * kv
+                acc[1, o] += x1 * kv
+                acc[2, o] += x2 * kv
+                acc[3, o] += x3 * kv
+                acc[4, o] += x4 * kv
+                acc[5, o] += x5 * kv
+                acc[6, o] += x6 * kv
+                acc[7, o] += x7 * kv
+
+
+_accumulate_taps_nb = jit_inline(_accumulate_taps)
+
+
+def _store_block(acc, y, n0, i, j, o0):  # pragma: no cover - compiled
+    """``y[n0+p, i, j, o0:o0+_VW] = acc[p]`` for the samples and channels that exist."""
+    N = y.shape[0]
+    m = min(_VW, y.shape[3] - o0)
+    for p in range(_P):
+        if n0 + p < N:
+            for o in range(m):
+                y[n0 + p, i, j, o0 + o] = acc[p, o]
+
+
+_store_block_nb = jit_inline(_store_block)
+
+
+def _conv_taps_kernel(x, Kp, off, y):  # pragma: no cover - compiled
+    N, H, W, _ = x.shape
+    Co = y.shape[3]
+    nblk = (N + _P - 1) // _P
+    for task in prange(nblk * H):  # (sample block, output row): disjoint writes
+        n0 = (task // H) * _P
+        i = task % H
+        acc = np.empty((_P, _VW), dtype=y.dtype)
+        for j in range(W):
+            for ob in range((Co + _VW - 1) // _VW):  # (a step-range loop defeats LLVM here)
+                o0 = ob * _VW
+                acc[:] = 0.0
+                _accumulate_taps_nb(x, Kp, off, n0, i, j, o0, acc)
+                _store_block_nb(acc, y, n0, i, j, o0)
+
+
+_conv_taps_nb = pjit(_conv_taps_kernel)
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, name: str):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: out must be a C-contiguous {dtype} array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Forward: y = conv(pad_top_left(x), K)
@@ -57,38 +231,23 @@ def conv_forward_reference(x: np.ndarray, K: np.ndarray) -> np.ndarray:
     return y
 
 
-def _conv_forward_kernel(x, K, y):  # pragma: no cover - compiled
-    N, H, W, C = x.shape
-    k = K.shape[0]
-    Co = K.shape[3]
-    for t in prange(N * H):  # one output row per task: disjoint writes
-        n = t // H
-        i = t % H
-        for j in range(W):
-            for o in range(Co):
-                y[n, i, j, o] = 0.0
-            for a in range(k):
-                ii = i - (k - 1) + a
-                if ii < 0:
-                    continue
-                for b in range(k):
-                    jj = j - (k - 1) + b
-                    if jj < 0:
-                        continue
-                    for c in range(C):
-                        xv = x[n, ii, jj, c]
-                        for o in range(Co):
-                            y[n, i, j, o] += xv * K[a, b, c, o]
-
-
-_conv_forward_nb = pjit(_conv_forward_kernel)
-
-
 def conv_forward(x: np.ndarray, K: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Top-left padded convolution ``y = conv(pad(x), K)``. x: (N,H,W,C), K: (k,k,C,Co)."""
-    if out is None:
-        out = np.empty(x.shape[:3] + (K.shape[3],), dtype=x.dtype)
-    _conv_forward_nb(x, K, out)
+    """Top-left padded convolution ``y = conv(pad(x), K)`` (module docstring).
+
+    Parameters
+    ----------
+    x : (N, H, W, C) C-contiguous float32/float64 array.
+    K : (k, k, C, Co) kernel (cast to ``x.dtype``).
+    out : optional (N, H, W, Co) array of ``x.dtype`` to write into.
+
+    Returns
+    -------
+    y : (N, H, W, Co)
+    """
+    x = np.ascontiguousarray(x)
+    out = _check_out(out, x.shape[:3] + (K.shape[3],), x.dtype, "conv_forward")
+    off, Kp = _taps(K, x.dtype)
+    _conv_taps_nb(x, Kp, off, out)
     return out
 
 
@@ -114,39 +273,17 @@ def conv_backward_input_reference(dy: np.ndarray, K: np.ndarray) -> np.ndarray:
     return dx
 
 
-def _conv_backward_input_kernel(dy, K, dx):  # pragma: no cover - compiled
-    N, H, W, Co = dy.shape
-    k = K.shape[0]
-    C = K.shape[2]
-    for t in prange(N * H):
-        n = t // H
-        p = t % H
-        for q in range(W):
-            for c in range(C):
-                dx[n, p, q, c] = 0.0
-            for a in range(k):
-                ii = p + (k - 1) - a
-                if ii >= H:
-                    continue
-                for b in range(k):
-                    jj = q + (k - 1) - b
-                    if jj >= W:
-                        continue
-                    for c in range(C):
-                        acc = 0.0
-                        for o in range(Co):
-                            acc += dy[n, ii, jj, o] * K[a, b, c, o]
-                        dx[n, p, q, c] += acc
-
-
-_conv_backward_input_nb = pjit(_conv_backward_input_kernel)
-
-
 def conv_backward_input(dy: np.ndarray, K: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Gradient of ``conv_forward`` with respect to its input: ``dx = M^T dy``."""
-    if out is None:
-        out = np.empty(dy.shape[:3] + (K.shape[2],), dtype=dy.dtype)
-    _conv_backward_input_nb(dy, K, out)
+    """Gradient of ``conv_forward`` with respect to its input: ``dx = M^T dy``.
+
+    The bottom-right padded convolution of ``dy`` with the transposed taps
+    ``K[a, b]^T`` read at ``(p + da, q + db)``; same micro-kernel as the forward.
+    dy: (N, H, W, Co), K: (k, k, C, Co) -> dx: (N, H, W, C).
+    """
+    dy = np.ascontiguousarray(dy)
+    out = _check_out(out, dy.shape[:3] + (K.shape[2],), dy.dtype, "conv_backward_input")
+    off, Kp = _taps(K, dy.dtype, direction=+1, transpose=True)
+    _conv_taps_nb(dy, Kp, off, out)
     return out
 
 
@@ -155,11 +292,10 @@ def conv_backward_input(dy: np.ndarray, K: np.ndarray, out: np.ndarray | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def conv_backward_kernel(x: np.ndarray, dy: np.ndarray, k: int) -> np.ndarray:
-    """Gradient of ``sum(y * dy)`` with respect to K: one BLAS product per tap.
+def conv_backward_kernel_reference(x: np.ndarray, dy: np.ndarray, k: int) -> np.ndarray:
+    """Readable reference of :func:`conv_backward_kernel`: one BLAS product per tap.
 
     ``dK[a, b] = sum_{n,i,j} x[n, i-da, j-db, :]^T dy[n, i, j, :]``, shape (k, k, C, Co).
-    Deterministic for a fixed BLAS thread count (no atomics, fixed summation order).
     """
     N, H, W, C = x.shape
     Co = dy.shape[3]
@@ -172,6 +308,135 @@ def conv_backward_kernel(x: np.ndarray, dy: np.ndarray, k: int) -> np.ndarray:
             xs = x[:, : H - da, : W - db, :].reshape(-1, C)
             ds = dy[:, da:, db:, :].reshape(-1, Co)
             dK[a, b] = xs.T @ ds
+    return dK
+
+
+def _conv_grad_kernel(x, dyp, off, part):  # pragma: no cover - compiled
+    """``part[ch, t, c, o] = sum_{n in chunk ch} sum_{i,j} x[n, i+off_t, j+off_t, c] dy[n,i,j,o]``.
+
+    ``dyp`` is ``dy`` with channels zero padded to ``part.shape[3]`` (a multiple of _VW), so
+    that the 16-lane loads stay inside the array. Register block: 8 input channels (clamped
+    to C - 1 past the end: computed, never stored) x _VW output channels, accumulated over
+    every pixel of the chunk; each loaded ``dyp`` row serves 8 channels.
+    """
+    N, H, W, C = x.shape
+    nch, T, _, Cp = part.shape
+    per = (N + nch - 1) // nch
+    for ch in prange(nch):
+        n_lo = min(N, ch * per)
+        n_hi = min(N, n_lo + per)
+        acc = np.empty((8, _VW), dtype=part.dtype)
+        for t in range(T):
+            di = off[t, 0]
+            dj = off[t, 1]
+            i_lo = max(0, -di)  # output rows/columns whose tap pixel is inside the image
+            i_hi = min(H, H - di)
+            j_lo = max(0, -dj)
+            j_hi = min(W, W - dj)
+            for cb in range((C + 7) // 8):
+                c0 = cb * 8
+                c1 = min(c0 + 1, C - 1)
+                c2 = min(c0 + 2, C - 1)
+                c3 = min(c0 + 3, C - 1)
+                c4 = min(c0 + 4, C - 1)
+                c5 = min(c0 + 5, C - 1)
+                c6 = min(c0 + 6, C - 1)
+                c7 = min(c0 + 7, C - 1)
+                for ob in range(Cp // _VW):
+                    o0 = ob * _VW
+                    acc[:] = 0.0
+                    for n in range(n_lo, n_hi):
+                        for i in range(i_lo, i_hi):
+                            ii = i + di
+                            for j in range(j_lo, j_hi):
+                                jj = j + dj
+                                x0 = x[n, ii, jj, c0]
+                                x1 = x[n, ii, jj, c1]
+                                x2 = x[n, ii, jj, c2]
+                                x3 = x[n, ii, jj, c3]
+                                x4 = x[n, ii, jj, c4]
+                                x5 = x[n, ii, jj, c5]
+                                x6 = x[n, ii, jj, c6]
+                                x7 = x[n, ii, jj, c7]
+                                for o in range(_VW):
+                                    g = dyp[n, i, j, o0 + o]
+                                    acc[0, o] += x0 * g
+                                    acc[1, o] += x1 * g
+                                    acc[2, o] += x2 * g
+                                    acc[3, o] += x3 * g
+                                    acc[4, o] += x4 * g
+                                    acc[5, o] += x5 * g
+                                    acc[6, o] += x6 * g
+                                    acc[7, o] += x7 * g
+                    for q in range(min(8, C - c0)):
+                        for o in range(_VW):
+                            part[ch, t, c0 + q, o0 + o] = acc[q, o]
+
+
+_conv_grad_nb = pjit(_conv_grad_kernel)
+
+
+def _sum_chunks(part, dK):  # pragma: no cover - compiled
+    """``dK[t, c, o] = sum_ch part[ch, t, c, o]``, added in chunk order (fixed order)."""
+    nch, T, C, _ = part.shape
+    Co = dK.shape[2]
+    for t in range(T):
+        for c in range(C):
+            for o in range(Co):
+                dK[t, c, o] = part[0, t, c, o]
+    for ch in range(1, nch):
+        for t in range(T):
+            for c in range(C):
+                for o in range(Co):
+                    dK[t, c, o] += part[ch, t, c, o]
+
+
+_sum_chunks_nb = jit(_sum_chunks)
+
+
+def conv_backward_kernel(
+    x: np.ndarray, dy: np.ndarray, k: int, taps: np.ndarray | None = None
+) -> np.ndarray:
+    """Gradient of ``sum(y * dy)`` with respect to K, for ``y = conv_forward(x, K)``.
+
+    ``dK[a, b] = sum_{n,i,j} x[n, i-da, j-db, :]^T dy[n, i, j, :]``, shape (k, k, C, Co).
+
+    Parameters
+    ----------
+    x : (N, H, W, C);  dy : (N, H, W, Co), same dtype.
+    k : kernel size.
+    taps : optional (k, k) bool mask: only these taps are computed, the others are zero
+        (masked kernels, e.g. Emerging's, whose masked taps get a zero gradient anyway).
+
+    Deterministic for any thread count: partial sums over a fixed chunking of the batch,
+    added in chunk order.
+    """
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    N, H, W, C = x.shape
+    Co = dy.shape[3]
+    ab = [
+        (a, b)
+        for a in range(k)
+        for b in range(k)
+        if (taps is None or taps[a, b]) and k - 1 - a < H and k - 1 - b < W
+    ]
+    dK = np.zeros((k, k, C, Co), dtype=x.dtype)
+    if not ab or N == 0:
+        return dK
+    off = np.array([(-(k - 1 - a), -(k - 1 - b)) for a, b in ab], dtype=np.int64)  # (T, 2)
+    nch = min(N, _GRAD_CHUNKS)
+    Cp = _padded_channels(Co)
+    dyp = dy
+    if Cp != Co:  # zero padded copy (N, H, W, Cp)
+        dyp = np.zeros((N, H, W, Cp), dtype=x.dtype)
+        dyp[..., :Co] = dy
+    part = np.empty((nch, len(ab), C, Cp), dtype=x.dtype)  # per-chunk partial sums
+    _conv_grad_nb(x, dyp, off, part)
+    out = np.empty((len(ab), C, Co), dtype=x.dtype)
+    _sum_chunks_nb(part, out)
+    for t, (a, b) in enumerate(ab):
+        dK[a, b] = out[t]
     return dK
 
 
@@ -201,6 +466,162 @@ def solve_reference(
             z = scipy.linalg.solve_triangular(L, r[:, perm].T, lower=True)  # (C, N)
             x[:, i, j, :] = scipy.linalg.solve_triangular(U, z, lower=False).T
     return x
+
+
+def _solve_block_pixel(y, Kn, off, AiT, x, r, acc, n0, i, j):  # pragma: no cover - compiled
+    """Solve pixel (i, j) of samples n0 .. n0+_P-1 (every earlier pixel known).
+
+    ``Kn`` holds the *negated* non-corner taps, so ``acc = y + sum_t x Kn`` is the residual;
+    ``AiT[m, o] = A^{-1}[o, m]`` (padded). ``r`` (_P, Cp) is scratch, distinct from ``x``.
+    """
+    N, _, _, C = y.shape
+    nob = (C + _VW - 1) // _VW
+    for ob in range(nob):  # residual r = y - sum_{non-corner taps} K^T x
+        o0 = ob * _VW
+        acc[:] = 0.0
+        m = min(_VW, C - o0)
+        for p in range(_P):
+            n = min(n0 + p, N - 1)
+            for o in range(m):
+                acc[p, o] = y[n, i, j, o0 + o]
+        _accumulate_taps_nb(x, Kn, off, n0, i, j, o0, acc)
+        for p in range(_P):
+            for o in range(_VW):
+                r[p, o0 + o] = acc[p, o]
+    for ob in range(nob):  # x = A^{-1} r
+        o0 = ob * _VW
+        acc[:] = 0.0
+        for c in range(C):
+            r0 = r[0, c]
+            r1 = r[1, c]
+            r2 = r[2, c]
+            r3 = r[3, c]
+            r4 = r[4, c]
+            r5 = r[5, c]
+            r6 = r[6, c]
+            r7 = r[7, c]
+            for o in range(_VW):
+                kv = AiT[c, o0 + o]
+                acc[0, o] += r0 * kv
+                acc[1, o] += r1 * kv
+                acc[2, o] += r2 * kv
+                acc[3, o] += r3 * kv
+                acc[4, o] += r4 * kv
+                acc[5, o] += r5 * kv
+                acc[6, o] += r6 * kv
+                acc[7, o] += r7 * kv
+        _store_block_nb(acc, x, n0, i, j, o0)
+
+
+_solve_block_pixel_nb = jit_inline(_solve_block_pixel)
+
+
+def _solve_raster_kernel(y, Kn, off, AiT, x):  # pragma: no cover - compiled
+    N, H, W, _ = y.shape
+    Cp = AiT.shape[1]
+    for blk in prange((N + _P - 1) // _P):  # the official scheme: parallel over the batch
+        acc = np.empty((_P, _VW), dtype=x.dtype)
+        r = np.empty((_P, Cp), dtype=x.dtype)
+        for i in range(H):
+            for j in range(W):
+                _solve_block_pixel_nb(y, Kn, off, AiT, x, r, acc, blk * _P, i, j)
+
+
+def _solve_wavefront_kernel(y, Kn, off, AiT, x):  # pragma: no cover - compiled
+    N, H, W, _ = y.shape
+    Cp = AiT.shape[1]
+    nblk = (N + _P - 1) // _P
+    for s in range(H + W - 1):  # H + W - 1 sequential steps
+        i0 = max(0, s - W + 1)
+        npix = min(s, H - 1) - i0 + 1
+        ntask = nblk * npix  # every (sample block, pixel) of this anti-diagonal
+        per = (ntask + 15) // 16  # at most 16 chunks: scratch allocated once per chunk
+        for ch in prange((ntask + per - 1) // per):
+            acc = np.empty((_P, _VW), dtype=x.dtype)
+            r = np.empty((_P, Cp), dtype=x.dtype)
+            for t in range(ch * per, min(ntask, (ch + 1) * per)):
+                i = i0 + t % npix
+                _solve_block_pixel_nb(y, Kn, off, AiT, x, r, acc, (t // npix) * _P, i, s - i)
+
+
+_solve_raster_nb = pjit(_solve_raster_kernel)
+_solve_wavefront_nb = pjit(_solve_wavefront_kernel)
+
+
+def _corner_inverse_kernel(L, U, perm, Ainv):  # pragma: no cover - compiled
+    """``Ainv = U^{-1} L^{-1} P^T``: forward then back substitution, all C right-hand sides at
+    once (row operations, vectorised over the columns)."""
+    C = L.shape[0]
+    for r in range(C):  # Ainv <- P^T, (P^T)[r, m] = [perm[r] == m]
+        for m in range(C):
+            Ainv[r, m] = 0.0
+        Ainv[r, perm[r]] = 1.0
+    for r in range(C):  # L Z = P^T
+        for l in range(r):
+            f = L[r, l]
+            for m in range(C):
+                Ainv[r, m] -= f * Ainv[l, m]
+        for m in range(C):
+            Ainv[r, m] /= L[r, r]
+    for r in range(C - 1, -1, -1):  # U Ainv = Z
+        for l in range(r + 1, C):
+            f = U[r, l]
+            for m in range(C):
+                Ainv[r, m] -= f * Ainv[l, m]
+        for m in range(C):
+            Ainv[r, m] /= U[r, r]
+
+
+_corner_inverse_nb = jit(_corner_inverse_kernel)
+
+
+def corner_inverse(L: np.ndarray, U: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """``A^{-1} = U^{-1} L^{-1} P^T`` for ``A = P L U``, in float64, by substitution.
+
+    (A small serial loop rather than LAPACK: C <= a few hundred, and a BLAS call would wake
+    the BLAS thread pool for microseconds of work.)
+    """
+    C = L.shape[0]
+    Ainv = np.empty((C, C))
+    _corner_inverse_nb(
+        np.ascontiguousarray(L, dtype=np.float64),
+        np.ascontiguousarray(U, dtype=np.float64),
+        np.asarray(perm, dtype=np.int64),
+        Ainv,
+    )
+    return Ainv
+
+
+def _solve(kernel, y, K, L, U, perm):
+    y = np.ascontiguousarray(y)
+    C = y.shape[3]
+    off, Kn = _taps(K, y.dtype, skip_corner=True, scale=-1.0)
+    AiT = np.zeros((C, _padded_channels(C)), dtype=y.dtype)  # AiT[m, o] = A^{-1}[o, m]
+    AiT[:, :C] = corner_inverse(L, U, perm).T
+    x = np.empty_like(y)
+    kernel(y, Kn, off, AiT, x)
+    return x
+
+
+def solve_raster(
+    y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
+) -> np.ndarray:
+    """Inverse by sequential substitution in raster order, parallel over the batch only
+    (blocks of 8 samples; module docstring). y: (N, H, W, C), K: (k, k, C, C), A = P L U."""
+    return _solve(_solve_raster_nb, y, K, L, U, perm)
+
+
+def solve_wavefront(
+    y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
+) -> np.ndarray:
+    """Inverse by anti-diagonal wavefront: H + W - 1 steps, each parallel over (block of 8
+    samples, pixel) pairs of one anti-diagonal. Arguments as :func:`solve_raster`."""
+    return _solve(_solve_wavefront_nb, y, K, L, U, perm)
+
+
+# --------------------------------------------------------------------------------------------
+# Unblocked baseline: per-pixel substitution (the straightforward transcription)
+# --------------------------------------------------------------------------------------------
 
 
 def _solve_pixel(y, Kp, L, U, perm, x, n, i, j):  # pragma: no cover - compiled
@@ -241,45 +662,52 @@ def _solve_pixel(y, Kp, L, U, perm, x, n, i, j):  # pragma: no cover - compiled
 _solve_pixel_nb = jit(_solve_pixel)
 
 
-def _solve_raster_kernel(y, Kp, L, U, perm, x):  # pragma: no cover - compiled
+def _solve_pixelwise_kernel(y, Kp, L, U, perm, x, wavefront):  # pragma: no cover - compiled
     N, H, W, C = y.shape
-    for n in prange(N):  # the official scheme: parallel over the batch only
-        for i in range(H):
-            for j in range(W):
-                _solve_pixel_nb(y, Kp, L, U, perm, x, n, i, j)
-
-
-def _solve_wavefront_kernel(y, Kp, L, U, perm, x):  # pragma: no cover - compiled
-    N, H, W, C = y.shape
-    for s in range(H + W - 1):  # H + W - 1 sequential steps
+    if not wavefront:
+        for n in prange(N):
+            for i in range(H):
+                for j in range(W):
+                    _solve_pixel_nb(y, Kp, L, U, perm, x, n, i, j)
+        return
+    for s in range(H + W - 1):
         i0 = max(0, s - W + 1)
         npix = min(s, H - 1) - i0 + 1
-        for t in prange(N * npix):  # every (sample, pixel) of this anti-diagonal
-            n = t // npix
+        for t in prange(N * npix):
             i = i0 + t % npix
-            _solve_pixel_nb(y, Kp, L, U, perm, x, n, i, s - i)
+            _solve_pixel_nb(y, Kp, L, U, perm, x, t // npix, i, s - i)
 
 
-_solve_raster_nb = pjit(_solve_raster_kernel)
-_solve_wavefront_nb = pjit(_solve_wavefront_kernel)
+_solve_pixelwise_nb = pjit(_solve_pixelwise_kernel)
 
 
-def _solve(kernel, y, K, L, U, perm):
-    Kp = np.ascontiguousarray(K[..., perm])
+def solve_pixelwise(
+    y: np.ndarray,
+    K: np.ndarray,
+    L: np.ndarray,
+    U: np.ndarray,
+    perm: np.ndarray,
+    order: str = "raster",
+) -> np.ndarray:
+    """Unblocked baseline of the inverse: one sample and pixel at a time, residual then
+    forward/back substitution with ``L`` and ``U``, in ``order`` ``"raster"`` (parallel over
+    samples) or ``"wavefront"`` (parallel over samples x pixels of an anti-diagonal).
+
+    The direct transcription of the module docstring's equations; the benchmark compares it
+    with the blocked :func:`solve_raster` / :func:`solve_wavefront`.
+    """
+    if order not in ("raster", "wavefront"):
+        raise ValueError(f"solve_pixelwise: order must be 'raster' or 'wavefront', got {order!r}")
+    y = np.ascontiguousarray(y)
+    Kp = np.ascontiguousarray(K[..., perm], dtype=y.dtype)
     x = np.empty_like(y)
-    kernel(y, Kp, np.ascontiguousarray(L), np.ascontiguousarray(U), perm.astype(np.int64), x)
+    _solve_pixelwise_nb(
+        y,
+        Kp,
+        np.ascontiguousarray(L, dtype=y.dtype),
+        np.ascontiguousarray(U, dtype=y.dtype),
+        np.asarray(perm, dtype=np.int64),
+        x,
+        order == "wavefront",
+    )
     return x
-
-
-def solve_raster(
-    y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
-) -> np.ndarray:
-    """Inverse by sequential substitution in raster order (parallel over the batch only)."""
-    return _solve(_solve_raster_nb, y, K, L, U, perm)
-
-
-def solve_wavefront(
-    y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
-) -> np.ndarray:
-    """Inverse by anti-diagonal wavefront: H + W - 1 steps, parallel over batch and pixels."""
-    return _solve(_solve_wavefront_nb, y, K, L, U, perm)

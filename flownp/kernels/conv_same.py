@@ -1,20 +1,44 @@
 r"""Ordinary "same"-padded convolution, for the (non-invertible) conditioner networks and the
-split prior. im2col + one BLAS matrix product, which is what wide (512-channel) layers need.
+split prior: BLAS matrix products plus cheap Numba data movement, which is what wide
+(512-channel) layers need.
 
 Symmetric zero padding of p = (k-1)//2 on every side (k odd)::
 
     y[n,i,j,o] = sum_{a,b<k} sum_c x[n, i-p+a, j-p+b, c] K[a,b,c,o]  (+ bias[o])
 
-Backward::
+Two exact factorisations of the same sum, chosen per call by which side is narrower
+(``T = k*k`` taps, ``M = N*H*W`` pixels, ``shift(Z)`` defined below)::
 
-    dK = cols^T dy,   db = sum dy,   dx = col2im(dy K^T)
+    input side  (C_in <= C_out):  cols = gather(x)              (M, T*C_in)   "im2col"
+                                  y    = cols @ K.reshape(T*C_in, C_out)
+    output side (C_in >  C_out):  Z    = x @ Kcat               (M, T*C_out), Kcat[c, (t, o)]
+                                  y    = shift(Z)                             = K[a, b, c, o]
 
-where ``cols[n,i,j,a,b,c] = x[n, i-p+a, j-p+b, c]`` (zero outside the image).
+with ``gather(x)[n,i,j,t,c] = x[n, i+a-p, j+b-p, c]`` and
+``shift(Z)[n,i,j,o] = sum_t Z[n, i+a-p, j+b-p, t, o]`` (tap ``t = a*k + b``; zero outside the
+image). The scratch array is ``T`` times the *narrower* side: the 3x3 output convolution of a
+512-wide conditioner (512 -> 2 C) never builds the 9 x 512-column im2col matrix. Backward
+(the adjoints of gather and shift are each other with mirrored offsets)::
+
+    input side:   dK = cols^T dy,      dx = shift'(dy K^T)         (shift' = adjoint of gather)
+    output side:  dZ = gather'(dy),    dK = x^T dZ,  dx = dZ Kcat^T (gather' = adjoint of shift)
+    db = sum_{n,i,j} dy
+
+``k = 1`` is a single matrix product. All arrays stay in the input dtype (float32 in training).
+
+Fused element-wise kernels of the conditioner (:func:`actnorm_relu_forward`,
+:func:`actnorm_relu_backward`): ActNorm followed by ReLU in one parallel pass, instead of
+five NumPy passes and three temporaries over a (N, H, W, 512) activation.
+Results do not depend on the Numba thread count (every parallel loop writes disjoint outputs;
+the tap sums run in a fixed order); BLAS products are deterministic for a fixed BLAS thread
+count.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from flownp._numba import pjit, prange
 
 
 def _check_kernel(K: np.ndarray) -> int:
@@ -24,54 +48,252 @@ def _check_kernel(K: np.ndarray) -> int:
     return k
 
 
+# --------------------------------------------------------------------------------------------
+# Data movement: gather (im2col) and shift-sum, each with a mirror flag (its adjoint's offsets)
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_kernel(x, k, sign, cols):  # pragma: no cover - compiled
+    """``cols[n,i,j,t,c] = x[n, i + sign*(a-p), j + sign*(b-p), c]`` (0 outside), t = a*k+b."""
+    N, H, W, C = x.shape
+    p = (k - 1) // 2
+    for task in prange(N * H):
+        n = task // H
+        i = task % H
+        for j in range(W):
+            for a in range(k):
+                ii = i + sign * (a - p)
+                for b in range(k):
+                    jj = j + sign * (b - p)
+                    t = a * k + b
+                    if 0 <= ii < H and 0 <= jj < W:
+                        for c in range(C):
+                            cols[n, i, j, t, c] = x[n, ii, jj, c]
+                    else:
+                        for c in range(C):
+                            cols[n, i, j, t, c] = 0.0
+
+
+def _shift_sum_kernel(Z, k, sign, bias, out):  # pragma: no cover - compiled
+    """``out[n,i,j,c] = bias[c] + sum_t Z[n, i + sign*(a-p), j + sign*(b-p), t, c]``.
+
+    Taps outside the image are skipped; the sum runs over t in increasing order.
+    """
+    N, H, W, _, C = Z.shape
+    p = (k - 1) // 2
+    for task in prange(N * H):
+        n = task // H
+        i = task % H
+        for j in range(W):
+            for c in range(C):
+                out[n, i, j, c] = bias[c]
+            for a in range(k):
+                ii = i + sign * (a - p)
+                if ii < 0 or ii >= H:
+                    continue
+                for b in range(k):
+                    jj = j + sign * (b - p)
+                    if jj < 0 or jj >= W:
+                        continue
+                    t = a * k + b
+                    for c in range(C):
+                        out[n, i, j, c] += Z[n, ii, jj, t, c]
+
+
+_gather_nb = pjit(_gather_kernel)
+_shift_sum_nb = pjit(_shift_sum_kernel)
+
+
+def _gather(x: np.ndarray, k: int, sign: int) -> np.ndarray:
+    N, H, W, C = x.shape
+    cols = np.empty((N, H, W, k * k, C), dtype=x.dtype)  # (N, H, W, T, C)
+    _gather_nb(np.ascontiguousarray(x), k, sign, cols)
+    return cols
+
+
+def _shift_sum(Z: np.ndarray, k: int, sign: int, bias: np.ndarray | None) -> np.ndarray:
+    N, H, W, _, C = Z.shape
+    out = np.empty((N, H, W, C), dtype=Z.dtype)  # (N, H, W, C)
+    b = np.zeros(C, dtype=Z.dtype) if bias is None else np.asarray(bias, dtype=Z.dtype)
+    _shift_sum_nb(Z, k, sign, b, out)
+    return out
+
+
 def im2col(x: np.ndarray, k: int) -> np.ndarray:
     """``(N, H, W, C) -> (N*H*W, k*k*C)`` patches in (a, b, c) order, zero padded."""
     N, H, W, C = x.shape
-    p = (k - 1) // 2
     if k == 1:
-        return x.reshape(N * H * W, C)
-    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    cols = np.empty((N, H, W, k, k, C), dtype=x.dtype)
-    for a in range(k):
-        for b in range(k):
-            cols[:, :, :, a, b, :] = xp[:, a : a + H, b : b + W, :]
-    return cols.reshape(N * H * W, k * k * C)
+        return np.ascontiguousarray(x).reshape(N * H * W, C)
+    return _gather(x, k, +1).reshape(N * H * W, k * k * C)
 
 
 def col2im(dcols: np.ndarray, shape: tuple[int, int, int, int], k: int) -> np.ndarray:
-    """Adjoint of :func:`im2col`: scatter-add patches back to an ``(N, H, W, C)`` image."""
+    """Adjoint of :func:`im2col`: scatter-add patches back to an ``(N, H, W, C)`` image
+    (computed as a gather with mirrored offsets, so every output is written once)."""
     N, H, W, C = shape
-    p = (k - 1) // 2
     if k == 1:
         return dcols.reshape(N, H, W, C)
-    d = dcols.reshape(N, H, W, k, k, C)
-    dxp = np.zeros((N, H + 2 * p, W + 2 * p, C), dtype=dcols.dtype)
-    for a in range(k):
-        for b in range(k):
-            dxp[:, a : a + H, b : b + W, :] += d[:, :, :, a, b, :]
-    return dxp[:, p : p + H, p : p + W, :]
+    d = np.ascontiguousarray(dcols).reshape(N, H, W, k * k, C)
+    return _shift_sum(d, k, -1, None)
+
+
+def _output_side(K: np.ndarray) -> bool:
+    """True when the output side (``T * C_out`` scratch columns) is the narrower one."""
+    return K.shape[2] > K.shape[3]
+
+
+def _kcat(K: np.ndarray) -> np.ndarray:
+    """``Kcat[c, t*Co + o] = K[a, b, c, o]``: (C_in, T*C_out)."""
+    k, _, C, Co = K.shape
+    return np.ascontiguousarray(K.transpose(2, 0, 1, 3)).reshape(C, k * k * Co)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
 
 
 def conv_same_forward(x: np.ndarray, K: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """Same-padded convolution. x: (N,H,W,C), K: (k,k,C,Co), bias: (Co,) or None."""
+    """Same-padded convolution. x: (N,H,W,C), K: (k,k,C,Co), bias: (Co,) or None.
+
+    Returns ``y`` (N, H, W, Co) in the dtype of ``x`` (``K``/``bias`` are cast to it).
+    """
     k = _check_kernel(K)
     N, H, W, C = x.shape
     Co = K.shape[3]
-    y = im2col(x, k) @ K.reshape(k * k * C, Co)
+    K = np.asarray(K, dtype=x.dtype)
+    if k == 1:
+        y = np.ascontiguousarray(x).reshape(-1, C) @ K[0, 0]  # (M, Co)
+        if bias is not None:
+            y += np.asarray(bias, dtype=x.dtype)
+        return y.reshape(N, H, W, Co)
+    if _output_side(K):
+        Z = np.ascontiguousarray(x).reshape(-1, C) @ _kcat(K)  # (M, T*Co)
+        return _shift_sum(Z.reshape(N, H, W, k * k, Co), k, +1, bias)
+    y = im2col(x, k) @ K.reshape(k * k * C, Co)  # (M, Co)
     if bias is not None:
-        y += bias
+        y += np.asarray(bias, dtype=x.dtype)
     return y.reshape(N, H, W, Co)
 
 
 def conv_same_backward(
     x: np.ndarray, K: np.ndarray, dy: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of ``sum(conv_same_forward(x, K, b) * dy)``: returns ``(dx, dK, db)``."""
+    """Gradients of ``sum(conv_same_forward(x, K, b) * dy)``: returns ``(dx, dK, db)``.
+
+    ``dx`` (N, H, W, C), ``dK`` (k, k, C, Co), ``db`` (Co,), all in the dtype of ``x``.
+    """
     k = _check_kernel(K)
     N, H, W, C = x.shape
     Co = K.shape[3]
-    dy2 = dy.reshape(-1, Co)
-    dK = (im2col(x, k).T @ dy2).reshape(K.shape)
+    K = np.asarray(K, dtype=x.dtype)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    dy2 = dy.reshape(-1, Co)  # (M, Co)
     db = dy2.sum(axis=0)
+    if k == 1:
+        x2 = np.ascontiguousarray(x).reshape(-1, C)  # (M, C)
+        dK = (x2.T @ dy2).reshape(K.shape)
+        return (dy2 @ K[0, 0].T).reshape(N, H, W, C), dK, db
+    if _output_side(K):
+        x2 = np.ascontiguousarray(x).reshape(-1, C)  # (M, C)
+        dZ = _gather(dy, k, -1).reshape(-1, k * k * Co)  # (M, T*Co), adjoint of shift
+        dKcat = x2.T @ dZ  # (C, T*Co)
+        dK = np.ascontiguousarray(dKcat.reshape(C, k, k, Co).transpose(1, 2, 0, 3))
+        dx = (dZ @ _kcat(K).T).reshape(N, H, W, C)
+        return dx, dK, db
+    cols = im2col(x, k)  # (M, T*C)
+    dK = (cols.T @ dy2).reshape(K.shape)
     dx = col2im(dy2 @ K.reshape(k * k * C, Co).T, x.shape, k)
     return dx, dK, db
+
+
+# --------------------------------------------------------------------------------------------
+# Fused ActNorm (+ ReLU) of the conditioner networks
+# --------------------------------------------------------------------------------------------
+
+#: Rows per chunk of the per-channel sums (fixed, so the summation order never changes).
+_ROWS_PER_CHUNK = 1024
+
+
+def _actnorm_relu_kernel(a, bias, scale, relu, out, bad):  # pragma: no cover - compiled
+    """``out = max((a + bias) * scale, 0)`` (or without the max); ``bad[r] = 1`` when row r of
+    ``a`` holds a NaN/Inf. a, out: (R, C)."""
+    R, C = a.shape
+    for r in prange(R):
+        nonfinite = False
+        for c in range(C):
+            v = a[r, c]
+            if not np.isfinite(v):
+                nonfinite = True
+            y = (v + bias[c]) * scale[c]
+            if relu and y < 0:
+                y = 0.0
+            out[r, c] = y
+        bad[r] = 1 if nonfinite else 0
+
+
+def _actnorm_relu_backward_kernel(dr, r, scale, relu, da, part):  # pragma: no cover - compiled
+    """``dn = dr * [r > 0]`` (or ``dr``), ``da = dn * scale``; per chunk of rows
+    ``part[ch, 0, c] = sum da``, ``part[ch, 1, c] = sum dn * r`` (float64)."""
+    R, C = dr.shape
+    nch = part.shape[0]
+    for ch in prange(nch):
+        for c in range(C):
+            part[ch, 0, c] = 0.0
+            part[ch, 1, c] = 0.0
+        for row in range(ch * _ROWS_PER_CHUNK, min(R, (ch + 1) * _ROWS_PER_CHUNK)):
+            for c in range(C):
+                g = dr[row, c]
+                y = r[row, c]
+                if relu and not y > 0:
+                    g = 0.0
+                d = g * scale[c]
+                da[row, c] = d
+                part[ch, 0, c] += d
+                part[ch, 1, c] += g * y
+
+
+_actnorm_relu_nb = pjit(_actnorm_relu_kernel)
+_actnorm_relu_backward_nb = pjit(_actnorm_relu_backward_kernel)
+
+
+def actnorm_relu_forward(
+    a: np.ndarray, bias: np.ndarray, logs: np.ndarray, relu: bool = True
+) -> tuple[np.ndarray, bool]:
+    """``r = relu((a + bias) * exp(logs))`` per channel, in one pass (ActNorm then ReLU).
+
+    a: (..., C); bias, logs: (C,). Returns ``(r, finite)`` with ``finite`` False when ``a``
+    holds a NaN or Inf (the caller raises; the values are computed regardless).
+    """
+    C = a.shape[-1]
+    a2 = np.ascontiguousarray(a).reshape(-1, C)  # (R, C)
+    out = np.empty_like(a2)
+    bad = np.empty(a2.shape[0], dtype=np.uint8)
+    scale = np.exp(np.asarray(logs, dtype=a2.dtype))
+    _actnorm_relu_nb(a2, np.asarray(bias, dtype=a2.dtype), scale, bool(relu), out, bad)
+    return out.reshape(a.shape), not bad.any()
+
+
+def actnorm_relu_backward(
+    dr: np.ndarray, r: np.ndarray, logs: np.ndarray, relu: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of :func:`actnorm_relu_forward` given its output ``r``::
+
+        dn = dr * [r > 0]   (relu; dn = dr without it)
+        da = dn * exp(logs),   dbias = sum da,   dlogs = sum dn * r   (sums over all but C)
+
+    (``sum dn * n = sum dn * r`` because ``n = r`` wherever ``dn != 0``.) Returns
+    ``(da, dbias, dlogs)``; the sums are accumulated in float64 over fixed chunks of rows
+    (deterministic), then cast to the dtype of ``dr``. ActNorm's log-determinant term
+    ``H W sum(dlogdet)`` is not included (the conditioners do not use it).
+    """
+    C = r.shape[-1]
+    dr2 = np.ascontiguousarray(dr, dtype=r.dtype).reshape(-1, C)  # (R, C)
+    r2 = np.ascontiguousarray(r).reshape(-1, C)
+    da = np.empty_like(r2)
+    nch = max(1, -(-r2.shape[0] // _ROWS_PER_CHUNK))
+    part = np.empty((nch, 2, C))  # float64 partial sums
+    scale = np.exp(np.asarray(logs, dtype=r2.dtype))
+    _actnorm_relu_backward_nb(dr2, r2, scale, bool(relu), da, part)
+    sums = part.sum(axis=0)  # (2, C), fixed order over chunks
+    return da.reshape(r.shape), sums[0].astype(r2.dtype), sums[1].astype(r2.dtype)

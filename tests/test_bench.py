@@ -1,0 +1,132 @@
+"""Smoke test of the benchmark suite: ``--quick`` runs every section and writes its outputs.
+No timing assertions (times depend on the machine); the correctness checks inside the suite
+(the recompute path's gradients) must pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from verification import bench
+
+
+def test_quick_bench_writes_report(tmp_path):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["sections"]) == set(bench.SECTION_NAMES)
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("## Machine", "## Targets", "## Per layer", "## Sampling", "## Training"):
+        assert heading in report
+    assert (tmp_path / "inverse_vs_size.png").stat().st_size > 0
+    # every layer/op was timed, with positive finite times
+    ops = {(r["layer"], r["op"]) for r in res["sections"]["layers"]["rows"]}
+    for op in ("forward", "backward", "inverse-raster", "inverse-wavefront"):
+        assert ("cinc", op) in ops and ("emerging", op) in ops
+    assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in res["sections"]["layers"]["rows"])
+    mem = res["sections"]["memory"]
+    assert mem["checks"][0]["met"], mem["checks"][0]
+
+
+def test_mac_count_matches_hand_formula():
+    """model_forward_macs against the architecture written out by hand (cifar-d4 shapes)."""
+    from flownp.model import FlowConfig, FlowModel
+
+    cfg = FlowConfig((32, 32, 3), 3, 2, 8, "cinc", "quad", dtype="float32")
+    model = FlowModel(cfg, seed=0)
+    width, expected = 8, 0
+    for l, (H, W, C) in enumerate(cfg.level_shapes()):
+        q = C // 4
+        net = sum(9 * k * q * width + width * width + 9 * width * 2 * q for k in (1, 2, 3))
+        step = 9 * C * C + net  # CInC 3x3 + the three conditioners of the quad coupling
+        expected += H * W * cfg.depth * step
+        if l < cfg.levels - 1:
+            expected += H * W * 9 * (C // 2) * C  # split prior
+    assert bench.model_forward_macs(model) == expected
+
+
+def test_recompute_backward_equals_stored(rng):
+    """The memory-saving backward (inverse recomputation) gives the stored-activation gradients."""
+    from flownp.model import FlowConfig
+    from flownp.train import bpd_loss
+
+    cfg = FlowConfig((8, 8, 1), 2, 2, 8, "cinc", "affine", dtype="float64")
+    m = bench._init_model(cfg, n=4)
+    for p in m.params.values():
+        p += 0.05 * rng.standard_normal(p.shape)
+    x = rng.random((3, 8, 8, 1)) - 0.5
+    m.zero_grad()
+    z, ld = m.forward(x)
+    loss, dz, dld = bpd_loss(z, ld)
+    m.backward(dz, dld)
+    ref = {k: v.copy() for k, v in m.grads.items()}
+    m.zero_grad()
+    loss2 = bench.backward_by_recompute(m, x)
+    assert loss2 == loss
+    scale = max(np.abs(v).max() for v in ref.values())
+    for k, v in ref.items():
+        assert np.abs(m.grads[k] - v).max() <= 1e-9 * scale, k
+
+
+def test_fused_actnorm_relu_matches_numpy_and_its_gradient(rng):
+    """The fused conditioner kernels (flownp.kernels.conv_same) against NumPy, and their
+    backward against central differences of L = sum(r * dr)."""
+    from flownp.kernels.conv_same import actnorm_relu_backward, actnorm_relu_forward
+
+    a = rng.standard_normal((3, 4, 5, 6))
+    bias, logs = rng.standard_normal(6), 0.3 * rng.standard_normal(6)
+    dr = rng.standard_normal(a.shape)
+    for relu in (True, False):
+        r, finite = actnorm_relu_forward(a, bias, logs, relu)
+        n = (a + bias) * np.exp(logs)
+        assert finite and np.array_equal(r, np.maximum(n, 0) if relu else n)
+        da, dbias, dlogs = actnorm_relu_backward(dr, r, logs, relu)
+
+        def loss(a_, b_, l_, relu=relu):
+            return float(np.sum(actnorm_relu_forward(a_, b_, l_, relu)[0] * dr))
+
+        eps = 1e-6
+        for arr, grad in ((a, da), (bias, dbias), (logs, dlogs)):
+            flat, g = arr.reshape(-1), grad.reshape(-1)
+            for i in rng.choice(flat.size, size=min(flat.size, 12), replace=False):
+                old = flat[i]
+                flat[i] = old + eps
+                lp = loss(a, bias, logs)
+                flat[i] = old - eps
+                lm = loss(a, bias, logs)
+                flat[i] = old
+                assert abs((lp - lm) / (2 * eps) - g[i]) <= 1e-6 * max(1.0, abs(g[i]))
+    a[1, 2, 3, 4] = np.inf
+    assert not actnorm_relu_forward(a, bias, logs)[1]
+
+
+def test_numba_kernels_are_bitwise_identical_for_any_thread_count(rng):
+    """flownp.threads' promise: the Numba kernels (disjoint writes, fixed-chunk gradient sums)
+    give the same bits with 1 thread and with all of them."""
+    import numba
+
+    from flownp import threads
+    from flownp.kernels import conv as K_
+
+    x = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
+    dy = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
+    K = (0.1 * rng.standard_normal((3, 3, 12, 12))).astype(np.float32)
+    L = (np.tril(0.1 * rng.standard_normal((12, 12)), -1) + np.eye(12)).astype(np.float32)
+    U, perm = np.eye(12, dtype=np.float32), np.arange(12)
+
+    def run():
+        return [
+            K_.conv_forward(x, K),
+            K_.conv_backward_input(dy, K),
+            K_.conv_backward_kernel(x, dy, 3),
+            K_.solve_raster(dy, K, L, U, perm),
+            K_.solve_wavefront(dy, K, L, U, perm),
+        ]
+
+    threads.configure()
+    many = run()
+    with threads.limit(1):
+        assert numba.get_num_threads() == 1
+        one = run()
+    for a, b in zip(many, one, strict=True):
+        assert np.array_equal(a, b)
