@@ -1,1 +1,257 @@
-"""Datasets: loaders and the bundled MNIST test set (being written)."""
+"""Datasets: the bundled MNIST test set and loaders of the image formats the paper uses.
+
+All images are uint8 NHWC ``(N, H, W, C)`` (row, column, channel: ``x.reshape(N, -1)`` is the
+paper's vectorisation); labels, when a format has them, are int64 ``(N,)``. The model-side
+preprocessing (``x/256 - 1/2`` plus uniform dequantisation) lives in :mod:`flownp.train`.
+
+Spec strings of :func:`load_dataset` (full description in docs/data.md)::
+
+    mnist                    bundled MNIST test set: first 9000 train, last 1000 held out
+    mnist:DIR_OR_FILE        IDX files (gz or raw)
+    cifar10:PATH             python pickle batches directory or cifar-10-python.tar.gz
+    imagenet32:PATH          downsampled ImageNet npz batches (directory or one npz)
+    imagenet64:PATH
+    folder:DIR               PNG images of one size (grayscale -> C=1, RGB -> C=3)
+    array:FILE               .npz / .npy / .h5 / .hdf5 of uint8 images ('train' [+ 'test'])
+
+Held-out split. ``holdout=None``: the format's own test split if it has one (MNIST t10k,
+CIFAR-10 test_batch, ImageNet val_data, ``test`` arrays, ``folder/test``), else the last 10% of
+the images (``max(1, round(N / 10))``; bundled MNIST: 1000). ``holdout=k``: the last ``k`` images
+of the training pool are held out and the format's own test split, if any, is not returned.
+The split is deterministic (no shuffling), so it is the same on every machine.
+
+Security: CIFAR-10 batches are pickles. They are read with an unpickler that only admits numpy
+array reconstruction, but pickle remains an unsafe format: only load files you trust.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from flownp.data.formats import (
+    Source,
+    parse_idx,
+    read_array,
+    read_cifar10,
+    read_idx,
+    read_imagenet,
+    read_mnist,
+    read_png_folder,
+)
+from flownp.errors import DataError
+
+__all__ = [
+    "Dataset",
+    "load_dataset",
+    "load_mnist_bundled",
+    "split_holdout",
+    "read_idx",
+    "read_mnist",
+    "read_cifar10",
+    "read_imagenet",
+    "read_png_folder",
+    "read_array",
+    "BUNDLED_MNIST_FILES",
+    "MNIST_HOLDOUT",
+    "SPEC_NAMES",
+]
+
+# The bundled files (package data of flownp.data) and the sha256 of the .gz bytes.
+BUNDLED_MNIST_FILES: dict[str, str] = {
+    "t10k-images-idx3-ubyte.gz": "167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b",
+    "t10k-labels-idx1-ubyte.gz": "fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c",
+}
+MNIST_HOLDOUT = 1000  # spec "mnist": images 0..8999 train, 9000..9999 held out
+SPEC_NAMES = ("mnist", "cifar10", "imagenet32", "imagenet64", "folder", "array")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train / held-out pair of uint8 image arrays.
+
+    Attributes
+    ----------
+    name : str
+        The spec string it was loaded from.
+    train : np.ndarray
+        uint8 (N, H, W, C).
+    test : np.ndarray
+        uint8 (M, H, W, C), the held-out images (same H, W, C).
+    train_labels, test_labels : np.ndarray or None
+        int64 (N,) and (M,) class labels, or None when the format has none.
+    """
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x = getattr(self, split)
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+                raise DataError(
+                    f"Dataset {self.name!r}: {split} must be a uint8 (N, H, W, C) array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+                )
+            y = getattr(self, f"{split}_labels")
+            if y is not None and (not isinstance(y, np.ndarray) or y.shape != (len(x),)):
+                raise DataError(
+                    f"Dataset {self.name!r}: {split}_labels must be ({len(x)},), got "
+                    f"{getattr(y, 'shape', type(y).__name__)}"
+                )
+        if self.train.shape[1:] != self.test.shape[1:]:
+            raise DataError(
+                f"Dataset {self.name!r}: train images are {self.train.shape[1:]} but test "
+                f"images are {self.test.shape[1:]}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Image shape (H, W, C)."""
+        H, W, C = self.train.shape[1:]
+        return (int(H), int(W), int(C))
+
+    def __repr__(self) -> str:
+        labels = "labelled" if self.train_labels is not None else "unlabelled"
+        return (
+            f"Dataset({self.name!r}, train={len(self.train)}, test={len(self.test)}, "
+            f"shape={self.shape}, {labels})"
+        )
+
+
+# ---------------------------------------------------------------------------- bundled MNIST
+def _bundled_bytes(filename: str) -> bytes:
+    """The bytes of a bundled file, checked against its sha256."""
+    try:
+        raw = resources.files("flownp.data").joinpath(filename).read_bytes()
+    except OSError as e:
+        raise DataError(f"bundled {filename}: missing from the flownp package ({e})") from e
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BUNDLED_MNIST_FILES[filename]:
+        raise DataError(
+            f"bundled {filename}: sha256 {digest} does not match the expected "
+            f"{BUNDLED_MNIST_FILES[filename]} (corrupt installation; reinstall flownp)"
+        )
+    return raw
+
+
+def load_mnist_bundled() -> tuple[np.ndarray, np.ndarray]:
+    """The real MNIST test set shipped with flownp (LeCun, Cortes and Burges; CC BY-SA 3.0).
+
+    Returns
+    -------
+    images : np.ndarray
+        uint8 (10000, 28, 28, 1), 0 = background, 255 = ink.
+    labels : np.ndarray
+        int64 (10000,), digits 0..9 (starting 7 2 1 0 4 1 4 9 5 9).
+
+    Raises
+    ------
+    DataError
+        A bundled file is missing or its sha256 does not match (corrupt installation).
+    """
+    names = list(BUNDLED_MNIST_FILES)
+    images = parse_idx(gzip.decompress(_bundled_bytes(names[0])), f"bundled {names[0]}")
+    labels = parse_idx(gzip.decompress(_bundled_bytes(names[1])), f"bundled {names[1]}")
+    if images.shape != (10000, 28, 28) or labels.shape != (10000,):
+        raise DataError(f"bundled MNIST: unexpected shapes {images.shape}, {labels.shape}")
+    return images[..., None], labels.astype(np.int64)  # (10000, 28, 28, 1), (10000,)
+
+
+# ---------------------------------------------------------------------------- splitting
+def default_holdout(n: int) -> int:
+    """Held-out images when a format has no test split: 10% of ``n`` (at least 1)."""
+    return max(1, round(n / 10))
+
+
+def split_holdout(
+    images: np.ndarray, labels: np.ndarray | None, holdout: int, where: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """Hold out the LAST ``holdout`` images: ``(train, train_labels, test, test_labels)``.
+
+    ``1 <= holdout <= N - 1``; no shuffling, so the split is reproducible.
+    """
+    n = len(images)
+    if isinstance(holdout, bool) or not isinstance(holdout, int | np.integer):
+        raise TypeError(f"{where}: holdout must be an int, got {type(holdout).__name__}")
+    if not 1 <= holdout <= n - 1:
+        raise ValueError(
+            f"{where}: holdout must be between 1 and N-1 = {n - 1} (N = {n} images), got {holdout}"
+        )
+    cut = n - int(holdout)
+    ytr = None if labels is None else labels[:cut]
+    yte = None if labels is None else labels[cut:]
+    return images[:cut], ytr, images[cut:], yte
+
+
+def _to_dataset(name: str, src: Source, holdout: int | None) -> Dataset:
+    if src.test is not None and holdout is None:
+        return Dataset(name, src.train, src.test, src.train_labels, src.test_labels)
+    k = default_holdout(len(src.train)) if holdout is None else holdout
+    train, ytr, test, yte = split_holdout(src.train, src.train_labels, k, name)
+    return Dataset(name, train, test, ytr, yte)
+
+
+# ---------------------------------------------------------------------------- the entry point
+def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
+    """Load images from a spec string ``NAME`` or ``NAME:PATH`` (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str
+        ``"mnist"`` (bundled), ``"mnist:DIR_OR_FILE"``, ``"cifar10:PATH"``,
+        ``"imagenet32:PATH"``, ``"imagenet64:PATH"``, ``"folder:DIR"`` or ``"array:FILE"``.
+        ``~`` in PATH is expanded.
+    holdout : int or None
+        None: the format's own test split, or the last 10% when it has none ("mnist": 1000).
+        An int k: the last k images of the training pool are held out instead (the format's own
+        test split is then not used).
+
+    Returns
+    -------
+    Dataset
+        uint8 NHWC train / test arrays, int64 labels or None.
+
+    Raises
+    ------
+    DataError
+        Unknown spec, or a missing / corrupt / inconsistent file (the message names the file).
+    ValueError, TypeError
+        A bad ``holdout``.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"load_dataset: spec must be a str, got {type(spec).__name__}")
+    name, sep, arg = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in SPEC_NAMES:
+        raise DataError(
+            f"load_dataset: unknown dataset {name!r} in spec {spec!r}; use one of "
+            f"{', '.join(SPEC_NAMES)} (docs/data.md)"
+        )
+    if name == "mnist" and not sep:
+        images, labels = load_mnist_bundled()
+        k = MNIST_HOLDOUT if holdout is None else holdout
+        train, ytr, test, yte = split_holdout(images, labels, k, "mnist (bundled)")
+        return Dataset(spec, train, test, ytr, yte)
+    if not arg.strip():
+        raise DataError(f"load_dataset: spec {spec!r} needs a path: '{name}:PATH'")
+    path = Path(arg.strip()).expanduser()
+    if name == "mnist":
+        src = read_mnist(path)
+    elif name == "cifar10":
+        src = read_cifar10(path)
+    elif name in ("imagenet32", "imagenet64"):
+        src = read_imagenet(path, int(name.removeprefix("imagenet")))
+    elif name == "folder":
+        src = read_png_folder(path)
+    else:
+        src = read_array(path)
+    return _to_dataset(spec, src, holdout)

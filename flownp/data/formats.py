@@ -1,0 +1,627 @@
+"""Readers of the on-disk image formats behind :func:`flownp.data.load_dataset`.
+
+Every reader returns a :class:`Source`: uint8 NHWC images (row, column, channel, as everywhere
+in flownp) with optional int64 labels, and the source's own test split when the format has one.
+Splitting into train / held-out is done by :func:`flownp.data.load_dataset`, not here.
+
+Every problem with a file (missing, wrong magic, truncated, wrong dtype, inconsistent sizes, a
+pickle without ``'data'`` ...) raises :class:`~flownp.errors.DataError` naming the file and the
+problem; lower-level exceptions (``KeyError``, ``struct.error``, ``EOFError``, ``zlib.error``,
+``OSError`` of Pillow / h5py) are converted and chained, never leaked bare.
+
+Formats (details, with the channel orders, in docs/data.md)
+-----------------------------------------------------------
+- IDX (MNIST, Fashion-MNIST): big-endian header ``00 00 <type> <ndim>``, ``ndim`` uint32 sizes,
+  then the raw array. Images: type 0x08 (uint8), ndim 3 (N, H, W) -> (N, H, W, 1).
+  Labels: type 0x08, ndim 1. Gzip-compressed or not (detected by the gzip magic 1f 8b).
+- CIFAR-10 python batches: pickled dicts with ``data`` (N, 3072) uint8, each row the 1024 red,
+  then 1024 green, then 1024 blue values in row-major order (CHW), and ``labels`` (N,) 0..9.
+- Downsampled ImageNet (Chrabaszcz et al. 2017) npz batches: ``data`` (N, 3*S*S) uint8 rows in
+  CHW order like CIFAR, ``labels`` 1..1000 (returned as 0..999).
+- PNG folder: 8-bit grayscale (C=1) or RGB (C=3) images of one size.
+- Array files: ``.npz`` / ``.npy`` / ``.h5`` / ``.hdf5`` uint8 NHWC (or NHW) arrays.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import re
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from flownp.errors import DataError
+
+__all__ = [
+    "Source",
+    "read_idx",
+    "read_mnist",
+    "read_cifar10",
+    "read_imagenet",
+    "read_png_folder",
+    "read_array",
+    "chw_rows_to_nhwc",
+]
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+# IDX type byte -> big-endian numpy dtype (LeCun's IDX description).
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+# Errors a damaged gzip / zip (npz) / tar stream can raise while being read.
+_STREAM_ERRORS = (
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader found: images uint8 (N, H, W, C), labels int64 (N,) or None.
+
+    ``test`` / ``test_labels`` are the format's own test split, or None when it has none.
+    """
+
+    train: np.ndarray
+    train_labels: np.ndarray | None
+    test: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+def _require_exists(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: {what} not found (no such file or directory)")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The content of ``path``, gunzipped if it starts with the gzip magic."""
+    _require_exists(path, "file")
+    if path.is_dir():
+        raise DataError(f"{path}: expected a file, got a directory")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except _STREAM_ERRORS as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from e
+    return raw
+
+
+def _check_images(images: Any, where: str, *, allow_nhw: bool = True) -> np.ndarray:
+    """uint8 (N, H, W, C) with N, H, W, C >= 1; (N, H, W) becomes (N, H, W, 1)."""
+    if not isinstance(images, np.ndarray):
+        raise DataError(f"{where}: expected a numpy array of images, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8, got dtype {images.dtype}")
+    if images.ndim == 3 and allow_nhw:
+        images = images[..., None]  # (N, H, W) -> (N, H, W, 1)
+    if images.ndim != 4:
+        raise DataError(f"{where}: images must be (N, H, W, C), got shape {images.shape}")
+    if min(images.shape) < 1:
+        raise DataError(f"{where}: empty image array of shape {images.shape}")
+    return images
+
+
+def _check_labels(labels: Any, n: int, where: str) -> np.ndarray:
+    """Integer labels (n,) as int64."""
+    try:
+        arr = np.asarray(labels)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: labels are not an array ({e})") from e
+    if arr.ndim != 1:
+        raise DataError(f"{where}: labels must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "O" and len(arr) == 0):
+        raise DataError(f"{where}: labels must be integers, got dtype {arr.dtype}")
+    if len(arr) != n:
+        raise DataError(f"{where}: {n} images but {len(arr)} labels")
+    return arr.astype(np.int64)
+
+
+def chw_rows_to_nhwc(rows: np.ndarray, size: int, where: str) -> np.ndarray:
+    """(N, 3*S*S) uint8 rows in CHW order (CIFAR, downsampled ImageNet) -> (N, S, S, 3).
+
+    Row layout: the S*S red values (row-major), then green, then blue; pixel ``(i, j)`` of
+    channel ``c`` is column ``c*S*S + i*S + j``.
+    """
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8:
+        dt = getattr(rows, "dtype", type(rows).__name__)
+        raise DataError(f"{where}: 'data' must be a uint8 array, got {dt}")
+    if rows.ndim != 2 or rows.shape[1] != 3 * size * size:
+        raise DataError(
+            f"{where}: 'data' must be (N, {3 * size * size}) = (N, 3*{size}*{size}), "
+            f"got shape {rows.shape}"
+        )
+    if rows.shape[0] == 0:
+        raise DataError(f"{where}: 'data' holds no images")
+    nchw = rows.reshape(-1, 3, size, size)  # (N, C, S, S)
+    return np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))  # (N, S, S, C)
+
+
+def _batch_number(path: Path) -> int:
+    m = re.search(r"(\d+)(?:\.npz)?$", path.name)
+    return int(m.group(1)) if m else 0
+
+
+def _concat(parts: list[Source], where: str) -> Source:
+    """Concatenate the training parts of several batches (same image shape required)."""
+    shapes = {p.train.shape[1:] for p in parts}
+    if len(shapes) != 1:
+        raise DataError(f"{where}: batches have inconsistent image shapes {sorted(shapes)}")
+    has_labels = [p.train_labels is not None for p in parts]
+    labels = None
+    if all(has_labels):
+        labels = np.concatenate([p.train_labels for p in parts])  # type: ignore[misc]
+    return Source(np.concatenate([p.train for p in parts]), labels)
+
+
+# ---------------------------------------------------------------------------- IDX / MNIST
+def parse_idx(raw: bytes, where: str) -> np.ndarray:
+    """Decode the bytes of one IDX file (already gunzipped) into a native-endian array."""
+    if len(raw) < 4:
+        raise DataError(f"{where}: truncated IDX file ({len(raw)} bytes, no header)")
+    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or type_code not in IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(
+            f"{where}: wrong magic number 0x{raw[:4].hex()} (not an IDX file; expected "
+            "00 00 <type 08..0e> <ndim 1..4>, e.g. 0x00000803 for images)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{where}: truncated IDX header ({len(raw)} < {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = IDX_DTYPES[type_code]
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) < expected:
+        raise DataError(
+            f"{where}: truncated IDX file: header says {dims} {dtype.name} "
+            f"({expected} bytes), file has {len(raw)} bytes"
+        )
+    if len(raw) > expected:
+        raise DataError(
+            f"{where}: IDX file has {len(raw) - expected} trailing bytes after the "
+            f"{dims} {dtype.name} array (inconsistent header)"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # a native-endian, writeable copy
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw, detected by content) into a numpy array."""
+    path = Path(path)
+    return parse_idx(_read_bytes(path), str(path))
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    arr = read_idx(path)
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: IDX images must be uint8 (type 0x08), got {arr.dtype}")
+    if arr.ndim != 3:
+        raise DataError(f"{path}: IDX images must be 3-D (N, H, W), got shape {arr.shape}")
+    return _check_images(arr, str(path))  # (N, H, W, 1)
+
+
+def _idx_labels(path: Path, n: int, images_path: Path) -> np.ndarray:
+    arr = read_idx(path)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise DataError(f"{path}: IDX labels must be 1-D integers, got {arr.dtype} {arr.shape}")
+    if len(arr) != n:
+        raise DataError(f"{path}: {len(arr)} labels but {images_path.name} has {n} images")
+    return arr.astype(np.int64)
+
+
+def read_mnist_pair(images: Path, labels: Path | None) -> Source:
+    """One IDX images file and, if given, its IDX labels file."""
+    x = _idx_images(images)
+    y = None if labels is None else _idx_labels(labels, len(x), images)
+    return Source(x, y)
+
+
+def _find_one(root: Path, prefix: str, kind: str) -> Path | None:
+    """The file ``<prefix>-<kind>[-.]idxN-ubyte[.gz]`` in ``root`` (None if absent)."""
+    pat = re.compile(rf"^{prefix}-{kind}[-.]idx[13]-ubyte(\.gz)?$")
+    hits = sorted(p for p in root.iterdir() if p.is_file() and pat.match(p.name))
+    if len(hits) > 1:
+        # Both raw and .gz present: they must hold the same thing; take the raw one.
+        hits = [p for p in hits if not p.name.endswith(".gz")] or hits
+    return hits[0] if hits else None
+
+
+def _sibling_labels(images: Path) -> Path | None:
+    """``train-images-idx3-ubyte[.gz]`` -> ``train-labels-idx1-ubyte[.gz]`` if it exists."""
+    name = images.name.replace("images", "labels").replace("idx3", "idx1")
+    if name == images.name:
+        return None
+    for cand in (name, name.removesuffix(".gz"), name + ".gz"):
+        p = images.with_name(cand)
+        if p.is_file():
+            return p
+    return None
+
+
+def read_mnist(path: str | Path) -> Source:
+    """MNIST-style IDX files: a directory or a single images file.
+
+    A directory must hold ``train-images-idx3-ubyte[.gz]`` and/or ``t10k-images-idx3-ubyte[.gz]``
+    (``.`` instead of the second ``-`` is accepted), with optional matching ``*-labels-idx1-*``
+    files. With both, the t10k files are the test split; with only one of them it is the training
+    pool. A single file is an images file; its labels are taken from the sibling file named with
+    ``labels``/``idx1`` if that exists.
+    """
+    path = Path(path)
+    _require_exists(path, "MNIST IDX file or directory")
+    if path.is_file():
+        return read_mnist_pair(path, _sibling_labels(path))
+    train_x = _find_one(path, "train", "images")
+    test_x = _find_one(path, "t10k", "images")
+    if train_x is None and test_x is None:
+        raise DataError(
+            f"{path}: no MNIST IDX images file (train-images-idx3-ubyte[.gz] or "
+            "t10k-images-idx3-ubyte[.gz]) in this directory"
+        )
+    parts = [
+        read_mnist_pair(x, _find_one(path, pre, "labels"))
+        for x, pre in ((train_x, "train"), (test_x, "t10k"))
+        if x is not None
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    train, test = parts
+    if train.train.shape[1:] != test.train.shape[1:]:
+        raise DataError(
+            f"{path}: train images are {train.train.shape[1:]} but t10k images are "
+            f"{test.train.shape[1:]} (inconsistent sizes)"
+        )
+    return Source(train.train, train.train_labels, test.train, test.train_labels)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+# The only globals a CIFAR batch (a dict of a uint8 ndarray and lists) may reference. numpy 1
+# pickles name numpy.core.*, numpy 2 ones numpy._core.*; protocol 5 uses _frombuffer.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 protocol-2 pickles store bytes
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every global except what a numpy array needs.
+
+    This blocks the classic ``os.system`` pickle payloads, but pickle is still not a safe format:
+    load only files you trust (docs/data.md).
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data batch")
+        if module.startswith("numpy.core."):
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(f: BinaryIO, where: str) -> dict:
+    try:
+        obj = _ArrayUnpickler(f, encoding="bytes").load()
+    except DataError:
+        raise
+    except Exception as e:  # a damaged pickle can raise almost anything
+        msg = f"not a readable CIFAR python batch ({type(e).__name__}: {e})"
+        raise DataError(f"{where}: {msg}") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: pickle holds a {type(obj).__name__}, not a batch dict")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def cifar_batch(f: BinaryIO, where: str) -> Source:
+    """One CIFAR-10 python batch: ``data`` (N, 3072) uint8 CHW rows, ``labels`` (N,)."""
+    d = _unpickle_batch(f, where)
+    if "data" not in d:
+        raise DataError(f"{where}: pickle without 'data' (keys: {sorted(map(str, d))})")
+    images = chw_rows_to_nhwc(d["data"], 32, where)  # (N, 32, 32, 3)
+    labels = d.get("labels", d.get("fine_labels"))
+    y = None if labels is None else _check_labels(labels, len(images), where)
+    return Source(images, y)
+
+
+def _cifar_from_batches(batches: dict[str, Callable[[], Source]], where: str) -> Source:
+    """``batches``: name (data_batch_K / test_batch) -> reader; train = data_batch_* in order."""
+    train_names = sorted(
+        (n for n in batches if re.fullmatch(r"data_batch_\d+", n)),
+        key=lambda n: int(n.rsplit("_", 1)[1]),
+    )
+    if not train_names:
+        raise DataError(f"{where}: no CIFAR-10 data_batch_* files found")
+    train = _concat([batches[n]() for n in train_names], where)
+    if "test_batch" not in batches:
+        return train
+    test = batches["test_batch"]()
+    return Source(train.train, train.train_labels, test.train, test.train_labels)
+
+
+def read_cifar10(path: str | Path) -> Source:
+    """CIFAR-10 python version: the batches directory, its parent, the tar.gz, or one batch.
+
+    Directory: ``data_batch_1..5`` (train, in numeric order) and ``test_batch`` (test), directly
+    or inside ``cifar-10-batches-py/``. Archive: ``cifar-10-python.tar.gz`` (any tar, detected by
+    content). A single batch file: the training pool, no test split.
+    """
+    path = Path(path)
+    _require_exists(path, "CIFAR-10 batches directory or archive")
+    where = str(path)
+    if path.is_dir():
+        root = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+
+        def reader(p: Path) -> Callable[[], Source]:
+            def read() -> Source:
+                with open(p, "rb") as f:
+                    return cifar_batch(f, str(p))
+
+            return read
+
+        found = {p.name: reader(p) for p in root.iterdir() if p.is_file()}
+        return _cifar_from_batches(found, str(root))
+    with open(path, "rb") as f:
+        head = f.read(265)
+    is_tar = head[:2] == GZIP_MAGIC or head[257:262] == b"ustar" or ".tar" in path.name
+    if not is_tar:
+        with open(path, "rb") as f:
+            return cifar_batch(f, where)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+
+            def member_reader(name: str) -> Callable[[], Source]:
+                def read() -> Source:
+                    f = tar.extractfile(members[name])
+                    assert f is not None  # isfile() members always have a file object
+                    return cifar_batch(io.BytesIO(f.read()), f"{where}:{members[name].name}")
+
+                return read
+
+            return _cifar_from_batches({n: member_reader(n) for n in members}, where)
+    except DataError:
+        raise
+    except _STREAM_ERRORS as e:
+        raise DataError(f"{where}: corrupt or truncated tar archive ({e})") from e
+
+
+# ---------------------------------------------------------------------------- ImageNet npz
+def imagenet_batch(path: Path, size: int) -> Source:
+    """One downsampled-ImageNet npz batch: ``data`` (N, 3*S*S) uint8 CHW, ``labels`` 1..1000."""
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "data" not in z.files:
+                raise DataError(f"{where}: npz without 'data' (keys: {sorted(z.files)})")
+            rows = z["data"]
+            labels = z["labels"] if "labels" in z.files else None
+    except DataError:
+        raise
+    except (*_STREAM_ERRORS, ValueError) as e:
+        raise DataError(f"{where}: not a readable npz file ({type(e).__name__}: {e})") from e
+    images = chw_rows_to_nhwc(rows, size, where)  # (N, S, S, 3)
+    y = None
+    if labels is not None:
+        y = _check_labels(labels, len(images), where)
+        if len(y) and y.min() < 1:
+            raise DataError(
+                f"{where}: downsampled-ImageNet labels are 1..1000, found {int(y.min())}"
+            )
+        y = y - 1  # 1..1000 -> 0..999
+    return Source(images, y)
+
+
+def read_imagenet(path: str | Path, size: int) -> Source:
+    """Downsampled ImageNet (``size`` 32 or 64): a directory of npz batches or one npz.
+
+    Directory (searched recursively, so the extracted ``Imagenet32_train_npz/`` and
+    ``Imagenet32_val_npz/`` may sit side by side): ``train_data_batch_<k>[.npz]`` in numeric
+    order is the training pool, ``val_data[.npz]`` the test split. A single npz: the training pool.
+    """
+    path = Path(path)
+    _require_exists(path, f"imagenet{size} npz file or directory")
+    if path.is_file():
+        return imagenet_batch(path, size)
+    train_files = sorted(
+        (p for p in path.rglob("train_data_batch_*") if p.is_file()), key=_batch_number
+    )
+    if not train_files:
+        raise DataError(f"{path}: no train_data_batch_* npz files found")
+    train = _concat([imagenet_batch(p, size) for p in train_files], str(path))
+    val = [p for p in path.rglob("val_data*") if p.is_file()]
+    if len(val) > 1:
+        raise DataError(f"{path}: several val_data files: {sorted(map(str, val))}")
+    if not val:
+        return train
+    test = imagenet_batch(val[0], size)
+    return Source(train.train, train.train_labels, test.train, test.train_labels)
+
+
+# ---------------------------------------------------------------------------- PNG folder
+def read_png(path: Path) -> np.ndarray:
+    """One 8-bit PNG as uint8 (H, W, C): grayscale ``L``/``1`` -> C=1, ``RGB``/palette -> C=3.
+
+    An alpha channel is dropped only if fully opaque (else DataError); 16-bit and other modes
+    are rejected.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise DataError(f"{path}: not a PNG file (format {im.format})")
+            im.load()
+            mode = im.mode
+            if mode == "1":
+                im = im.convert("L")
+            elif mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            arr = np.asarray(im)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated PNG ({e})") from e
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: only 8-bit PNGs are supported, got mode {mode} ({arr.dtype})")
+    if arr.ndim == 2:
+        return arr[..., None]  # (H, W, 1)
+    if arr.shape[2] in (2, 4):  # LA / RGBA
+        if np.any(arr[..., -1] != 255):
+            raise DataError(f"{path}: PNG has a transparent alpha channel (mode {mode})")
+        arr = arr[..., :-1]
+    if arr.shape[2] not in (1, 3):
+        raise DataError(f"{path}: unsupported PNG mode {mode}")
+    return arr  # (H, W, C)
+
+
+def _png_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+
+
+def _stack_pngs(files: list[Path], where: str) -> np.ndarray:
+    if not files:
+        raise DataError(f"{where}: no .png files in this directory")
+    first = read_png(files[0])
+    out = np.empty((len(files), *first.shape), np.uint8)  # (N, H, W, C)
+    out[0] = first
+    for i, p in enumerate(files[1:], start=1):
+        img = read_png(p)
+        if img.shape != first.shape:
+            raise DataError(
+                f"{p}: image is {img.shape} (H, W, C) but {files[0].name} is {first.shape}; "
+                "all images of a folder must have the same size and channel count"
+            )
+        out[i] = img
+    return out
+
+
+def read_png_folder(path: str | Path) -> Source:
+    """A directory of PNGs (sorted by file name; not recursive), no labels.
+
+    If the directory has ``train/`` and ``test/`` subdirectories of PNGs, they are the two splits.
+    """
+    path = Path(path)
+    _require_exists(path, "PNG folder")
+    if not path.is_dir():
+        raise DataError(f"{path}: folder: expects a directory of PNG images")
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        train = _stack_pngs(_png_files(path / "train"), str(path / "train"))
+        test = _stack_pngs(_png_files(path / "test"), str(path / "test"))
+        if train.shape[1:] != test.shape[1:]:
+            raise DataError(
+                f"{path}: train images are {train.shape[1:]} but test images are "
+                f"{test.shape[1:]} (inconsistent sizes)"
+            )
+        return Source(train, None, test, None)
+    return Source(_stack_pngs(_png_files(path), str(path)), None)
+
+
+# ---------------------------------------------------------------------------- npz / npy / HDF5
+def _from_mapping(arrays: dict[str, Any], where: str) -> Source:
+    """``train`` [+ ``test``, ``train_labels``, ``test_labels``] or exactly one array."""
+    if "train" in arrays:
+        train = _check_images(arrays["train"], f"{where}['train']")
+        test = None
+        if "test" in arrays:
+            test = _check_images(arrays["test"], f"{where}['test']")
+            if test.shape[1:] != train.shape[1:]:
+                raise DataError(
+                    f"{where}: 'train' images are {train.shape[1:]} but 'test' images are "
+                    f"{test.shape[1:]} (inconsistent sizes)"
+                )
+        ytr = arrays.get("train_labels")
+        yte = arrays.get("test_labels")
+        return Source(
+            train,
+            None if ytr is None else _check_labels(ytr, len(train), f"{where}['train_labels']"),
+            test,
+            None
+            if yte is None or test is None
+            else _check_labels(yte, len(test), f"{where}['test_labels']"),
+        )
+    if len(arrays) == 1:
+        ((key, arr),) = arrays.items()
+        return Source(_check_images(arr, f"{where}['{key}']"), None)
+    raise DataError(
+        f"{where}: expected a 'train' array (and optionally 'test') or a single array, "
+        f"found {sorted(arrays)}"
+    )
+
+
+def read_array(path: str | Path) -> Source:
+    """Images stored as arrays: ``.npz``, ``.npy``, ``.h5`` / ``.hdf5``.
+
+    npz / HDF5: arrays (datasets at the root of the HDF5 file) ``train`` and optionally ``test``,
+    ``train_labels``, ``test_labels``; or a single array (the training pool). ``.npy``: one array.
+    Images uint8 (N, H, W, C) or (N, H, W) (-> C=1). Object arrays are refused (no pickle).
+    """
+    path = Path(path)
+    _require_exists(path, "array file")
+    where = str(path)
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return _read_h5(path)
+    if suffix not in (".npz", ".npy"):
+        raise DataError(f"{where}: array: expects a .npz, .npy, .h5 or .hdf5 file")
+    try:
+        with open(path, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return Source(_check_images(loaded, where), None)
+            with loaded as z:
+                arrays = {k: z[k] for k in z.files}
+    except DataError:
+        raise
+    except (*_STREAM_ERRORS, ValueError) as e:
+        raise DataError(f"{where}: not a readable {suffix} file ({type(e).__name__}: {e})") from e
+    return _from_mapping(arrays, where)
+
+
+def _read_h5(path: Path) -> Source:
+    import h5py
+
+    where = str(path)
+    try:
+        with h5py.File(path, "r") as f:
+            datasets = {k: v for k, v in f.items() if isinstance(v, h5py.Dataset)}
+            names = ["train", "test", "train_labels", "test_labels"] if "train" in datasets else []
+            keys = [k for k in names if k in datasets] or list(datasets)
+            for k in keys:  # check the dtype before reading a possibly large array
+                if k in ("train", "test") or len(keys) == 1:
+                    if datasets[k].dtype != np.uint8:
+                        raise DataError(
+                            f"{where}['{k}']: images must be uint8, got dtype {datasets[k].dtype}"
+                        )
+            arrays = {k: datasets[k][()] for k in keys}
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{where}: not a readable HDF5 file ({type(e).__name__}: {e})") from e
+    if not arrays:
+        raise DataError(f"{where}: HDF5 file has no datasets at its root")
+    return _from_mapping(arrays, where)
