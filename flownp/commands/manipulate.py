@@ -1,0 +1,259 @@
+"""flownp manipulate: edit images along attribute directions in the exact latent space
+(paper Section 4, Figure 5).
+
+Encodes a labelled data set with a trained model, computes one latent direction per attribute
+(default: the regression direction Cov(z, a) / Var(a); see docs/latent.md), then encodes a few
+held-out images, moves their latents by s * direction for a sweep of strengths s and decodes
+them. The figure has one row per (attribute, image), the original (s = 0) in the middle column
+with the strengths either side, as in the paper's Figure 5(d).
+
+Data: --data mnist (bundled; directions from the first 9000 images, examples from the held-out
+last 1000; attributes digit_0..digit_9, thickness, slant, ink), any other `flownp.data` spec
+with class labels (one-hot class_k attributes), or CelebA: --celeba-attrs list_attr_celeba.txt
+--celeba-images img_align_celeba/ (directions from the first --max-images rows, examples from
+the last rows of the file, CelebA's official test partition).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flownp import latent
+from flownp.errors import DataError
+
+HELP = "edit images along attribute directions of the latent space (paper Figure 5)"
+
+
+# --------------------------------------------------------------------------- shared helpers
+# (also used by flownp interpolate / flownp reconstruct)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and data-source options shared by the latent-space commands."""
+    parser.add_argument("checkpoint", help="checkpoint file of a trained model (checkpoint.h5)")
+    parser.add_argument(
+        "--data",
+        default="mnist",
+        help="data set spec of flownp.data.load_dataset (ignored with --celeba-attrs)",
+    )
+    parser.add_argument(
+        "--celeba-attrs", metavar="FILE", help="CelebA attribute file (list_attr_celeba.txt)"
+    )
+    parser.add_argument(
+        "--celeba-images", metavar="DIR", help="CelebA image folder (img_align_celeba)"
+    )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="CelebA: side of the centred square crop before resizing "
+        "(default: the largest centred box with the model's aspect ratio)",
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="images per model call")
+    parser.add_argument("--out", default=None, help="output PNG (default: next to the checkpoint)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if bool(args.celeba_attrs) != bool(args.celeba_images):
+        raise DataError("--celeba-attrs and --celeba-images must be given together")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    model = latent.load_model(args.checkpoint)
+    print(
+        f"model: {args.checkpoint} (image {latent.model_image_shape(model)}, "
+        f"{latent.model_dtype(model)})"
+    )
+    return model
+
+
+def _image_shape(model: Any) -> tuple[int, int, int]:
+    shape = latent.model_image_shape(model)
+    if shape is None:
+        raise DataError("the model does not state its image shape (model.config.image_shape)")
+    return shape
+
+
+def check_shape(images: np.ndarray, model: Any, source: str) -> None:
+    shape = latent.model_image_shape(model)
+    if shape is not None and images.shape[1:] != shape:
+        raise DataError(
+            f"{source}: images are {images.shape[1:]} (H, W, C) but the model expects {shape}"
+        )
+
+
+def load_examples(args: argparse.Namespace, model: Any, n: int) -> tuple[np.ndarray, str]:
+    """``n`` held-out uint8 images for the figures, and a description of where they come from
+    (CelebA: the last ``n`` rows of the attribute file; other data: the first ``n`` test
+    images)."""
+    if args.celeba_attrs:
+        table = latent.read_celeba_attributes(args.celeba_attrs)
+        start = max(0, len(table.filenames) - n)
+        data = latent.load_celeba(
+            table, args.celeba_images, image_shape=_image_shape(model), start=start, crop=args.crop
+        )
+        return data.images, data.name
+    from flownp.data import load_dataset
+
+    ds = load_dataset(args.data)
+    images = ds.test[:n]
+    check_shape(images, model, args.data)
+    return images, f"{args.data} held-out images 0..{len(images) - 1}"
+
+
+def default_out(args: argparse.Namespace, name: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path(args.checkpoint).resolve().parent / name
+
+
+def strength_labels(strengths: np.ndarray) -> list[str]:
+    return ["original" if s == 0 else f"{s:+.3g}" for s in strengths]
+
+
+# --------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--attribute",
+        action="append",
+        default=None,
+        help="attribute to edit (repeatable; default: thickness and slant on MNIST). "
+        "--list-attributes shows the names",
+    )
+    parser.add_argument(
+        "--list-attributes", action="store_true", help="print the attribute names and exit"
+    )
+    parser.add_argument(
+        "--method",
+        choices=latent.METHODS,
+        default="regression",
+        help="direction: regression Cov(z,a)/Var(a), mean_difference mean(z|a>0) - "
+        "mean(z|a<=0), or the raw covariance Cov(z,a)",
+    )
+    parser.add_argument(
+        "--max-strength",
+        type=float,
+        default=2.0,
+        help="largest |s| of the sweep z + s*direction (regression: attribute units; "
+        "MNIST pixel attributes are standardised, so 1 = one standard deviation)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="strengths on each side of the original"
+    )
+    parser.add_argument("--num-images", type=int, default=4, help="held-out images to edit")
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=10000,
+        help="labelled images encoded to compute the directions",
+    )
+    parser.add_argument(
+        "--save-directions", metavar="FILE.npz", help="also save the directions (npz)"
+    )
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _labelled(args: argparse.Namespace, model: Any) -> latent.LabelledImages:
+    if args.celeba_attrs:
+        return latent.load_celeba(
+            args.celeba_attrs,
+            args.celeba_images,
+            image_shape=_image_shape(model),
+            limit=args.max_images,
+            crop=args.crop,
+            progress=args.progress,
+        )
+    data = latent.load_labelled(args.data, "train")
+    n = min(len(data.images), args.max_images)
+    return latent.LabelledImages(
+        data.name, data.images[:n], data.attributes[:n], data.attribute_names
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    if args.list_attributes:
+        if args.celeba_attrs:
+            names = latent.read_celeba_attributes(args.celeba_attrs).names
+        else:
+            names = latent.load_labelled(args.data, "train").attribute_names
+        print("\n".join(names))
+        return 0
+    if args.steps < 1 or args.num_images < 1 or args.max_images < 2:
+        raise DataError("--steps and --num-images must be >= 1, --max-images >= 2")
+    model = load_model(args)
+    data = _labelled(args, model)
+    check_shape(data.images, model, data.name)
+    wanted = args.attribute or (
+        ["thickness", "slant"] if "thickness" in data.attribute_names else None
+    )
+    if not wanted:
+        raise DataError(f"choose --attribute; available: {', '.join(data.attribute_names)}")
+    unknown = [a for a in wanted if a not in data.attribute_names]
+    if unknown:
+        raise DataError(
+            f"unknown attribute(s) {unknown}; available: {', '.join(data.attribute_names)}"
+        )
+    cols = [data.attribute_names.index(a) for a in wanted]
+    print(f"directions ({args.method}) from {len(data.images)} images of {data.name}")
+    stats = latent.encode_statistics(
+        model,
+        data.images,
+        data.attributes[:, cols],
+        wanted,
+        batch_size=args.batch_size,
+        progress=args.progress,
+    )
+    V = stats.directions(args.method)  # (K, D)
+    for k, name in enumerate(wanted):
+        print(
+            f"  {name}: {stats.n_pos[k]} images with a > 0, {stats.n_neg[k]} without; "
+            f"|direction| = {np.linalg.norm(V[k]):.4g} (latent dim {V.shape[1]})"
+        )
+    if args.save_directions:
+        Path(args.save_directions).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            args.save_directions,
+            directions=V,
+            names=np.array(wanted),
+            method=np.array(args.method),
+            n_pos=stats.n_pos,
+            n_neg=stats.n_neg,
+        )
+        print(f"directions saved to {args.save_directions}")
+
+    examples, where = load_examples(args, model, args.num_images)
+    strengths = latent.strength_sweep(args.max_strength, args.steps)
+    mid = args.steps
+    rows, labels, worst = [], [], 0.0
+    for k, name in enumerate(wanted):
+        edited = latent.manipulate(
+            model, examples, V[k], strengths, batch_size=args.batch_size
+        )  # (N, S, H, W, C)
+        x0 = latent.images_to_model(examples, edited.dtype)
+        worst = max(worst, float(np.max(np.abs(edited[:, mid] - x0))))
+        rows.append(edited)
+        labels += [f"{name}\n#{i}" for i in range(len(examples))]
+    grid = np.concatenate(rows, axis=0)
+    print(f"edited {len(examples)} images ({where}), strengths {np.round(strengths, 4).tolist()}")
+    print(f"reconstruction (s = 0) max |error| = {worst:.3e}")
+    out = default_out(args, f"manipulate_{'_'.join(wanted)}.png")
+    latent.save_image_grid(
+        grid,
+        out,
+        column_labels=strength_labels(strengths),
+        row_labels=labels,
+        highlight_column=mid,
+        title=f"{args.method} directions, z + s v",
+    )
+    print(f"figure: {out}")
+    return 0

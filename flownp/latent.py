@@ -1,0 +1,961 @@
+r"""Using the exact latent of a flow: encoding, attribute directions, manipulation,
+interpolation and reconstruction (paper Section 4, "Interpretability results", Figure 5).
+
+A flow is a bijection ``z = f(x)`` (``model.forward``, data -> latent) with an exact inverse
+``x = f^{-1}(z)`` (``model.inverse``), so every image has exactly one latent and decoding it
+gives the image back up to floating-point error (paper Section 2, change-of-variable formula
+``p(x) = N(f(x); 0, I) |det df/dx|``). Editing is done in latent space::
+
+    encode      z = f(x)                                       (N, D),  D = H W C
+    direction   v_a  from labelled latents (below)             (D,)
+    edit        z(s) = z + s v_a,   x(s) = f^{-1}(z(s))        s = strength, s = 0 -> x
+    interpolate z(t) = (1 - t) z_0 + t z_1,  t in [0, 1]       (or spherical, see below)
+
+Attribute directions (``method=``), for latents ``z_n`` and a scalar attribute ``a_n``::
+
+    "mean_difference"  v = mean(z | a > thr) - mean(z | a <= thr)        (Glow, Sec. 5)
+    "regression"       v = Cov(z, a) / Var(a)                            (least-squares slope)
+    "covariance"       v = Cov(z, a)                                     (paper's wording)
+
+They are one vector up to scale for a binary attribute: with ``a`` in ``{0, 1}`` and
+``p = P(a = 1)``, ``Cov(z, a) = p (1 - p) (mu_1 - mu_0)`` and ``Var(a) = p (1 - p)``, so the
+regression direction *equals* the mean difference; with CelebA's ``{-1, +1}`` it is half of it
+(one unit of ``a``; ``-1 -> +1`` is two units). The raw covariance is ``Var(a)`` times the
+regression direction, so its length depends on how common the attribute is. For a continuous
+attribute the regression direction is the slope of ``E[z | a]`` (exact when ``(z, a)`` is
+jointly Gaussian): ``z + s v`` moves the latent by ``s`` units of the attribute. Details and the
+derivation: ``docs/latent.md``.
+
+Pixel convention (the training recipe): uint8 images ``u`` enter the model as
+``x = u / 256 - 0.5`` (no dequantisation noise here) and leave it as
+``u = clip(rint((x + 0.5) * 256), 0, 255)``, so a reconstruction error below ``1/512`` gives the
+uint8 image back exactly.
+
+Model interface: any object with ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x``; if it
+has ``config.image_shape`` / ``config.dtype`` (``FlowModel``) inputs are checked against them,
+and ``clear_cache()`` is called after each batch to release remembered activations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flownp.errors import DataError, NonFiniteError
+
+METHODS = ("regression", "mean_difference", "covariance")
+INTERPOLATIONS = ("linear", "spherical")
+MNIST_ATTRIBUTES = ("thickness", "slant", "ink")
+
+# --------------------------------------------------------------------------- pixels
+
+
+def images_to_model(images: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+    """uint8 images -> model input ``u / 256 - 0.5`` in ``dtype`` (exact in float32 and 64)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"images_to_model: expects uint8 images, got dtype {images.dtype}")
+    dt = np.dtype(dtype)
+    return images.astype(dt) / dt.type(256) - dt.type(0.5)
+
+
+def model_to_images(x: np.ndarray) -> np.ndarray:
+    """Model space -> uint8: ``clip(rint((x + 0.5) * 256), 0, 255)``.
+
+    Exact inverse of :func:`images_to_model` for errors below ``1/512``; values an edit pushed
+    outside ``[-0.5, 0.5)`` are clipped. NaN raises :class:`NonFiniteError`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise NonFiniteError(f"model_to_images: {int(np.sum(~np.isfinite(x)))} NaN/Inf value(s)")
+    return np.clip(np.rint((x + 0.5) * 256.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def model_image_shape(model: Any) -> tuple[int, int, int] | None:
+    """``model.config.image_shape`` as ``(H, W, C)``, or None when the model does not say."""
+    shape = getattr(getattr(model, "config", None), "image_shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def model_dtype(model: Any) -> np.dtype:
+    """``model.config.dtype`` (or ``model.dtype``), default float64."""
+    dt = getattr(getattr(model, "config", None), "dtype", None)
+    if dt is None:
+        dt = getattr(model, "dtype", np.float64)
+    return np.dtype(dt)
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for start in range(0, n, int(batch_size)):
+        yield slice(start, min(n, start + int(batch_size)))
+
+
+def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def _release(model: Any) -> None:
+    clear = getattr(model, "clear_cache", None)
+    if callable(clear):
+        clear()
+
+
+def prepare_images(model: Any, images: np.ndarray, where: str = "encode") -> np.ndarray:
+    """Validate images for ``model`` and return them in model space.
+
+    uint8 ``(N, H, W, C)`` images are mapped by :func:`images_to_model`; float images must
+    already be in model space and of the model's dtype (else ``TypeError``). The shape must
+    match ``model.config.image_shape`` when the model has one (else ``ValueError``).
+    """
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"{where}: images must be a numpy array, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{where}: images must be NHWC (rank 4), got shape {images.shape}")
+    shape = model_image_shape(model)
+    if shape is not None and images.shape[1:] != shape:
+        raise ValueError(
+            f"{where}: images have shape {images.shape[1:]} (H, W, C), the model expects {shape}"
+        )
+    dt = model_dtype(model)
+    if images.dtype == np.uint8:
+        return images_to_model(images, dt)
+    if images.dtype != dt:
+        raise TypeError(
+            f"{where}: images have dtype {images.dtype}, the model is {dt} "
+            "(pass uint8 images, or floats in model space u/256 - 0.5 of the model's dtype)"
+        )
+    return images
+
+
+def encode(
+    model: Any, images: np.ndarray, *, batch_size: int = 256, progress: bool = False
+) -> np.ndarray:
+    """Exact latents ``z = f(x)`` of a batch of images, ``(N, D)`` in the model's dtype.
+
+    Parameters
+    ----------
+    model : object with ``forward(x) -> (z, logdet)``
+    images : (N, H, W, C) uint8, or float in model space (``u / 256 - 0.5``)
+    batch_size : images per call of ``model.forward``
+    progress : show a tqdm bar
+    """
+    x = prepare_images(model, images, "encode")
+    out = []
+    n_batches = math.ceil(len(x) / batch_size) if len(x) else 0
+    for sl in _progress(_batches(len(x), batch_size), n_batches, "encode", progress):
+        z, _ = model.forward(x[sl])
+        _release(model)
+        out.append(np.asarray(z).reshape(sl.stop - sl.start, -1))  # (B, D)
+    if not out:
+        raise ValueError("encode: no images")
+    return np.concatenate(out, axis=0)
+
+
+def decode(
+    model: Any, z: np.ndarray, *, batch_size: int = 256, progress: bool = False
+) -> np.ndarray:
+    """Images ``x = f^{-1}(z)`` in model space, ``(N, H, W, C)``, from latents ``(N, D)``.
+
+    ``z`` is converted to the model's dtype. Non-finite latents, or a non-finite result (an
+    unstable inverse, ``docs/stability.md``), raise :class:`NonFiniteError`.
+    """
+    z = np.asarray(z)
+    if z.ndim != 2:
+        raise ValueError(f"decode: latents must be (N, D), got shape {z.shape}")
+    shape = model_image_shape(model)
+    if shape is not None and z.shape[1] != math.prod(shape):
+        raise ValueError(
+            f"decode: latents have D = {z.shape[1]}, the model's image {shape} has "
+            f"D = {math.prod(shape)}"
+        )
+    if not np.isfinite(z).all():
+        raise NonFiniteError(f"decode: latents contain {int(np.sum(~np.isfinite(z)))} NaN/Inf")
+    z = np.ascontiguousarray(z, dtype=model_dtype(model))
+    out = []
+    n_batches = math.ceil(len(z) / batch_size) if len(z) else 0
+    for sl in _progress(_batches(len(z), batch_size), n_batches, "decode", progress):
+        out.append(np.asarray(model.inverse(z[sl])))
+        _release(model)
+    if not out:
+        raise ValueError("decode: no latents")
+    x = np.concatenate(out, axis=0)
+    if not np.isfinite(x).all():
+        raise NonFiniteError(
+            f"decode: the inverse produced {int(np.sum(~np.isfinite(x)))} NaN/Inf value(s) "
+            "(an unstable inverse? see docs/stability.md)"
+        )
+    if shape is not None:
+        x = x.reshape((len(z),) + shape)
+    return x
+
+
+# --------------------------------------------------------------------------- directions
+
+
+class AttributeStatistics:
+    """Streaming statistics of latents and attributes, from which directions are computed.
+
+    ``update(z, a)`` may be called batch by batch (the latents of a large data set never need to
+    be held in memory). Kept in float64: the count ``n``, the means of ``z`` and ``a``, the
+    co-moment ``C_za = sum_n (a_n - abar)(z_n - zbar)^T`` ``(K, D)`` and ``M_a = sum (a - abar)^2``
+    ``(K,)``, merged across batches with Chan et al.'s pairwise update (no cancellation), and
+    per attribute the sums and counts of ``z`` over ``a > threshold`` and ``a <= threshold``.
+
+    Parameters
+    ----------
+    dim : D, the latent size
+    names : attribute names (K of them)
+    threshold : the split of :meth:`directions` ``"mean_difference"``, one value or one per
+        attribute (0 suits +-1 labels, 0/1 labels and standardised continuous attributes)
+    """
+
+    def __init__(
+        self, dim: int, names: Sequence[str], *, threshold: float | Sequence[float] = 0.0
+    ) -> None:
+        self.dim = int(dim)
+        self.names = tuple(str(n) for n in names)
+        K = len(self.names)
+        if K < 1:
+            raise ValueError("AttributeStatistics: needs at least one attribute name")
+        thr = np.asarray(threshold, dtype=np.float64)
+        if thr.ndim > 1 or (thr.ndim == 1 and thr.shape != (K,)):
+            raise ValueError(f"AttributeStatistics: threshold must be a scalar or ({K},)")
+        self.threshold = np.broadcast_to(thr, (K,)).copy()  # (K,)
+        self.n = 0
+        self.mean_z = np.zeros(self.dim)  # (D,)
+        self.mean_a = np.zeros(K)  # (K,)
+        self.comoment = np.zeros((K, self.dim))  # (K, D)  sum (a - abar)(z - zbar)
+        self.m2_a = np.zeros(K)  # (K,)   sum (a - abar)^2
+        self.sum_pos = np.zeros((K, self.dim))  # (K, D)  sum of z over a > threshold
+        self.sum_neg = np.zeros((K, self.dim))
+        self.n_pos = np.zeros(K, dtype=np.int64)
+        self.n_neg = np.zeros(K, dtype=np.int64)
+
+    def update(self, z: np.ndarray, attributes: np.ndarray) -> None:
+        """Add a batch: ``z`` (B, D), ``attributes`` (B, K) (or (B,) when K = 1)."""
+        z = np.asarray(z, dtype=np.float64)
+        a = np.asarray(attributes, dtype=np.float64)
+        if a.ndim == 1:
+            a = a[:, None]
+        K = len(self.names)
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"AttributeStatistics: z must be (B, {self.dim}), got {z.shape}")
+        if a.shape != (len(z), K):
+            raise ValueError(
+                f"AttributeStatistics: attributes must be ({len(z)}, {K}), got {a.shape}"
+            )
+        if not (np.isfinite(z).all() and np.isfinite(a).all()):
+            raise NonFiniteError("AttributeStatistics: NaN/Inf in the latents or attributes")
+        b = len(z)
+        if b == 0:
+            return
+        mz, ma = z.mean(axis=0), a.mean(axis=0)  # (D,), (K,)
+        zc, ac = z - mz, a - ma  # (B, D), (B, K)
+        n, tot = self.n, self.n + b
+        dz, da = mz - self.mean_z, ma - self.mean_a
+        w = n * b / tot
+        self.comoment += ac.T @ zc + w * np.outer(da, dz)  # (K, D)
+        self.m2_a += np.sum(ac * ac, axis=0) + w * da * da  # (K,)
+        self.mean_z += dz * (b / tot)
+        self.mean_a += da * (b / tot)
+        pos = (a > self.threshold).astype(np.float64)  # (B, K)
+        self.sum_pos += pos.T @ z
+        self.sum_neg += (1.0 - pos).T @ z
+        self.n_pos += pos.sum(axis=0).astype(np.int64)
+        self.n_neg += b - pos.sum(axis=0).astype(np.int64)
+        self.n = tot
+
+    def directions(self, method: str = "regression") -> np.ndarray:
+        """Directions ``(K, D)`` float64, one row per attribute (module docstring)."""
+        if method not in METHODS:
+            raise ValueError(
+                f"AttributeStatistics: method must be one of {METHODS}, got {method!r}"
+            )
+        if self.n < 2:
+            raise ValueError(f"AttributeStatistics: needs at least 2 samples, has {self.n}")
+        if method == "mean_difference":
+            empty = [
+                f"{name!r} ({p} above / {q} at or below {t:g})"
+                for name, p, q, t in zip(
+                    self.names, self.n_pos, self.n_neg, self.threshold, strict=True
+                )
+                if p == 0 or q == 0
+            ]
+            if empty:
+                raise DataError(
+                    "mean_difference direction: an attribute has an empty group: "
+                    + ", ".join(empty)
+                )
+            return self.sum_pos / self.n_pos[:, None] - self.sum_neg / self.n_neg[:, None]
+        if method == "covariance":
+            return self.comoment / self.n
+        const = [name for name, m in zip(self.names, self.m2_a, strict=True) if not m > 0]
+        if const:
+            raise DataError(
+                f"regression direction: attribute(s) {const} are constant over the "
+                f"{self.n} images (zero variance)"
+            )
+        return self.comoment / self.m2_a[:, None]
+
+    def direction(self, name: str, method: str = "regression") -> np.ndarray:
+        """The direction ``(D,)`` of one attribute by name."""
+        if name not in self.names:
+            raise KeyError(f"AttributeStatistics: no attribute {name!r}; have {list(self.names)}")
+        return self.directions(method)[self.names.index(name)]
+
+
+def attribute_directions(
+    z: np.ndarray,
+    attributes: np.ndarray,
+    *,
+    method: str = "regression",
+    threshold: float | Sequence[float] = 0.0,
+) -> np.ndarray:
+    """Attribute directions from latents held in memory.
+
+    Parameters
+    ----------
+    z : (N, D) latents
+    attributes : (N,) or (N, K) attribute values (+-1, 0/1 or continuous)
+    method : "regression" (``Cov(z, a) / Var(a)``), "mean_difference" or "covariance"
+    threshold : split of the mean difference (``a > threshold`` vs the rest), scalar or (K,)
+
+    Returns
+    -------
+    (D,) for a 1-D ``attributes``, else (K, D), float64.
+    """
+    a = np.asarray(attributes)
+    z = np.asarray(z)
+    if z.ndim != 2:
+        raise ValueError(f"attribute_directions: z must be (N, D), got shape {z.shape}")
+    K = 1 if a.ndim == 1 else a.shape[1]
+    stats = AttributeStatistics(z.shape[1], [f"a{k}" for k in range(K)], threshold=threshold)
+    stats.update(z, a)
+    v = stats.directions(method)
+    return v[0] if a.ndim == 1 else v
+
+
+def encode_statistics(
+    model: Any,
+    images: np.ndarray,
+    attributes: np.ndarray,
+    names: Sequence[str],
+    *,
+    batch_size: int = 256,
+    threshold: float | Sequence[float] = 0.0,
+    progress: bool = False,
+) -> AttributeStatistics:
+    """Encode ``images`` batch by batch and accumulate :class:`AttributeStatistics`.
+
+    ``attributes`` is ``(N, K)`` (or ``(N,)``), one column per name.
+    """
+    a = np.asarray(attributes, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    if len(a) != len(images):
+        raise ValueError(f"encode_statistics: {len(images)} images but {len(a)} attribute rows")
+    stats: AttributeStatistics | None = None
+    n_batches = math.ceil(len(images) / batch_size) if len(images) else 0
+    for sl in _progress(_batches(len(images), batch_size), n_batches, "statistics", progress):
+        z = encode(model, images[sl], batch_size=batch_size)  # (B, D)
+        if stats is None:
+            stats = AttributeStatistics(z.shape[1], names, threshold=threshold)
+        stats.update(z, a[sl])
+    if stats is None:
+        raise ValueError("encode_statistics: no images")
+    return stats
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def strength_sweep(max_strength: float, steps_each_side: int) -> np.ndarray:
+    """``2 k + 1`` strengths ``-m, ..., -m/k, 0, m/k, ..., m`` (0 exactly in the middle)."""
+    k = int(steps_each_side)
+    if k < 1:
+        raise ValueError(f"strength_sweep: steps_each_side must be >= 1, got {steps_each_side}")
+    side = float(max_strength) * np.arange(1, k + 1) / k
+    return np.concatenate([-side[::-1], [0.0], side])
+
+
+def shift_latents(z: np.ndarray, direction: np.ndarray, strengths: np.ndarray) -> np.ndarray:
+    """``z(s) = z + s v`` for every image and strength: (N, D), (D,), (S,) -> (N, S, D).
+
+    Computed in float64 and returned in ``z``'s dtype; ``s = 0`` gives ``z`` exactly.
+    """
+    z = np.asarray(z)
+    v = np.asarray(direction, dtype=np.float64)
+    s = np.asarray(strengths, dtype=np.float64).reshape(-1)
+    if z.ndim != 2 or v.shape != (z.shape[1],):
+        raise ValueError(
+            f"shift_latents: z must be (N, D) and direction (D,), got {z.shape} and {v.shape}"
+        )
+    out = z[:, None, :].astype(np.float64) + s[None, :, None] * v[None, None, :]  # (N, S, D)
+    return out.astype(z.dtype)
+
+
+def manipulate(
+    model: Any,
+    images: np.ndarray,
+    direction: np.ndarray,
+    strengths: np.ndarray,
+    *,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Edit images along a latent direction (paper Figure 5).
+
+    Returns ``(N, S, H, W, C)`` in model space: ``f^{-1}(f(x_n) + s v)`` for every image ``n``
+    and strength ``s``; at ``s = 0`` this is the reconstruction of ``x_n``.
+    """
+    z = encode(model, images, batch_size=batch_size)  # (N, D)
+    zs = shift_latents(z, direction, strengths)  # (N, S, D)
+    N, S, D = zs.shape
+    x = decode(model, zs.reshape(N * S, D), batch_size=batch_size)  # (N S, H, W, C)
+    return x.reshape((N, S) + x.shape[1:])
+
+
+def interpolate_latents(
+    z0: np.ndarray, z1: np.ndarray, steps: int, method: str = "linear"
+) -> np.ndarray:
+    """Paths between latents: (D,) or (N, D) pairs -> (steps, D) or (N, steps, D).
+
+    ``"linear"``: ``z(t) = (1 - t) z0 + t z1`` for ``t = linspace(0, 1, steps)``.
+    ``"spherical"`` (slerp, Shoemake 1985; White 2016 for generative models):
+    ``z(t) = (sin((1 - t) W) z0 + sin(t W) z1) / sin W`` with ``W`` the angle between ``z0``
+    and ``z1``; it keeps the norm when ``|z0| = |z1|`` (a standard normal latent lives near the
+    sphere of radius ``sqrt(D)``; the linear midpoint of two independent latents has norm about
+    ``sqrt(D / 2)``, an atypically likely point). Pairs at an angle below ``1e-6`` or within
+    ``1e-6`` of pi (no unique great circle) use the linear path. The endpoints are ``z0`` and
+    ``z1`` exactly in both methods.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"interpolate: method must be one of {INTERPOLATIONS}, got {method!r}")
+    steps = int(steps)
+    if steps < 2:
+        raise ValueError(f"interpolate: steps must be >= 2 (the two endpoints), got {steps}")
+    a, b = np.asarray(z0), np.asarray(z1)
+    if a.shape != b.shape or a.ndim not in (1, 2):
+        raise ValueError(
+            f"interpolate: z0 and z1 must both be (D,) or (N, D), got {a.shape}, {b.shape}"
+        )
+    single = a.ndim == 1
+    a2, b2 = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)  # (N, D)
+    t = np.linspace(0.0, 1.0, steps)  # (T,)
+    wa = np.broadcast_to(1.0 - t, (len(a2), steps)).copy()  # (N, T) weight of z0
+    wb = np.broadcast_to(t, (len(a2), steps)).copy()  # (N, T) weight of z1
+    if method == "spherical":
+        na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)  # (N,)
+        cos = np.clip(np.sum(a2 * b2, axis=1) / np.maximum(na * nb, 1e-300), -1.0, 1.0)
+        omega = np.arccos(cos)  # (N,)
+        ok = (omega > 1e-6) & (omega < np.pi - 1e-6)
+        so = np.sin(omega[ok])[:, None]
+        wa[ok] = np.sin((1.0 - t)[None, :] * omega[ok, None]) / so
+        wb[ok] = np.sin(t[None, :] * omega[ok, None]) / so
+    out = wa[:, :, None] * a2[:, None, :] + wb[:, :, None] * b2[:, None, :]  # (N, T, D)
+    out[:, 0], out[:, -1] = a2, b2  # exact endpoints
+    out = out.astype(np.result_type(a.dtype, b.dtype, np.float32))
+    return out[0] if single else out
+
+
+def interpolate(
+    model: Any,
+    images0: np.ndarray,
+    images1: np.ndarray,
+    steps: int,
+    *,
+    method: str = "linear",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Decode the latent path between pairs of images: (N, steps, H, W, C) in model space.
+
+    The first and last columns are the reconstructions of ``images0`` and ``images1``.
+    """
+    z0 = encode(model, images0, batch_size=batch_size)  # (N, D)
+    z1 = encode(model, images1, batch_size=batch_size)
+    if z0.shape != z1.shape:
+        raise ValueError(f"interpolate: {len(z0)} start images but {len(z1)} end images")
+    zt = interpolate_latents(z0, z1, steps, method).astype(z0.dtype)  # (N, T, D)
+    N, T, D = zt.shape
+    x = decode(model, zt.reshape(N * T, D), batch_size=batch_size)
+    return x.reshape((N, T) + x.shape[1:])
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+@dataclass(frozen=True)
+class ReconstructionReport:
+    """How exactly ``f^{-1}(f(x))`` returns ``x`` (model space, pixel range 1)."""
+
+    n_images: int
+    dtype: str
+    max_abs_error: float
+    rms_error: float
+    worst_image: int
+    uint8_mismatches: int  # pixels whose rounded uint8 value differs from the original
+
+    @property
+    def exact_uint8(self) -> bool:
+        return self.uint8_mismatches == 0
+
+    def __str__(self) -> str:
+        return (
+            f"reconstruction of {self.n_images} image(s) ({self.dtype}): "
+            f"max |x - f^-1(f(x))| = {self.max_abs_error:.3e} (image {self.worst_image}), "
+            f"rms {self.rms_error:.3e}, uint8 pixels differing: {self.uint8_mismatches}"
+        )
+
+
+def reconstruction_report(
+    model: Any, images: np.ndarray, *, batch_size: int = 256
+) -> tuple[ReconstructionReport, np.ndarray]:
+    """Encode and decode ``images``; return the error report and the reconstructions.
+
+    The uint8 comparison is made only for uint8 inputs (else ``uint8_mismatches`` counts
+    against :func:`model_to_images` of the float input).
+    """
+    x = prepare_images(model, images, "reconstruct")
+    rec = decode(model, encode(model, x, batch_size=batch_size), batch_size=batch_size)
+    err = np.abs(rec.astype(np.float64) - x.astype(np.float64)).reshape(len(x), -1)  # (N, D)
+    ref = images if images.dtype == np.uint8 else model_to_images(x)
+    report = ReconstructionReport(
+        n_images=len(x),
+        dtype=str(x.dtype),
+        max_abs_error=float(err.max()),
+        rms_error=float(np.sqrt(np.mean(err * err))),
+        worst_image=int(np.argmax(err.max(axis=1))),
+        uint8_mismatches=int(np.count_nonzero(model_to_images(rec) != ref)),
+    )
+    return report, rec
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def save_image_grid(
+    images: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    highlight_column: int | None = None,
+    title: str | None = None,
+    cell_inches: float = 1.0,
+    dpi: int = 100,
+) -> Path:
+    """Save a ``(R, S, H, W, C)`` grid of images as a PNG (matplotlib Agg, no pyplot state).
+
+    ``images`` are uint8 or floats in model space (converted by :func:`model_to_images`);
+    C = 1 is drawn in grey. ``highlight_column`` gets a red frame (the original in a Figure 5(d)
+    sweep). Parent directories are created. Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"save_image_grid: images must be (rows, columns, H, W, C) with C in (1, 3), "
+            f"got {images.shape}"
+        )
+    pix = images if images.dtype == np.uint8 else model_to_images(images)
+    R, S = pix.shape[:2]
+    if column_labels is not None and len(column_labels) != S:
+        raise ValueError(f"save_image_grid: {len(column_labels)} column labels for {S} columns")
+    if row_labels is not None and len(row_labels) != R:
+        raise ValueError(f"save_image_grid: {len(row_labels)} row labels for {R} rows")
+    left = 0.9 if row_labels is not None else 0.1
+    top = (0.35 if column_labels is not None else 0.1) + (0.35 if title else 0.0)
+    fig = Figure(figsize=(left + 0.1 + S * cell_inches, top + 0.1 + R * cell_inches), dpi=dpi)
+    FigureCanvasAgg(fig)
+    W_in, H_in = fig.get_size_inches()
+    for r in range(R):
+        for c in range(S):
+            ax = fig.add_axes(
+                (
+                    (left + c * cell_inches) / W_in,
+                    1.0 - (top + (r + 1) * cell_inches) / H_in,
+                    0.96 * cell_inches / W_in,
+                    0.96 * cell_inches / H_in,
+                )
+            )
+            img = pix[r, c]
+            if img.shape[-1] == 1:
+                ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hl = highlight_column is not None and c == highlight_column
+            for spine in ax.spines.values():
+                spine.set_visible(hl)
+                spine.set_color("red")
+                spine.set_linewidth(2.0)
+            if r == 0 and column_labels is not None:
+                ax.set_title(column_labels[c], fontsize=7)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.05 / H_in, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+# --------------------------------------------------------------------------- MNIST attributes
+
+
+def _ink(images: np.ndarray) -> np.ndarray:
+    """Images -> ink in [0, 1], (N, H, W) float64: uint8 / 255 (floats are taken as ink
+    already); channels averaged."""
+    x = np.asarray(images)
+    scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+    x = x.astype(np.float64) * scale
+    if x.ndim == 4:
+        x = x.mean(axis=3)
+    if x.ndim != 3:
+        raise ValueError(f"MNIST attributes: images must be (N, H, W[, C]), got {x.shape}")
+    return x
+
+
+def ink_mass(images: np.ndarray) -> np.ndarray:
+    """Mean ink per pixel, in [0, 1]: ``sum I / (H W)`` with ``I = u / 255``. (N,)"""
+    I = _ink(images)
+    return I.mean(axis=(1, 2))
+
+
+def stroke_thickness(images: np.ndarray) -> np.ndarray:
+    """Stroke width in pixels, from ink area and ink perimeter (no skeleton needed). (N,)
+
+    ``A = sum I`` (ink area) and ``P = sum |grad I|`` (total variation = perimeter of the ink,
+    unchanged by anti-aliasing blur; gradient on the pixel-corner grid, image zero-padded).
+    The width ``w`` is that of the ``w x L`` rectangle with the same area and perimeter,
+    ``w L = A``, ``2 (w + L) = P``::
+
+        w = (P/2 - sqrt(max(P^2/4 - 4 A, 0))) / 2
+
+    It measures width, not length: a long and a short stroke of equal width get nearly the same
+    value (unlike total ink), and a ring of width ``w`` gets about ``w``. Blank images give 0.
+    """
+    I = np.pad(_ink(images), ((0, 0), (1, 1), (1, 1)))  # (N, H+2, W+2)
+    gx = 0.5 * ((I[:, :-1, 1:] - I[:, :-1, :-1]) + (I[:, 1:, 1:] - I[:, 1:, :-1]))  # (N, H+1, W+1)
+    gy = 0.5 * ((I[:, 1:, :-1] - I[:, :-1, :-1]) + (I[:, 1:, 1:] - I[:, :-1, 1:]))
+    half_p = 0.5 * np.sqrt(gx * gx + gy * gy).sum(axis=(1, 2))  # (N,)  = w + L
+    area = I.sum(axis=(1, 2))  # (N,)  = w L
+    return 0.5 * (half_p - np.sqrt(np.maximum(half_p * half_p - 4.0 * area, 0.0)))
+
+
+def slant(images: np.ndarray) -> np.ndarray:
+    """Slant from second image moments: horizontal shift per unit height. (N,)
+
+    With ink weights ``I``, ``x`` = column and ``y`` = -row (upwards), centred on the ink
+    centroid: ``slant = sum I x y / sum I y^2``, the shear ``x -> x - slant * y`` that removes
+    the correlation (as in moment deskewing). Positive = leaning right (``/``), 0 = upright,
+    negative = leaning left (``\\``). Blank images give 0.
+    """
+    I = _ink(images)  # (N, H, W)
+    N, H, W = I.shape
+    rows = np.arange(H, dtype=np.float64)[None, :, None]
+    cols = np.arange(W, dtype=np.float64)[None, None, :]
+    m = I.sum(axis=(1, 2))  # (N,)
+    safe = np.where(m > 0, m, 1.0)
+    ri = (I * rows).sum(axis=(1, 2)) / safe  # (N,) centroid row
+    cj = (I * cols).sum(axis=(1, 2)) / safe
+    dr = rows - ri[:, None, None]  # (N, H, 1)
+    dc = cols - cj[:, None, None]  # (N, 1, W)
+    mu_rc = (I * dr * dc).sum(axis=(1, 2))
+    mu_rr = (I * dr * dr).sum(axis=(1, 2))
+    return np.where(mu_rr > 0, -mu_rc / np.where(mu_rr > 0, mu_rr, 1.0), 0.0)
+
+
+def one_hot(labels: np.ndarray, n_classes: int = 10) -> np.ndarray:
+    """Integer labels (N,) -> float64 one-hot (N, n_classes); out-of-range labels -> DataError."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"one_hot: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"one_hot: label {int(y[i])} at index {i} is outside [0, {n_classes})")
+    out = np.zeros((len(y), n_classes))
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
+def standardize(values: np.ndarray) -> np.ndarray:
+    """``(v - mean) / std`` per column (float64); constant columns -> DataError."""
+    v = np.asarray(values, dtype=np.float64)
+    sd = v.std(axis=0)
+    if np.any(sd == 0):
+        raise DataError("standardize: an attribute is constant over the images")
+    return (v - v.mean(axis=0)) / sd
+
+
+# --------------------------------------------------------------------------- labelled data
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with named attributes, the input of the direction computation.
+
+    ``images`` uint8 (N, H, W, C); ``attributes`` float64 (N, K), column k named
+    ``attribute_names[k]``.
+    """
+
+    name: str
+    images: np.ndarray
+    attributes: np.ndarray
+    attribute_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(
+                f"{self.name}: images must be uint8 NHWC, got {self.images.dtype} "
+                f"{self.images.shape}"
+            )
+        if self.attributes.shape != (len(self.images), len(self.attribute_names)):
+            raise DataError(
+                f"{self.name}: attributes have shape {self.attributes.shape}, expected "
+                f"({len(self.images)}, {len(self.attribute_names)})"
+            )
+
+    def attribute(self, name: str) -> np.ndarray:
+        """One attribute column (N,); an unknown name -> KeyError listing the known ones."""
+        if name not in self.attribute_names:
+            raise KeyError(
+                f"{self.name}: no attribute {name!r}; available: {', '.join(self.attribute_names)}"
+            )
+        return self.attributes[:, self.attribute_names.index(name)]
+
+
+def mnist_labelled(
+    images: np.ndarray, labels: np.ndarray | None, name: str = "mnist"
+) -> LabelledImages:
+    """MNIST-style images with attributes ``digit_0 .. digit_9`` (one-hot 0/1, when labels are
+    given) and ``thickness``, ``slant``, ``ink`` computed from the pixels and standardised over
+    these images (mean 0, std 1: a strength of 1 is one standard deviation)."""
+    images = np.asarray(images)
+    cols, names = [], []
+    if labels is not None:
+        if len(labels) != len(images):
+            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        cols.append(one_hot(np.asarray(labels).astype(np.int64), 10))
+        names += [f"digit_{d}" for d in range(10)]
+    raw = np.stack([stroke_thickness(images), slant(images), ink_mass(images)], axis=1)
+    cols.append(standardize(raw))
+    names += list(MNIST_ATTRIBUTES)
+    return LabelledImages(name, images, np.concatenate(cols, axis=1), tuple(names))
+
+
+def load_labelled(spec: str = "mnist", split: str = "train") -> LabelledImages:
+    """A labelled split of any :func:`flownp.data.load_dataset` data set.
+
+    MNIST specs (``"mnist"``, ``"mnist:PATH"``) get :func:`mnist_labelled` attributes (digits
+    and pixel-derived ``thickness``, ``slant``, ``ink``); other specs get their class labels as
+    one-hot attributes ``class_0 .. class_{K-1}``. ``split``: "train" or "test" (for the bundled
+    MNIST the first 9000 / the last 1000 images).
+    """
+    from flownp.data import load_dataset
+
+    if split not in ("train", "test"):
+        raise ValueError(f"load_labelled: split must be 'train' or 'test', got {split!r}")
+    ds = load_dataset(spec)
+    images = ds.train if split == "train" else ds.test
+    labels = ds.train_labels if split == "train" else ds.test_labels
+    name = f"{spec}[{split}]"
+    if spec.split(":", 1)[0] == "mnist":
+        return mnist_labelled(images, labels, name=name)
+    if labels is None:
+        raise DataError(f"{spec}: the {split} split has no labels to compute directions from")
+    all_labels = [y for y in (ds.train_labels, ds.test_labels) if y is not None]
+    K = int(max(int(np.max(y)) for y in all_labels if len(y))) + 1
+    attrs = one_hot(np.asarray(labels).astype(np.int64), K)
+    return LabelledImages(name, images, attrs, tuple(f"class_{k}" for k in range(K)))
+
+
+@dataclass(frozen=True)
+class AttributeTable:
+    """A parsed ``list_attr_celeba.txt``: ``values`` int8 (N, K) of +1 / -1."""
+
+    path: str
+    filenames: tuple[str, ...]
+    names: tuple[str, ...]
+    values: np.ndarray
+
+
+def read_celeba_attributes(path: str | os.PathLike) -> AttributeTable:
+    """Parse CelebA's attribute file (``list_attr_celeba.txt``).
+
+    Format: line 1 the number of images; line 2 the K attribute names (whitespace separated);
+    then one line per image, ``filename v_1 ... v_K`` with each ``v`` in ``1`` / ``+1`` / ``-1``.
+    Blank lines after line 2 are ignored. Any deviation (missing file, bad count, no or repeated
+    names, a row with the wrong number of values, a value other than +-1, a repeated file name,
+    a row count different from line 1) raises :class:`DataError` naming the file and the line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: attribute file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: cannot read the attribute file as UTF-8 text ({exc})") from exc
+    all_lines = text.splitlines()
+    if len(all_lines) < 2:
+        raise DataError(f"{p}: expected a count line and an attribute-name line, file is too short")
+    first = all_lines[0].split()
+    if len(first) != 1 or not first[0].isdigit():
+        raise DataError(f"{p}, line 1: expected the number of images, got {all_lines[0]!r}")
+    count = int(first[0])
+    names = all_lines[1].split()
+    if not names:
+        raise DataError(f"{p}, line 2: expected the attribute names, the line is empty")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{p}, line 2: repeated attribute name(s) {dup}")
+    K = len(names)
+    rows = [(i + 3, f) for i, f in enumerate(ln.split() for ln in all_lines[2:]) if f]
+    for ln, fields in rows:
+        if len(fields) != K + 1:
+            raise DataError(
+                f"{p}, line {ln}: expected a file name and {K} values, got {len(fields) - 1} "
+                f"value(s)"
+            )
+    if len(rows) != count:
+        raise DataError(f"{p}: line 1 declares {count} images but the file lists {len(rows)}")
+    if not rows:
+        return AttributeTable(str(p), (), tuple(names), np.zeros((0, K), dtype=np.int8))
+    tokens = np.array([f[1:] for _, f in rows])  # (N, K) str
+    values = np.where(
+        (tokens == "1") | (tokens == "+1"), 1, np.where(tokens == "-1", -1, 0)
+    ).astype(np.int8)
+    if (values == 0).any():
+        r, k = np.argwhere(values == 0)[0]
+        raise DataError(
+            f"{p}, line {rows[r][0]}: attribute {names[k]!r} has value {str(tokens[r, k])!r}, "
+            "expected 1 or -1"
+        )
+    filenames = [f[0] for _, f in rows]
+    if len(set(filenames)) != len(filenames):
+        seen: dict[str, int] = {}
+        for ln, f in rows:
+            if f[0] in seen:
+                raise DataError(
+                    f"{p}, line {ln}: file name {f[0]!r} already listed on line {seen[f[0]]}"
+                )
+            seen[f[0]] = ln
+    return AttributeTable(str(p), tuple(filenames), tuple(names), values)
+
+
+def load_image_folder(
+    folder: str | os.PathLike,
+    filenames: Sequence[str],
+    *,
+    size: tuple[int, int],
+    channels: int = 3,
+    crop: int | tuple[int, int] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Load named images from a folder as uint8 ``(N, H, W, C)``, ``size = (H, W)``.
+
+    Each image is converted to RGB (C = 3) or grey (C = 1), cropped to a centred box and
+    resized with Lanczos filtering. ``crop`` = (height, width) of the box (an int: a square);
+    None: the largest centred box with the aspect ratio of ``size`` (for CelebA's 178 x 218
+    aligned faces and a square model: the centred 178 x 178 square). A missing or unreadable
+    image raises :class:`DataError` naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    H, W = (int(s) for s in size)
+    if channels not in (1, 3):
+        raise ValueError(f"load_image_folder: channels must be 1 or 3, got {channels}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    out = np.empty((len(filenames), H, W, channels), dtype=np.uint8)
+    items = _progress(enumerate(filenames), len(filenames), "images", progress)
+    for i, name in items:
+        fp = folder / name
+        if not fp.is_file():
+            raise DataError(f"{fp}: image not found (listed in the attribute file)")
+        try:
+            with Image.open(fp) as img:
+                img = img.convert("RGB" if channels == 3 else "L")
+                w0, h0 = img.size
+                if crop is None:
+                    scale = min(w0 / W, h0 / H)
+                    ch, cw = round(H * scale), round(W * scale)
+                else:
+                    ch, cw = (crop, crop) if isinstance(crop, (int, np.integer)) else crop
+                if ch > h0 or cw > w0:
+                    raise DataError(f"{fp}: crop {ch}x{cw} larger than the image {h0}x{w0}")
+                top, left = (h0 - ch) // 2, (w0 - cw) // 2
+                img = img.crop((left, top, left + cw, top + ch))
+                if img.size != (W, H):
+                    img = img.resize((W, H), Image.Resampling.LANCZOS)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{fp}: not a readable image ({exc})") from exc
+        out[i] = arr.reshape(H, W, channels)
+    return out
+
+
+def load_celeba(
+    attr_file: str | os.PathLike | AttributeTable,
+    image_dir: str | os.PathLike,
+    *,
+    image_shape: tuple[int, int, int],
+    start: int = 0,
+    limit: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    progress: bool = False,
+) -> LabelledImages:
+    """CelebA (or any data set in its attribute format): rows ``start .. start + limit`` of the
+    attribute file, images from ``image_dir`` shaped to ``image_shape = (H, W, C)``, attributes
+    as float +-1 with the file's names. ``attr_file`` may be an already parsed table."""
+    table = (
+        attr_file if isinstance(attr_file, AttributeTable) else read_celeba_attributes(attr_file)
+    )
+    stop = len(table.filenames) if limit is None else min(len(table.filenames), start + limit)
+    if not 0 <= start < stop:
+        raise DataError(
+            f"{table.path}: no rows selected (start {start}, limit {limit}, "
+            f"{len(table.filenames)} rows)"
+        )
+    H, W, C = image_shape
+    images = load_image_folder(
+        image_dir,
+        table.filenames[start:stop],
+        size=(H, W),
+        channels=C,
+        crop=crop,
+        progress=progress,
+    )
+    return LabelledImages(
+        f"celeba[{start}:{stop}]", images, table.values[start:stop].astype(np.float64), table.names
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def load_model(path: str | os.PathLike) -> Any:
+    """Load a trained model from a checkpoint (delegates to :mod:`flownp.checkpoint`)."""
+    from flownp import checkpoint
+
+    return checkpoint.load_model(path)
