@@ -26,3 +26,20 @@ __all__ = [
     "DataError",
     "__version__",
 ]
+
+# The model and training API, imported on first use (keeps ``import flownp`` and the CLI light).
+_LAZY = {
+    "FlowConfig": "flownp.model",
+    "FlowModel": "flownp.model",
+    "TrainConfig": "flownp.train",
+    "Trainer": "flownp.train",
+    "load_model": "flownp.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flownp' has no attribute {name!r}")

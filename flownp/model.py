@@ -1,0 +1,442 @@
+r"""The multi-scale flow (RealNVP / Glow architecture, as used by the paper, Section 4).
+
+Direction: ``forward`` maps an image ``x`` (data) to the latent ``z``; ``inverse`` maps back.
+
+Architecture for ``FlowConfig(image_shape=(H, W, C), levels=L, depth=D, ...)``::
+
+    for level l = 0 .. L-1:
+        squeeze                               (H_l, W_l, C_l) = (H/2^(l+1), W/2^(l+1), 4 C 2^l)
+        D steps:  actnorm -> invertible conv -> coupling       (shape unchanged)
+        if l < L-1:  split: keep C_l/2 channels, factor out and standardise the other C_l/2
+    top prior: standardise the last level's output with a learned mean/log-scale
+
+(the first squeeze is the "initial squeeze"; every later level starts with one too, so the
+kept half of level l, ``(H_l, W_l, C_l/2)``, becomes ``(H_l/2, W_l/2, 2 C_l)``).
+
+Every factored-out piece is *standardised* (``eps = (z - mean) * exp(-logs)``, log-det
+``-sum logs``, :mod:`flownp.layers.split`), so the whole latent is standard normal::
+
+    log p(x) = sum_i log N(z_i; 0, 1) + logdet(x)                 (change of variables, Eq. 1)
+             = -0.5 * sum_i z_i^2 - 0.5 * D_x * log(2 pi) + logdet
+
+Latent layout (documented for porters): ``z`` has shape ``(N, H*W*C)`` and is the
+concatenation, in this order, of ``eps_0.reshape(N, -1), eps_1.reshape(N, -1), ...,
+eps_{L-2}.reshape(N, -1)`` (the split-off latents, level 0 first, each in its own NHWC
+(row, column, channel) order, shape ``(H_l, W_l, C_l/2)``) and finally the top latent
+``eps_top.reshape(N, -1)`` of shape ``(H_{L-1}, W_{L-1}, C_{L-1})``. :meth:`FlowModel.latent_shapes`
+lists the pieces.
+
+Parameter paths (keys of ``params``/``grads``/``buffers``, also the HDF5 paths)::
+
+    level{l}/step{d}/actnorm/{bias,logs}
+    level{l}/step{d}/conv/...            (conv1x1/... first for conv="1x1+emerging")
+    level{l}/step{d}/coupling/...
+    level{l}/split/prior/{weight,bias}   (l < L-1)
+    prior/{mean,logs}                    (top prior)
+
+Plumbing: the model is a flat list of nodes, :attr:`FlowModel.flow`, run in order by
+:meth:`FlowModel.forward` and in reverse by :meth:`FlowModel.backward` / :meth:`FlowModel.inverse`.
+A node is a plain layer (``x -> (x, logdet)``: squeeze or a :class:`FlowStep`) or a
+:class:`~flownp.layers.split.Split` (``x -> (h, eps, logdet)``). A memory-saving variant can
+replace the cached activations of a step by re-computing its input with ``inverse``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flownp.layers.actnorm import ActNorm
+from flownp.layers.base import Layer, check_dtype
+from flownp.layers.split import LearnedPrior, Split
+from flownp.layers.squeeze import Squeeze
+
+CONVS = ("cinc", "emerging", "1x1", "1x1+emerging")
+COUPLINGS = ("quad", "affine")
+SCALES = ("sigmoid", "exp")
+CINC_CORNERS = ("triangular", "unit", "lu")
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Configuration of a :class:`FlowModel` (validated on construction).
+
+    Parameters
+    ----------
+    image_shape : (H, W, C)
+        Image size; H and W must be divisible by ``2**levels``.
+    levels : int
+        Number of levels L (squeeze + D steps each; a split between levels).
+    depth : int
+        Steps per level D.
+    width : int
+        Hidden channels of the coupling conditioner networks.
+    conv : {"cinc", "emerging", "1x1", "1x1+emerging"}
+        Invertible convolution of each step (the paper's CInC, Emerging, Glow, or the
+        paper's Emerging baseline preceded by a 1x1 convolution).
+    coupling : {"quad", "affine"}
+        Quad coupling (paper Eq. 3-6) or Glow's affine coupling.
+    kernel_size : int
+        k of the CInC / Emerging convolution.
+    scale : {"sigmoid", "exp"}
+        Coupling scale function (``sigmoid(h + 2)`` as the official code, or ``exp``).
+    dtype : {"float32", "float64"}
+    cinc_corner : {"triangular", "unit", "lu"}
+        Corner parameterisation of :class:`~flownp.layers.cinc.CInCConv`.
+    lu : bool
+        LU-parameterised 1x1 convolutions (``conv`` = "1x1" / "1x1+emerging").
+    """
+
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    levels: int = 2
+    depth: int = 4
+    width: int = 64
+    conv: str = "cinc"
+    coupling: str = "affine"
+    kernel_size: int = 3
+    scale: str = "sigmoid"
+    dtype: str = "float32"
+    cinc_corner: str = "triangular"
+    lu: bool = False
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.image_shape)
+        object.__setattr__(self, "image_shape", shape)
+        if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+            raise ValueError(f"FlowConfig: image_shape must be (H, W, C) ints >= 1, got {shape!r}")
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
+        for name in ("levels", "depth", "width", "kernel_size"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"FlowConfig: {name} must be an int >= 1, got {val!r}")
+            object.__setattr__(self, name, int(val))
+        H, W, C = self.image_shape
+        f = 2**self.levels
+        if H % f or W % f:
+            raise ValueError(
+                f"FlowConfig: image size {H}x{W} is not divisible by 2**levels = {f} "
+                f"(levels={self.levels}); use fewer levels or pad the images"
+            )
+        for name, choices in (
+            ("conv", CONVS),
+            ("coupling", COUPLINGS),
+            ("scale", SCALES),
+            ("cinc_corner", CINC_CORNERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"FlowConfig: {name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+        try:
+            dt = check_dtype(self.dtype)
+        except TypeError as exc:
+            raise ValueError(f"FlowConfig: {exc}") from None
+        object.__setattr__(self, "dtype", dt.name)
+        object.__setattr__(self, "lu", bool(self.lu))
+        if "emerging" in self.conv and self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"FlowConfig: the emerging convolution needs an odd kernel_size (two "
+                f"(k+1)/2 convolutions), got {self.kernel_size}"
+            )
+        need = 4 if self.coupling == "quad" else 2
+        for l, (_, _, c) in enumerate(self.level_shapes()):
+            if c % need:
+                raise ValueError(
+                    f"FlowConfig: {self.coupling} coupling needs a multiple of {need} channels, "
+                    f"level {l} has {c}"
+                )
+
+    # ------------------------------------------------------------------ derived shapes
+    def level_shapes(self) -> list[tuple[int, int, int]]:
+        """``(H_l, W_l, C_l)`` of the steps of each level (after its squeeze)."""
+        H, W, C = self.image_shape
+        out = []
+        for _ in range(self.levels):
+            H, W, C = H // 2, W // 2, 4 * C
+            out.append((H, W, C))
+            C //= 2  # the split keeps half
+        return out
+
+    @property
+    def num_dims(self) -> int:
+        """D_x = H * W * C, the number of dimensions of an image (and of z)."""
+        H, W, C = self.image_shape
+        return H * W * C
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"FlowConfig: unknown field(s) {unknown}")
+        d = dict(d)
+        if "image_shape" in d:
+            d["image_shape"] = tuple(d["image_shape"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> FlowConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------- generic chain
+class FlowStep(Layer):
+    """A chain of flow layers run in order (one step: actnorm -> conv -> coupling).
+
+    ``forward`` composes the layers and sums their log-dets (in float64); ``backward`` runs them
+    in reverse with the same ``dlogdet`` (the log-det of a composition is the sum);
+    ``inverse`` inverts them in reverse order.
+    """
+
+    def __init__(self, layers: list[tuple[str, Layer]], *, dtype: Any = np.float64) -> None:
+        super().__init__(dtype)
+        self.order: list[Layer] = [self.add_layer(name, layer) for name, layer in layers]
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logdet = np.zeros(x.shape[0], dtype=np.float64)
+        for layer in self.order:
+            x, ld = layer.forward(x)
+            logdet += ld
+        return x, logdet  # float64: summed without rounding to float32 in between
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        for layer in reversed(self.order):
+            y = layer.inverse(y)
+        return y
+
+    def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        for layer in reversed(self.order):
+            dy = layer.backward(dy, dlogdet)
+        return dy
+
+
+def _seed(seed: int, index: int) -> int:
+    """An independent 31-bit seed for layer number ``index`` of a model seeded with ``seed``."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] >> 1)
+
+
+def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
+    """``actnorm -> conv -> coupling`` for ``channels`` channels, following ``config``."""
+    # Imported here so that a colleague's layer that is still a placeholder only breaks the
+    # configurations that use it.
+    dt = config.dtype
+    k = config.kernel_size
+    layers: list[tuple[str, Layer]] = [("actnorm", ActNorm(channels, dtype=dt))]
+    if config.conv == "cinc":
+        from flownp.layers.cinc import CInCConv
+
+        layers.append(
+            ("conv", CInCConv(channels, k, corner=config.cinc_corner, seed=seed, dtype=dt))
+        )
+    elif config.conv == "emerging":
+        from flownp.layers.emerging import EmergingConv
+
+        layers.append(("conv", EmergingConv(channels, k, seed=seed, dtype=dt)))
+    else:
+        from flownp.layers.conv1x1 import Conv1x1
+
+        conv1 = Conv1x1(channels, lu=config.lu, seed=seed, dtype=dt)
+        if config.conv == "1x1":
+            layers.append(("conv", conv1))
+        else:
+            from flownp.layers.emerging import EmergingConv
+
+            layers.append(("conv1x1", conv1))
+            layers.append(("conv", EmergingConv(channels, k, seed=seed + 1, dtype=dt)))
+    from flownp.layers.coupling import AffineCoupling, QuadCoupling
+
+    cls = QuadCoupling if config.coupling == "quad" else AffineCoupling
+    layers.append(
+        ("coupling", cls(channels, config.width, scale=config.scale, seed=seed + 2, dtype=dt))
+    )
+    return FlowStep(layers, dtype=dt)
+
+
+# ---------------------------------------------------------------------- the model
+class FlowModel(Layer):
+    """Multi-scale normalizing flow (module docstring): ``x (N, H, W, C) -> z (N, H*W*C)``.
+
+    Parameters
+    ----------
+    config : FlowConfig
+    seed : int
+        Seed of every layer's random initialisation.
+
+    Attributes
+    ----------
+    flow : list of (path, layer)
+        The nodes in forward order (squeeze, steps, split per level).
+    prior : LearnedPrior
+        The top prior (path ``prior``).
+    """
+
+    def __init__(self, config: FlowConfig, seed: int = 0) -> None:
+        if not isinstance(config, FlowConfig):
+            raise TypeError(f"FlowModel: config must be a FlowConfig, got {type(config).__name__}")
+        super().__init__(config.dtype)
+        self.config = config
+        self.seed = int(seed)
+        self.flow: list[tuple[str, Layer]] = []
+        shapes = config.level_shapes()
+        dt = config.dtype
+        for l, (_, _, c) in enumerate(shapes):
+            level = self.add_layer(f"level{l}", Layer(dt))
+            self.flow.append((f"level{l}/squeeze", level.add_layer("squeeze", Squeeze(dtype=dt))))
+            for d in range(config.depth):
+                step = make_step(config, c, _seed(seed, 1000 * l + d))
+                self.flow.append((f"level{l}/step{d}", level.add_layer(f"step{d}", step)))
+            if l < config.levels - 1:
+                self.flow.append((f"level{l}/split", level.add_layer("split", Split(c, dtype=dt))))
+        self.prior: LearnedPrior = self.add_layer("prior", LearnedPrior(shapes[-1], dtype=dt))  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ shapes
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """Shapes of the pieces of ``z`` in concatenation order (module docstring)."""
+        shapes = self.config.level_shapes()
+        out = [(h, w, c // 2) for (h, w, c) in shapes[:-1]]
+        return out + [shapes[-1]]
+
+    def split_latent(self, z: np.ndarray) -> list[np.ndarray]:
+        """``z (N, D_x)`` -> the per-level pieces, reshaped to ``(N, H_l, W_l, C_l)`` (views)."""
+        N = z.shape[0]
+        out, start = [], 0
+        for h, w, c in self.latent_shapes():
+            size = h * w * c
+            out.append(z[:, start : start + size].reshape(N, h, w, c))
+            start += size
+        return out
+
+    def _check_image(self, x: Any) -> np.ndarray:
+        x = self.check_input(x, self.config.image_shape[2])
+        if x.shape[1:] != self.config.image_shape:
+            raise ValueError(
+                f"FlowModel: x must have shape (N, {', '.join(map(str, self.config.image_shape))})"
+                f", got {x.shape}"
+            )
+        return x
+
+    def _check_latent(self, z: Any) -> np.ndarray:
+        D = self.config.num_dims
+        if not isinstance(z, np.ndarray) or z.ndim != 2 or z.shape[1] != D:
+            shape = getattr(z, "shape", type(z).__name__)
+            raise ValueError(f"FlowModel: z must have shape (N, {D}), got {shape}")
+        if z.dtype != self.dtype:
+            raise TypeError(f"FlowModel: z has dtype {z.dtype}, the model is {self.dtype}")
+        return z
+
+    # ------------------------------------------------------------------ flow
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x (N, H, W, C) -> (z (N, H*W*C), logdet (N,))``; ``logdet`` is float64.
+
+        ``log p(x) = log N(z; 0, I) + logdet`` (see :meth:`log_prob`).
+        """
+        x = self._check_image(x)
+        N = x.shape[0]
+        logdet = np.zeros(N, dtype=np.float64)
+        pieces = []
+        for _, layer in self.flow:
+            if isinstance(layer, Split):
+                x, eps, ld = layer.forward(x)
+                pieces.append(eps.reshape(N, -1))
+            else:
+                x, ld = layer.forward(x)
+            logdet += ld
+        eps, ld = self.prior.forward(x)
+        logdet += ld
+        pieces.append(eps.reshape(N, -1))
+        return np.concatenate(pieces, axis=1), logdet
+
+    def backward(self, dz: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        """Gradient of ``sum(z * dz) + sum(logdet * dlogdet)`` w.r.t. the last forward's
+        input; parameter gradients are added into :attr:`grads`."""
+        N = dz.shape[0]
+        dz = self.check_grad(dz, (N, self.config.num_dims), "dz")
+        dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
+        deps = self.split_latent(dz)
+        dh = self.prior.backward(deps[-1], dlogdet)
+        level = len(deps) - 2
+        for _, layer in reversed(self.flow):
+            if isinstance(layer, Split):
+                dh = layer.backward(dh, deps[level], dlogdet)
+                level -= 1
+            else:
+                dh = layer.backward(dh, dlogdet)
+        return dh
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        """``z (N, H*W*C) -> x (N, H, W, C)``, the exact inverse of :meth:`forward`."""
+        z = self._check_latent(z)
+        eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
+        h = self.prior.inverse(eps[-1])
+        level = len(eps) - 2
+        for _, layer in reversed(self.flow):
+            if isinstance(layer, Split):
+                h = layer.inverse(h, eps[level])
+                level -= 1
+            else:
+                h = layer.inverse(h)
+        return h
+
+    # ------------------------------------------------------------------ density, sampling
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        """``log p(x)`` per sample (float64, nats), for ``x`` in model space (no dequantisation
+        offset; see :func:`flownp.train.bits_per_dim`)."""
+        z, logdet = self.forward(x)
+        self.clear_cache()
+        return log_normal(z) + logdet
+
+    def sample(
+        self, n: int, temperature: float = 1.0, seed: int | np.random.Generator = 0
+    ) -> np.ndarray:
+        """``n`` images ``f^{-1}(T * eps)``, ``eps ~ N(0, I)`` (model space, about [-0.5, 0.5])."""
+        if n < 1:
+            raise ValueError(f"FlowModel.sample: n must be >= 1, got {n}")
+        if not temperature >= 0:
+            raise ValueError(f"FlowModel.sample: temperature must be >= 0, got {temperature}")
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        z = (temperature * rng.standard_normal((n, self.config.num_dims))).astype(self.dtype)
+        return self.inverse(z)
+
+    # ------------------------------------------------------------------ initialisation
+    @property
+    def initialized(self) -> bool:
+        """True when every actnorm (including the couplings') has been data-initialised."""
+        flags = [v for k, v in self.buffers.items() if k.endswith("initialized")]
+        return all(bool(f) for f in flags)
+
+    def initialize(self, x: np.ndarray) -> None:
+        """Data-dependent initialisation: one forward pass on a batch ``x`` (every ActNorm that
+        is not yet initialised sets its bias/log-scale from the statistics it sees)."""
+        self.forward(x)
+        self.clear_cache()
+
+    def num_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"FlowModel({c.image_shape}, L={c.levels}, D={c.depth}, width={c.width}, "
+            f"conv={c.conv}, coupling={c.coupling}, params={self.num_params()}, dtype={c.dtype})"
+        )
+
+
+def log_normal(z: np.ndarray) -> np.ndarray:
+    """``sum_i log N(z_i; 0, 1)`` per row of ``z (N, D)``, in float64."""
+    z64 = z.astype(np.float64, copy=False)
+    return -0.5 * np.einsum("nd,nd->n", z64, z64) - 0.5 * z.shape[1] * LOG_2PI

@@ -1,0 +1,328 @@
+"""Training: dequantisation, the bits/dim loss, the loop (learning, NaN rejection, exact resume)
+and the train / sample / evaluate commands, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flownp import cli
+from flownp import train as T
+from flownp.checkpoint import read_checkpoint
+from flownp.model import FlowConfig
+
+SHAPE = (8, 8, 1)
+
+
+def make_data(n_train=96, n_test=32, seed=0):
+    """Bright rectangles on a dark background: easy structure for a tiny flow to learn."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    img = rng.integers(0, 30, (n, *SHAPE)).astype(np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, 4, 2)
+        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
+    return SimpleNamespace(name="rects", train=img[:n_train], test=img[n_train:], shape=SHAPE)
+
+
+def tiny_model(**kw):
+    kw = {"levels": 2, "depth": 1, "width": 8, "conv": "cinc", "coupling": "affine", **kw}
+    return FlowConfig(image_shape=SHAPE, dtype=kw.pop("dtype", "float64"), **kw)
+
+
+def tiny_train(**kw):
+    kw = {
+        "steps": 6,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "init_batch_size": 32,
+        "eval_every": 3,
+        "eval_size": 16,
+        "checkpoint_every": 3,
+        "seed": 4,
+        **kw,
+    }
+    return T.TrainConfig(**kw)
+
+
+# ---------------------------------------------------------------------- data and loss
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dequantize_stays_in_the_pixel_bin(dtype):
+    u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(50, axis=0)
+    x = T.dequantize(u, np.random.default_rng(0), dtype)
+    assert x.dtype == dtype
+    assert x.min() >= -0.5 and x.max() < 0.5
+    np.testing.assert_array_equal(np.floor((x.astype(np.float64) + 0.5) * 256), u)
+    np.testing.assert_array_equal(T.to_uint8(x), u)
+    centre = T.dequantize(u[:1], None, np.float64)
+    np.testing.assert_array_equal(centre, (u[:1] + 0.5) / 256 - 0.5)
+    with pytest.raises(T.DataError, match="uint8"):
+        T.dequantize(u.astype(np.int16), None, dtype)
+
+
+def test_bits_per_dim_by_hand():
+    D = 12
+    z = np.zeros((2, D))
+    bpd = T.bits_per_dim(z, np.array([0.0, D * math.log(2.0)]))
+    # -log p = 0.5 D ln(2 pi) - logdet; + D ln 256, over D ln 2
+    assert bpd[0] == pytest.approx(8 + 0.5 * math.log2(2 * math.pi), rel=1e-14)
+    assert bpd[1] == pytest.approx(7 + 0.5 * math.log2(2 * math.pi), rel=1e-14)
+
+
+def test_bpd_loss_gradients_by_finite_differences(rng):
+    z = rng.standard_normal((3, 5))
+    ld = rng.standard_normal(3)
+    _, dz, dld = T.bpd_loss(z, ld)
+    eps = 1e-6
+    for arr, grad in ((z, dz), (ld, dld)):
+        flat = arr.reshape(-1)
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + eps
+            lp = T.bpd_loss(z, ld)[0]
+            flat[i] = old - eps
+            lm = T.bpd_loss(z, ld)[0]
+            flat[i] = old
+            assert grad.reshape(-1)[i] == pytest.approx((lp - lm) / (2 * eps), abs=1e-8)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        T.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        T.TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="unknown field"):
+        T.TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(T.DataError, match="batch_size 200 exceeds"):
+        T.Trainer(tiny_model(), tiny_train(batch_size=200), make_data())
+    with pytest.raises(T.DataError, match="model expects"):
+        T.Trainer(
+            FlowConfig(image_shape=(16, 16, 1), levels=2, depth=1, width=4),
+            tiny_train(),
+            make_data(),
+        )
+
+
+# ---------------------------------------------------------------------- the loop
+def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path):
+    data = make_data()
+    tr = T.Trainer(
+        tiny_model(dtype="float32"),
+        tiny_train(steps=40, eval_every=20),
+        data,
+        out_dir=tmp_path / "run",
+    )
+    assert tr.model.initialized  # data-dependent init happened on construction
+    before = T.evaluate_bpd(tr.model, data.test)
+    res = tr.run()
+    assert res.steps == 40 and res.rejected_total == 0
+    assert res.heldout_bpd < before - 0.3, (before, res.heldout_bpd)
+    bpd = tr.metrics["train"]["bpd"]
+    assert np.mean(bpd[-10:]) < np.mean(bpd[:10]) - 0.3
+    for name in ("checkpoint.h5", "metrics.csv", "loss_curve.png", "samples.png", "config.json"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,epoch,bpd") and len(lines) == 41
+    assert lines[20].endswith(repr(tr.metrics["eval"]["bpd"][0]))  # held-out value at step 20
+    ck = read_checkpoint(tmp_path / "run" / "checkpoint.h5")
+    assert ck.train_state["step"] == 40
+    assert list(ck.metrics["eval"]["step"]) == [20.0, 40.0]
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    data = make_data()
+    full = T.Trainer(tiny_model(), tiny_train(steps=8), data, out_dir=tmp_path / "full")
+    full.run()
+    first = T.Trainer(tiny_model(), tiny_train(steps=5), data, out_dir=tmp_path / "part")
+    first.run()
+    resumed = T.Trainer.from_checkpoint(tmp_path / "part" / "checkpoint.h5", data, steps=8)
+    assert resumed.step == 5 and resumed.optimizer.t == 5
+    resumed.run()
+    a, b = full.metrics["train"], resumed.metrics["train"]
+    assert a["step"] == b["step"] == [float(s) for s in range(1, 9)]
+    assert a["bpd"] == b["bpd"]  # bit-identical losses, including the 3 steps after resuming
+    assert a["grad_norm"] == b["grad_norm"]
+    for k, p in full.model.params.items():
+        np.testing.assert_array_equal(resumed.model.params[k], p)
+        np.testing.assert_array_equal(resumed.optimizer.ema[k], full.optimizer.ema[k])
+    assert full.metrics["eval"]["bpd"][-1] == resumed.metrics["eval"]["bpd"][-1]
+    # the epoch boundary was crossed (96 images / 16 = 6 batches per epoch)
+    assert resumed.epoch == full.epoch == 1
+
+
+def test_non_finite_step_is_rejected_and_training_continues(tmp_path, monkeypatch):
+    tr = T.Trainer(tiny_model(), tiny_train(steps=6, eval_every=0), make_data())
+    messages = []
+    tr.log = messages.append
+    real_backward = tr.model.backward
+    snapshots = {}
+
+    def poisoned_backward(dz, dlogdet):
+        dx = real_backward(dz, dlogdet)
+        if tr.step == 2:  # the third step (0-based counter before increment)
+            snapshots["before"] = {k: p.copy() for k, p in tr.model.params.items()}
+            tr.model.grads["level0/step0/conv/weight"][0, 0, 0, 0] = np.nan
+        return dx
+
+    monkeypatch.setattr(tr.model, "backward", poisoned_backward)
+    res = tr.run()
+    assert res.rejected_total == 1 and res.steps == 6
+    assert tr.metrics["train"]["rejected"] == [0, 0, 1, 0, 0, 0]
+    assert tr.optimizer.t == 5  # one update skipped
+    assert any("step 3: REJECTED" in m and "non-finite gradient" in m for m in messages)
+    assert np.isfinite(res.heldout_bpd)
+    for p in tr.model.params.values():
+        assert np.isfinite(p).all()
+
+
+def test_rejected_step_keeps_the_last_good_parameters():
+    tr = T.Trainer(tiny_model(), tiny_train(), make_data())
+    x = tr.next_batch()
+    before = {k: p.copy() for k, p in tr.model.params.items()}
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    rec = tr.train_step(bad)
+    assert not rec["ok"] and "NaN" in rec["error"]
+    for k, p in tr.model.params.items():
+        np.testing.assert_array_equal(p, before[k])
+    assert tr.train_step(x)["ok"]  # no stale cache from the failed forward
+
+
+def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
+    tr = T.Trainer(
+        tiny_model(),
+        tiny_train(steps=20, max_bad_steps=3, eval_every=0),
+        make_data(),
+        out_dir=tmp_path,
+    )
+    tr.log = lambda m: None
+    good_steps = 2
+    real_loss = T.bpd_loss
+
+    def diverging_loss(z, logdet):
+        loss, dz, dld = real_loss(z, logdet)
+        return (loss if tr.step < good_steps else float("inf")), dz, dld
+
+    monkeypatch.setattr(T, "bpd_loss", diverging_loss)
+    with pytest.raises(T.TrainingDiverged, match="3 consecutive steps") as info:
+        tr.run()
+    assert "last good state saved" in str(info.value)
+    ck = read_checkpoint(tmp_path / "checkpoint.h5")
+    assert ck.train_state["step"] == 5 and ck.optimizer_state["t"] == 2
+    for k, p in tr.model.params.items():
+        np.testing.assert_array_equal(ck.model_state[f"params/{k}"], p)
+
+
+# ---------------------------------------------------------------------- the commands
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    data = make_data()
+    monkeypatch.setattr(T, "load_data", lambda spec, holdout=None: data)
+    return data
+
+
+TINY_ARGS = [
+    "--levels",
+    "2",
+    "--depth",
+    "1",
+    "--width",
+    "8",
+    "--batch-size",
+    "16",
+    "--init-batch-size",
+    "32",
+    "--eval-every",
+    "4",
+    "--eval-size",
+    "16",
+    "--no-progress",
+]
+
+
+def test_train_sample_evaluate_commands(tmp_path, fake_dataset, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "6", "--out", str(out), *TINY_ARGS]) == 0
+    text = capsys.readouterr().out
+    assert "held-out bits/dim" in text
+    ckpt = out / "checkpoint.h5"
+    for name in ("checkpoint.h5", "metrics.csv", "loss_curve.png", "samples.png"):
+        assert (out / name).exists()
+    assert (
+        cli.main(
+            [
+                "sample",
+                str(ckpt),
+                "-n",
+                "9",
+                "--out",
+                str(tmp_path / "s.png"),
+                "--npz",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (9, *SHAPE)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(ckpt), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    value = float(printed.split("bits/dim:")[1])
+    held = read_checkpoint(ckpt).metrics["eval"]["bpd"][-1]
+    assert value == pytest.approx(held, abs=5e-5)  # printed with 4 decimals; same weights+noise
+    # resume to 8 steps
+    assert cli.main(["train", "--resume", str(ckpt), "--steps", "8", "--no-progress"]) == 0
+    assert read_checkpoint(ckpt).train_state["step"] == 8
+
+
+def test_commands_exit_codes_on_bad_input(tmp_path, fake_dataset, capsys):
+    assert cli.main(["train", "--levels", "0", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "levels" in capsys.readouterr().err
+    assert cli.main(["train", "--levels", "4", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(tmp_path / "missing.h5")]) == 2
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    assert cli.main(["sample", str(tmp_path / "junk.h5")]) == 2
+    assert "cannot be opened as HDF5" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "2", "--out", str(out), *TINY_ARGS]) == 0
+    rc = cli.main(["train", "--resume", str(out / "checkpoint.h5"), "--width", "16"])
+    assert rc == 2 and "--width" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--conv", "5x5"])
+    assert exc.value.code == 2
+
+
+def test_train_command_diverged_exit_code(tmp_path, fake_dataset, monkeypatch, capsys):
+    monkeypatch.setattr(T, "bpd_loss", lambda z, ld: (float("nan"), z, ld))
+    rc = cli.main(
+        ["train", "--steps", "10", "--max-bad-steps", "2", "--out", str(tmp_path), *TINY_ARGS]
+    )
+    assert rc == 1
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in (
+        "--resume",
+        "--steps",
+        "--time-limit",
+        "--levels",
+        "--conv",
+        "--coupling",
+        "--ema-decay",
+        "--max-grad-norm",
+        "--max-bad-steps",
+        "--out",
+        "--dataset",
+    ):
+        assert opt in text, opt
