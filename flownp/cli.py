@@ -19,7 +19,28 @@ COMMANDS = {
     "sample": "flownp.commands.sample",
     "evaluate": "flownp.commands.evaluate",
     "verify": "flownp.commands.verify",
+    "export-reference": "flownp.commands.export_reference",
+    "check-reference": "flownp.commands.check_reference",
+    "bench": "flownp.commands.bench",
+    "reconstruct": "flownp.commands.reconstruct",
+    "interpolate": "flownp.commands.interpolate",
+    "manipulate": "flownp.commands.manipulate",
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the layout of each command's description (its module docstring) and appends
+    ``(default: X)`` to options whose default is meaningful and not already in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=mod.HELP,
             description=mod.__doc__,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

@@ -100,9 +100,9 @@ class FlowConfig:
     conv: str = "cinc"
     coupling: str = "affine"
     kernel_size: int = 3
-    scale: str = "sigmoid"
+    scale: str = "exp"
     dtype: str = "float32"
-    cinc_corner: str = "triangular"
+    cinc_corner: str = "lu"
     lu: bool = False
 
     def __post_init__(self) -> None:

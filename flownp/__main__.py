@@ -1,0 +1,7 @@
+"""``python -m flownp`` = the ``flownp`` command."""
+
+import sys
+
+from flownp.cli import main
+
+sys.exit(main())
