@@ -32,7 +32,9 @@ def test_mac_count_matches_hand_formula():
     """model_forward_macs against the architecture written out by hand (cifar-d4 shapes)."""
     from flownp.model import FlowConfig, FlowModel
 
-    cfg = FlowConfig((32, 32, 3), 3, 2, 8, "cinc", "quad", dtype="float32")
+    cfg = FlowConfig(
+        (32, 32, 3), 3, 2, 8, "cinc", "quad", cinc_corner="triangular", dtype="float32"
+    )
     model = FlowModel(cfg, seed=0)
     width, expected = 8, 0
     for l, (H, W, C) in enumerate(cfg.level_shapes()):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import flownp.kernels.conv as conv_module
-from flownp import cli
+from flownp import cli, threads
 from flownp.layers import CInCConv
 from verification import claims as V
 from verification import dense as D
@@ -99,19 +99,32 @@ def test_masked_kernel_uses_the_current_pixel_tap():
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    """Every claim of the Section 3.1 report, quick sizes, run once for this module."""
+    """Every claim of the sections cinc, layers and beyond, quick sizes, run once for this
+    module (one thread, as ``python -m verification`` runs them)."""
     out = tmp_path_factory.mktemp("report")
-    return out, V.run_claims(str(out), quick=True, verbose=False)
+    with threads.limit(1):
+        results = V.run_claims(str(out), quick=True, verbose=False)
+        results += V.run_layer_claims(str(out), quick=True, verbose=False)
+        results += V.run_beyond_claims(str(out), quick=True, verbose=False)
+    return out, results
 
 
 EXPECTED = [
+    # section cinc (paper Section 3.1)
     "lemma1",
     "theorem1",
     "general_c",
     "symmetric_counterexamples",
     "layer_vs_dense",
-    "layer_jacobians",
     "figure1",
+    # section layers
+    "layer_jacobians",
+    "layer_gradients",
+    "quad_structure",
+    "models",
+    # section beyond
+    "wavefront_depth",
+    "quad_official_reverse_bug",
 ]
 
 
@@ -144,10 +157,97 @@ def test_symmetric_counterexamples_are_singular(quick_results):
 
 
 def test_layer_factories_registry():
-    assert any(name.startswith("ActNorm") for name in V.LAYER_FACTORIES)
+    names = set(V.LAYER_FACTORIES)
     for corner in ("triangular", "unit", "lu"):
         for k in (1, 2, 3):
-            assert f"CInCConv(k={k}, corner={corner})" in V.LAYER_FACTORIES
+            assert f"CInCConv(k={k}, corner={corner})" in names
+    for k in (1, 3, 5):
+        assert f"EmergingConv(k={k})" in names
+    for cls in ("AffineCoupling", "QuadCoupling"):
+        for scale in ("sigmoid", "exp"):
+            assert f"{cls}(scale={scale})" in names
+    for name in ("ActNorm", "Conv1x1(lu=False)", "Conv1x1(lu=True)", "Squeeze", "Split"):
+        assert name in names
+    assert "LearnedPrior" in names and any("Conditioner" in n for n in V.GRADIENT_ONLY_FACTORIES)
+
+
+def test_every_layer_class_is_registered():
+    """Every flow layer class exported by flownp.layers appears in a registry."""
+    import flownp.layers as L
+
+    made = {}
+    rng = np.random.default_rng(0)
+    for name, make in {**V.LAYER_FACTORIES, **V.GRADIENT_ONLY_FACTORIES}.items():
+        layer, _ = make(rng)
+        inner = getattr(layer, "split", None) or getattr(layer, "net", None) or layer
+        made[type(inner).__name__] = name
+    assert set(L.__all__) - {"Layer"} <= set(made), set(L.__all__) - set(made)
+
+
+def test_model_claim_covers_every_conv_and_coupling(quick_results):
+    from flownp.model import CONVS, COUPLINGS
+
+    cases = {(c, cp) for c, cp, _ in V._model_cases(quick=False)}
+    assert cases >= {(c, cp) for c in CONVS for cp in COUPLINGS}
+    res = {r.name: r for r in quick_results[1]}["models"]
+    assert len(res.numbers) >= 2 and res.figures
+    assert all(r["grad arrays"] > 30 for r in res.numbers)  # every parameter array checked
+
+
+def test_figures_written(quick_results):
+    out, results = quick_results
+    for name in ("figure1.png", "model_jacobian.png", "quad_coupling_jacobian.png"):
+        assert (out / name).stat().st_size > 10_000
+    by = {r.name: r for r in results}
+    assert by["quad_structure"].figures and by["models"].figures
+
+
+def test_wavefront_depth_measures_the_dag():
+    """dependency_levels is a real measurement: a kernel whose only off-corner tap is the left
+    neighbour makes every row independent (depth W, level = column + 1); one with the upper
+    neighbour only gives depth H."""
+    H, W, C = 4, 6, 2
+    K = np.zeros((2, 2, C, C))
+    K[1, 1] = np.eye(C)
+    K[1, 0] = 1.0  # tap (1, 0): the pixel to the left
+    lev, slev = V.dependency_levels(D.conv_matrix(K, H, W, "top_left", "masked"), C)
+    assert lev.max() == W and np.array_equal(
+        lev.reshape(H, W), np.tile(np.arange(1, W + 1), (H, 1))
+    )
+    K[1, 0], K[0, 1] = 0.0, 1.0  # only the pixel above
+    lev, _ = V.dependency_levels(D.conv_matrix(K, H, W, "top_left", "masked"), C)
+    assert lev.max() == H
+    with pytest.raises(ValueError, match="not block lower triangular"):
+        V.dependency_levels(D.conv_matrix(np.ones((3, 3, 1, 1)), 3, 3, "same"), 1)
+
+
+def test_wavefront_claim_numbers(quick_results):
+    res = {r.name: r for r in quick_results[1]}["wavefront_depth"]
+    for r in res.numbers:
+        expect = r["H"] + r["W"] - 1 if r["k"] >= 2 else 1
+        assert r["pixel DAG depth"] == expect and r["one-channel depth"] == expect * r["C"]
+
+
+def test_quad_bug_claim_fails_if_the_reverse_were_correct(monkeypatch):
+    """The reproduction is only a reproduction if it differs: with the correct inverse in
+    place of the official reverse, the claim must fail."""
+    from flownp.layers import QuadCoupling
+
+    monkeypatch.setattr(QuadCoupling, "inverse_official_bug", QuadCoupling.inverse)
+    res = V.claim_quad_official_bug(verbose=False)
+    assert not res.passed
+    assert max(r["official reverse: max |reverse(y) - x|"] for r in res.numbers) < 1e-10
+
+
+def test_quad_bug_numbers(quick_results):
+    res = {r.name: r for r in quick_results[1]}["quad_official_reverse_bug"]
+    for r in res.numbers:
+        assert (
+            r["flownp inverse: max |inverse(y) - x|"]
+            < 1e-10
+            < 0.1
+            < r["official reverse: max |reverse(y) - x|"]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +292,42 @@ def test_wrong_logdet_fails():
         return OffByOne(2, 2, seed=1), rng.standard_normal((1, 2, 3, 2))
 
     res = V.claim_layer_jacobians(verbose=False, factories={"bad": make})
-    assert not res.passed and res.numbers[0]["|difference|"] > 1e-3
+    assert not res.passed and res.numbers[0]["max |logdet - slogdet(J)|"] > 1e-3
+
+
+def test_wrong_backward_fails_gradient_claim():
+    """An ActNorm whose backward forgets the dlogdet term of d/dlogs."""
+    from flownp.layers import ActNorm
+
+    class NoLogdetGrad(ActNorm):
+        def backward(self, dy, dlogdet):
+            return super().backward(dy, np.zeros_like(dlogdet))
+
+    def make(rng):
+        layer = NoLogdetGrad(2)
+        x = rng.standard_normal((2, 2, 3, 2))
+        layer.forward(x)
+        layer.clear_cache()
+        return layer, x
+
+    res = V.claim_layer_gradients(verbose=False, factories={"bad": make})
+    assert not res.passed and res.numbers[0]["worst array"] == "logs"
+
+
+def test_wrong_model_logdet_fails_model_claim(monkeypatch):
+    """A top prior that adds 1e-3 to the log-det: the whole-model check must fail."""
+    from flownp.layers.split import LearnedPrior
+
+    good = LearnedPrior.forward
+
+    def bad(self, z):
+        eps, logdet = good(self, z)
+        return eps, logdet + 1e-3
+
+    monkeypatch.setattr(LearnedPrior, "forward", bad)
+    monkeypatch.setattr(V, "_model_cases", lambda quick: [("cinc", "affine", {})])
+    res = V.claim_models(verbose=False, out_dir=None)
+    assert not res.passed and res.numbers[0]["max |logdet - slogdet(J)|"] > 9e-4
 
 
 def test_wrong_dense_builder_fails_lemma1(monkeypatch):

@@ -7,6 +7,9 @@ entry coloured by the spatial tap it comes from (the paper's convention: same co
 spatial location, whatever the channels):
 
 (a) symmetric ("same") padding, (b) top-left padding, (c) top-left padding, masked corner.
+
+Also: :func:`model_jacobian_figure` (the Jacobian of a whole tiny model) and
+:func:`quad_jacobian_figure` (the block-triangular Jacobian of the quad coupling).
 """
 
 from __future__ import annotations
@@ -121,3 +124,71 @@ def figure1(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Jacobians of a whole tiny model and of the quad coupling
+# --------------------------------------------------------------------------------------------
+
+
+def _log_abs_image(ax, J: np.ndarray, floor: float = 1e-8):
+    """``log10 |J|`` with exact zeros white; returns the image handle (for a colour bar)."""
+    A = np.abs(J)
+    img = np.ma.masked_where(A == 0, np.log10(np.maximum(A, floor)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    return ax.imshow(img, cmap=cmap, interpolation="nearest")
+
+
+def model_jacobian_figure(J: np.ndarray, model, path: str, title: str = "") -> str:
+    """``log10 |dz/dx|`` of one sample of a tiny :class:`~flownp.model.FlowModel`: columns in
+    the paper's vectorisation of the image (row, column, channel), rows in the latent order
+    (split-off pieces level 0 first, top latent last), pieces separated by red lines."""
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    im = _log_abs_image(ax, J)
+    start = 0
+    for l, (h, w, c) in enumerate(model.latent_shapes()):
+        size = h * w * c
+        last = l == len(model.latent_shapes()) - 1
+        name = "top latent" if last else f"split level {l}"
+        ax.text(
+            J.shape[1] + 0.5, start + size / 2, f"{name}\n({h}x{w}x{c})", va="center", fontsize=8
+        )
+        start += size
+        if not last:
+            ax.axhline(start - 0.5, color="red", lw=0.8)
+    ax.set_xlabel("input index  c + C j + C W i  (paper's vectorisation of x)")
+    ax.set_ylabel("latent index (z = concat of the standardised pieces)")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.2, label="log10 |dz/dx| (white: exactly 0)")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def quad_jacobian_figure(J: np.ndarray, Jb: np.ndarray, nb: int, path: str) -> str:
+    """The quad coupling's Jacobian in the paper's (pixel, channel) order and permuted to
+    (channel block, pixel, channel in block) order, where it is block lower triangular with
+    diagonal blocks ``I, diag(s_1), diag(s_2), diag(s_3)``."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    _log_abs_image(axes[0], J)
+    axes[0].set_title("dy/dx, paper order (pixel, channel)", fontsize=10)
+    im = _log_abs_image(axes[1], Jb)
+    for b in range(1, 4):
+        for line in (axes[1].axhline, axes[1].axvline):
+            line(b * nb - 0.5, color="red", lw=0.8)
+    axes[1].set_title(
+        "block order (x_1 | x_2 | x_3 | x_4): block lower triangular,\n"
+        "diagonal blocks I, diag(s_1), diag(s_2), diag(s_3)",
+        fontsize=10,
+    )
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, fraction=0.03, label="log10 |J| (white: exactly 0)")
+    fig.suptitle("Quad coupling (paper Eq. 3-6), 2x2 image, 8 channels")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

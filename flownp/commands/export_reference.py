@@ -1,0 +1,57 @@
+"""Write the reference vectors for ports (docs/reference-vectors.md): two small fixed float64
+models (CInC + quad coupling; 1x1 LU + Emerging + affine coupling), their weights, an input
+batch, every layer's output and log-det, the latent, the bits/dim loss, every parameter
+gradient, two inverses and the weights after 3 Adam steps, in one HDF5 file.
+
+With --replay REF.h5 the vectors are recomputed from the weights and inputs *stored in REF.h5*
+(a fresh model with another seed, the file's parameters loaded), optionally in float32: this is
+what a port does, and the output is a port file for ``flownp check-reference``.
+
+Examples:
+  flownp export-reference verification/data/reference_vectors.h5   # regenerate the committed file
+  flownp export-reference port32.h5 --replay verification/data/reference_vectors.h5 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "write the reference vectors (weights, inputs, every intermediate) for ports"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output HDF5 file")
+    parser.add_argument(
+        "--replay",
+        metavar="REF.h5",
+        help="recompute from the weights and inputs stored in this reference file",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="dtype of the replay (--replay only)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from verification import reference as R
+
+    if args.replay:
+        if not os.path.exists(args.replay):
+            print(f"flownp export-reference: error: no such file {args.replay}")
+            return 2
+        vectors = R.replay(args.replay, args.dtype)
+    else:
+        if args.dtype != "float64":
+            print(
+                "flownp export-reference: error: --dtype needs --replay (the reference is float64)"
+            )
+            return 2
+        vectors = R.generate()
+    path = R.write(args.out, vectors)
+    n = sum(len(v) for v in vectors.values())
+    size = os.path.getsize(path)
+    print(f"wrote {path}: {len(vectors)} models, {n} tensors, {size / 1024:.0f} KiB")
+    return 0

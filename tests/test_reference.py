@@ -1,0 +1,137 @@
+"""Reference vectors for ports: the committed file is what flownp computes today, it is
+self-contained (a model built from its weights alone reproduces it), and the checker flags
+a wrong, missing or misshapen tensor."""
+
+from __future__ import annotations
+
+import copy
+
+import h5py
+import numpy as np
+import pytest
+
+from flownp import cli
+from flownp.model import FlowConfig, FlowModel
+from verification import reference as R
+
+
+@pytest.fixture(scope="module")
+def committed():
+    assert R.DEFAULT_PATH.exists(), "regenerate with: flownp export-reference " + str(
+        R.DEFAULT_PATH
+    )
+    return R.read(R.DEFAULT_PATH)
+
+
+@pytest.fixture(scope="module")
+def regenerated():
+    return R.generate()
+
+
+def test_regenerated_vectors_match_the_committed_file(committed, regenerated):
+    """A behaviour change anywhere in the model, the loss or Adam shows up here."""
+    assert set(regenerated) == set(committed) == set(R.REFERENCE_MODELS)
+    for name in committed:
+        assert set(regenerated[name]) == set(committed[name]), name
+    rows = R.compare(regenerated, committed)
+    assert len(rows) > 400
+    assert not R.failed(rows), "\n".join(str(r) for r in R.failed(rows)[:10])
+    # the inputs (weights, x, sample z) are compared too, at the same tolerance
+    for name in committed:
+        for path, a in committed[name].items():
+            if R.is_input(path):
+                b = regenerated[name][path]
+                assert a.shape == b.shape and a.dtype == b.dtype, path
+                assert np.allclose(a, b, rtol=R.RTOL, atol=R.ATOL), path
+
+
+def test_the_file_is_self_contained(committed):
+    """A fresh model (another seed) with the file's weights loaded reproduces every tensor:
+    the file is all a port needs."""
+    rows = R.compare(R.replay(R.DEFAULT_PATH), committed)
+    assert not R.failed(rows), "\n".join(str(r) for r in R.failed(rows)[:10])
+
+
+def test_layout_is_the_documented_one(committed):
+    """Paths are the checkpoint paths, z is the documented concatenation, the logdets add up,
+    and every layer kind is present."""
+    for name, (config, seed, _) in R.REFERENCE_MODELS.items():
+        v = committed[name]
+        model = FlowModel(config, seed=seed)
+        assert {k[len("model/") :] for k in v if k.startswith("model/")} == set(model.state_dict())
+        assert {k[len("grads/params/") :] for k in v if k.startswith("grads/params/")} == set(
+            model.params
+        )
+        assert {k[len("adam/params/") :] for k in v if k.startswith("adam/params/")} == set(
+            model.params
+        )
+        N = v["input/x"].shape[0]
+        pieces = [v[f"forward/level{l}/split/eps"] for l in range(config.levels - 1)]
+        pieces.append(v["forward/prior/output"])
+        assert np.array_equal(np.concatenate([p.reshape(N, -1) for p in pieces], 1), v["latent/z"])
+        logdets = sum(a for k, a in v.items() if k.startswith("forward/") and k.endswith("logdet"))
+        assert np.allclose(logdets, v["latent/logdet"], rtol=1e-12, atol=1e-12)
+        assert np.allclose(v["inverse/x"], v["input/x"], atol=1e-12)
+        assert (
+            v["adam/loss"].shape == (R.ADAM_STEPS + 1,) and v["adam/loss"][-1] < v["adam/loss"][0]
+        )
+    kinds = {k.split("/")[3] for name in committed for k in committed[name] if "/step" in k}
+    assert {"actnorm", "conv", "conv1x1", "coupling"} <= kinds
+    with h5py.File(R.DEFAULT_PATH, "r") as f:
+        assert f.attrs["format"] == R.FORMAT and f.attrs["format_version"] == R.FORMAT_VERSION
+        assert FlowConfig.from_json(f["cinc_quad"].attrs["config"]).coupling == "quad"
+        assert f["cinc_quad/latent/z"].dtype == np.float64
+    assert R.DEFAULT_PATH.stat().st_size < 1_100_000
+
+
+def test_checker_flags_a_perturbed_tensor(committed, tmp_path, capsys):
+    port = copy.deepcopy(committed)
+    target = "forward/level0/step0/conv/output"
+    port["cinc_quad"][target][0, 1, 2, 3] += 1e-6
+    path = R.write(tmp_path / "port.h5", port)
+    assert cli.main(["check-reference", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    bad = [ln for ln in lines if ln.endswith("NOT OK")]
+    assert len(bad) == 1 and bad[0].startswith(f"cinc_quad/{target} ")
+    assert "1.000e-06" in bad[0]
+    n_ok = sum(ln.endswith(" OK") and not ln.endswith("NOT OK") for ln in lines)
+    assert n_ok == len(R.compare(committed, committed)) - 1
+
+
+def test_checker_passes_an_exact_copy_and_reports_every_tensor(committed, tmp_path, capsys):
+    path = R.write(tmp_path / "port.h5", committed)
+    assert cli.main(["check-reference", str(path), "--reference", str(R.DEFAULT_PATH)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = len(R.compare(committed, committed))
+    assert len(out) == n + 1 and out[-1].startswith(f"{n}/{n} tensors OK")
+
+
+def test_checker_missing_shape_and_nan(committed):
+    port = copy.deepcopy(committed)
+    del port["emerging_affine"]["latent/z"]
+    port["cinc_quad"]["loss/dz"] = port["cinc_quad"]["loss/dz"][:1]
+    port["cinc_quad"]["sample/x"] = np.full_like(port["cinc_quad"]["sample/x"], np.nan)
+    rows = {r.name: r.status for r in R.compare(port, committed)}
+    assert rows["emerging_affine/latent/z"] == "MISSING"
+    assert rows["cinc_quad/loss/dz"].startswith("NOT OK (shape")
+    assert rows["cinc_quad/sample/x"] == "NOT OK"
+    relaxed = {r.name: r.status for r in R.compare(port, committed, allow_missing=True)}
+    assert relaxed["emerging_affine/latent/z"] == "SKIPPED"
+    assert len(R.failed(R.compare(port, committed, allow_missing=True))) == 2
+
+
+def test_float32_replay_needs_float32_tolerances(tmp_path):
+    """flownp in float32 from the same weights: NOT OK at the float64 defaults, OK at the
+    float32 tolerances the docs suggest."""
+    port = R.replay(R.DEFAULT_PATH, "float32")
+    ref = R.read(R.DEFAULT_PATH)
+    assert len(R.failed(R.compare(port, ref))) > 100
+    assert not R.failed(R.compare(port, ref, rtol=1e-4, atol=1e-5))
+
+
+def test_export_command_writes_a_checkable_file(tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    assert cli.main(["export-reference", str(out)]) == 0
+    assert cli.main(["check-reference", str(out)]) == 0
+    assert cli.main(["export-reference", str(tmp_path / "x.h5"), "--dtype", "float32"]) == 2
+    assert "needs --replay" in capsys.readouterr().out

@@ -1,0 +1,394 @@
+r"""Reference vectors for ports: every intermediate tensor of two small fixed float64 models.
+
+A port (PyTorch, JAX, C, ...) loads the weights and the input batch from the file, runs the
+same computation and saves what it gets under the same paths; :func:`check_reference`
+(``flownp check-reference PORT.h5``) then prints one line per tensor with the largest
+absolute difference and OK/NOT OK. The layout of the file (every path, shape and dtype) is in
+``docs/reference-vectors.md``; the porting guide is ``docs/porting.md``.
+
+The models (:data:`REFERENCE_MODELS`), chosen so that together they contain every layer kind::
+
+    cinc_quad        8x8x2 image, 2 levels x 2 steps, width 4: squeeze, actnorm,
+                     CInCConv(k=3, triangular corner), QuadCoupling(sigmoid scale),
+                     split prior, top prior
+    emerging_affine  8x8x2 image, 2 levels x 2 steps, width 4: squeeze, actnorm,
+                     Conv1x1(LU) + EmergingConv(k=3), AffineCoupling(exp scale),
+                     split prior, top prior
+
+How each model is made (only needed to *regenerate* the file; a port reads the weights)::
+
+    rng    = np.random.default_rng(data_seed)
+    model  = FlowModel(config, seed=model_seed)
+    model.initialize(rng.uniform(-0.5, 0.5, (8, H, W, C)))     # actnorm data-dependent init
+    randomize_params(model, rng, 0.03)                         # no layer is the identity
+    x      = rng.uniform(-0.5, 0.5, (2, H, W, C))              # input/x
+    z_s    = 0.7 * rng.standard_normal((2, H W C))             # sample/z
+
+What is computed from the weights and ``x``, in this order (:func:`compute`)::
+
+    forward/<node>/...   every layer's output and per-sample logdet, in forward order
+    latent/z, logdet     z, logdet = model.forward(x)
+    loss/...             bpd = mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2),
+                         its upstream gradients dz, dlogdet
+    grads/...            model.backward(dz, dlogdet): every parameter gradient and dx
+    inverse/x            model.inverse(z)             (round trip)
+    sample/x             model.inverse(sample/z)      (a latent that is not a round trip)
+    adam/...             3 steps of flownp.optim.Adam(lr=1e-3, betas=(0.9, 0.999),
+                         eps=1e-8), each a fresh forward + backward on x: the loss after
+                         0, 1, 2 and 3 steps, and every parameter after the third
+
+:func:`replay` does the same from the weights *in a file* (a fresh model, a different seed, the
+file's parameters and buffers loaded), in float64 or float32: that is exactly what a port does,
+and ``flownp export-reference OUT.h5 --replay REF.h5 --dtype float32`` writes it in the port
+format.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from flownp import threads
+from flownp.layers.split import Split
+from flownp.model import FlowConfig, FlowModel, FlowStep
+from flownp.optim import Adam
+from flownp.testing import randomize_params
+from flownp.train import bits_per_dim, bpd_loss
+
+FORMAT = "flownp-reference"
+FORMAT_VERSION = 1
+
+#: The committed reference file (regenerate with ``flownp export-reference``).
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "reference_vectors.h5"
+
+_COMMON = dict(image_shape=(8, 8, 2), levels=2, depth=2, width=4, kernel_size=3, dtype="float64")
+
+#: name -> (config, model_seed, data_seed)
+REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
+    "cinc_quad": (
+        FlowConfig(
+            conv="cinc", cinc_corner="triangular", coupling="quad", scale="sigmoid", **_COMMON
+        ),
+        11,
+        12,
+    ),
+    "emerging_affine": (
+        FlowConfig(
+            conv="1x1+emerging",
+            lu=True,
+            coupling="affine",
+            scale="exp",
+            cinc_corner="triangular",  # unused by this model; fixed so the config never drifts
+            **_COMMON,
+        ),
+        21,
+        22,
+    ),
+}
+
+BATCH = 2
+INIT_BATCH = 8
+NOISE = 0.03
+SAMPLE_STD = 0.7
+ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+ADAM_STEPS = 3
+
+#: Paths (relative to a model group) that are *inputs* of a port, not compared by the checker.
+INPUT_PREFIXES = ("model/", "input/", "sample/z")
+
+#: Default tolerance of the checker: a tensor is OK when
+#: ``max |port - ref| <= ATOL + RTOL * max |ref|`` (float64 ports; see docs/reference-vectors.md).
+RTOL = 1e-8
+ATOL = 1e-10
+
+
+# ---------------------------------------------------------------------- building the models
+def build(name: str) -> tuple[FlowModel, dict[str, np.ndarray]]:
+    """The reference model ``name`` and its inputs ``{"input/x", "sample/z"}`` (module
+    docstring: how they are made)."""
+    config, model_seed, data_seed = REFERENCE_MODELS[name]
+    H, W, C = config.image_shape
+    rng = np.random.default_rng(data_seed)
+    model = FlowModel(config, seed=model_seed)
+    model.initialize(rng.uniform(-0.5, 0.5, (INIT_BATCH, H, W, C)))
+    randomize_params(model, rng, NOISE)
+    x = rng.uniform(-0.5, 0.5, (BATCH, H, W, C))
+    z_s = SAMPLE_STD * rng.standard_normal((BATCH, H * W * C))
+    return model, {"input/x": x, "sample/z": z_s}
+
+
+# ---------------------------------------------------------------------- the computation
+def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every node's output and log-det, keyed ``forward/<path>/...``, by running the nodes of
+    :attr:`FlowModel.flow` one by one (steps layer by layer), exactly as ``model.forward``
+    composes them. Caches are cleared afterwards."""
+    out: dict[str, np.ndarray] = {}
+    h = x
+    for path, layer in model.flow:
+        if isinstance(layer, Split):
+            h, eps, ld = layer.forward(h)
+            out[f"forward/{path}/h"] = h
+            out[f"forward/{path}/eps"] = eps
+            out[f"forward/{path}/logdet"] = ld
+        elif isinstance(layer, FlowStep):
+            for name, sub in layer._layers.items():  # actnorm, conv (conv1x1, conv), coupling
+                h, ld = sub.forward(h)
+                out[f"forward/{path}/{name}/output"] = h
+                out[f"forward/{path}/{name}/logdet"] = ld
+        else:  # squeeze
+            h, ld = layer.forward(h)
+            out[f"forward/{path}/output"] = h
+            out[f"forward/{path}/logdet"] = ld
+    eps, ld = model.prior.forward(h)
+    out["forward/prior/output"] = eps
+    out["forward/prior/logdet"] = ld
+    model.clear_cache()
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def compute(model: FlowModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Everything a port is compared on, from a ready model (weights set) and its inputs.
+
+    Returns ``{path: array}`` with the paths of ``docs/reference-vectors.md`` (the weights and
+    inputs included, as they were *before* the Adam steps). ``model``'s parameters are left
+    as they are after the Adam steps.
+    """
+    dt = model.dtype
+    x = np.ascontiguousarray(inputs["input/x"], dtype=dt)
+    z_s = np.ascontiguousarray(inputs["sample/z"], dtype=dt)
+    out: dict[str, np.ndarray] = {}
+    out.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    out["input/x"] = x.copy()
+    out["sample/z"] = z_s.copy()
+    with threads.limit(1):  # one BLAS/Numba thread: bitwise reproducible on a given machine
+        out.update(forward_intermediates(model, x))
+        losses = []
+        for step in range(ADAM_STEPS + 1):
+            model.zero_grad()
+            z, logdet = model.forward(x)
+            loss, dz, dlogdet = bpd_loss(z, logdet)
+            losses.append(loss)
+            if step == ADAM_STEPS:
+                model.clear_cache()
+                break
+            dx = model.backward(dz, dlogdet)
+            if step == 0:
+                out["latent/z"] = z.copy()
+                out["latent/logdet"] = np.asarray(logdet).copy()
+                out["loss/bpd"] = np.asarray(loss, dtype=np.float64)
+                out["loss/bpd_per_sample"] = bits_per_dim(z, logdet)
+                out["loss/dz"] = np.asarray(dz).copy()
+                out["loss/dlogdet"] = np.asarray(dlogdet).copy()
+                out["grads/x"] = dx.copy()
+                out.update({f"grads/params/{k}": g.copy() for k, g in model.grads.items()})
+                out["inverse/x"] = model.inverse(z)
+                out["sample/x"] = model.inverse(z_s)
+                opt = Adam(model.params, **ADAM)
+            opt.step(model.grads)
+        out["adam/loss"] = np.asarray(losses, dtype=np.float64)  # after 0, 1, 2, 3 steps
+        out.update({f"adam/params/{k}": p.copy() for k, p in model.params.items()})
+    return out
+
+
+def generate(names: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The reference vectors of the models ``names`` (default: all), computed from scratch."""
+    res = {}
+    with threads.limit(1):
+        for name in names or REFERENCE_MODELS:
+            model, inputs = build(name)
+            res[name] = compute(model, inputs)
+    return res
+
+
+def replay(
+    ref_path: str | os.PathLike = DEFAULT_PATH, dtype: str = "float64"
+) -> dict[str, dict[str, np.ndarray]]:
+    """What a port does: for every model in the file, a fresh :class:`FlowModel` of the file's
+    configuration (in ``dtype``, another seed), its parameters and buffers loaded from
+    ``model/``, then :func:`compute` on the file's inputs."""
+    res = {}
+    with h5py.File(ref_path, "r") as f:
+        _check_format(f, ref_path)
+        for name in json.loads(f.attrs["models"]):
+            g = f[name]
+            cfg = FlowConfig.from_dict({**json.loads(g.attrs["config"]), "dtype": dtype})
+            model = FlowModel(cfg, seed=987654)  # the seed must not matter
+            state = {
+                f"{kind}/{p}": a
+                for kind in ("params", "buffers")
+                for p, a in _datasets(g["model"][kind]).items()
+            }
+            model.load_state_dict(state)
+            inputs = {"input/x": g["input/x"][()], "sample/z": g["sample/z"][()]}
+            res[name] = compute(model, inputs)
+    return res
+
+
+# ---------------------------------------------------------------------- the file
+def write(path: str | os.PathLike, vectors: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Write ``{model: {path: array}}`` to ``path`` (layout: docs/reference-vectors.md)."""
+    from flownp import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # libver="latest": compact object headers (the file has ~800 small datasets)
+    with h5py.File(tmp, "w", libver="latest") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["flownp_version"] = __version__
+        f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        f.attrs["models"] = json.dumps(list(vectors))
+        f.attrs["adam"] = json.dumps({**ADAM, "steps": ADAM_STEPS})
+        f.attrs["loss"] = "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2)"
+        for name, arrays in vectors.items():
+            g = f.create_group(name)
+            if name in REFERENCE_MODELS:
+                config, model_seed, data_seed = REFERENCE_MODELS[name]
+                g.attrs["config"] = json.dumps(
+                    {**config.to_dict(), "dtype": str(arrays["input/x"].dtype)}, sort_keys=True
+                )
+                g.attrs["model_seed"] = model_seed
+                g.attrs["data_seed"] = data_seed
+            for key in sorted(arrays):
+                a = np.asarray(arrays[key])
+                # small arrays live in the object header (no separate chunk)
+                kw = {}
+                if 0 < a.nbytes < 32_000:
+                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                    dcpl.set_layout(h5py.h5d.COMPACT)
+                    kw["dcpl"] = dcpl
+                g.create_dataset(key, data=a, **kw)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_format(f: h5py.File, path: Any) -> None:
+    if f.attrs.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a flownp reference-vector file (attribute format)")
+    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {f.attrs['format_version']} is newer than {FORMAT_VERSION}"
+        )
+
+
+def _datasets(group: h5py.Group) -> dict[str, np.ndarray]:
+    """Every dataset below ``group``, keyed by its path relative to the group."""
+    out: dict[str, np.ndarray] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = obj[()]
+
+    group.visititems(visit)
+    return out
+
+
+def read(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """``{model: {path: array}}`` from a reference (or port) file written in this layout.
+    Port files need no attributes; every dataset under a top-level group is read."""
+    res: dict[str, dict[str, np.ndarray]] = {}
+    with h5py.File(path, "r") as f:
+        for name, g in f.items():
+            if not isinstance(g, h5py.Group):
+                continue
+            arrays = _datasets(g)
+            res[name] = arrays
+    return res
+
+
+# ---------------------------------------------------------------------- the checker
+def is_input(path: str) -> bool:
+    """True for the paths a port reads (weights, inputs) rather than computes."""
+    return path.startswith(INPUT_PREFIXES)
+
+
+@dataclass
+class CheckRow:
+    """One compared tensor: ``status`` is ``OK``, ``NOT OK``, ``MISSING`` or ``SKIPPED``."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    tolerance: float
+    status: str
+
+    def __str__(self) -> str:
+        d = "-" if np.isnan(self.max_abs_diff) else f"{self.max_abs_diff:.3e}"
+        return f"{self.name:<60s} {d:>10s}  (tol {self.tolerance:.1e})  {self.status}"
+
+
+def compare(
+    port: dict[str, dict[str, np.ndarray]],
+    ref: dict[str, dict[str, np.ndarray]],
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    allow_missing: bool = False,
+) -> list[CheckRow]:
+    """Compare every computed tensor of ``ref`` (not the inputs) with ``port``.
+
+    A tensor is OK when its shape matches and ``max |port - ref| <= atol + rtol * max |ref|``
+    (NaN/Inf in the port are NOT OK). A tensor absent from the port is ``MISSING`` (counts as
+    a failure) or, with ``allow_missing``, ``SKIPPED``.
+    """
+    rows = []
+    for model, arrays in ref.items():
+        for path in sorted(arrays):
+            if is_input(path):
+                continue
+            r = np.asarray(arrays[path], dtype=np.float64)
+            name = f"{model}/{path}"
+            tol = atol + rtol * (float(np.abs(r).max()) if r.size else 0.0)
+            p = port.get(model, {}).get(path)
+            if p is None:
+                status = "SKIPPED" if allow_missing else "MISSING"
+                rows.append(CheckRow(name, r.shape, float("nan"), tol, status))
+                continue
+            p = np.asarray(p, dtype=np.float64)
+            if p.shape != r.shape:
+                rows.append(CheckRow(name, r.shape, float("inf"), tol, f"NOT OK (shape {p.shape})"))
+                continue
+            d = float(np.abs(p - r).max()) if r.size else 0.0
+            ok = bool(np.isfinite(p).all()) and d <= tol
+            rows.append(CheckRow(name, r.shape, d, tol, "OK" if ok else "NOT OK"))
+    return rows
+
+
+def failed(rows: list[CheckRow]) -> list[CheckRow]:
+    """Rows that make the check fail (``NOT OK`` or ``MISSING``)."""
+    return [r for r in rows if r.status not in ("OK", "SKIPPED")]
+
+
+def check_reference(
+    port_path: str | os.PathLike,
+    ref_path: str | os.PathLike = DEFAULT_PATH,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    allow_missing: bool = False,
+    print_fn=print,
+) -> int:
+    """Print one line per tensor (name, max abs difference, tolerance, OK/NOT OK) and a
+    summary; return 0 if every tensor is OK (or skipped), else 1."""
+    with h5py.File(ref_path, "r") as f:
+        _check_format(f, ref_path)
+    rows = compare(read(port_path), read(ref_path), rtol, atol, allow_missing)
+    for r in rows:
+        print_fn(str(r))
+    bad = failed(rows)
+    n_ok = sum(r.status == "OK" for r in rows)
+    n_skip = sum(r.status == "SKIPPED" for r in rows)
+    print_fn(
+        f"{n_ok}/{len(rows)} tensors OK, {len(bad)} NOT OK or missing, {n_skip} skipped "
+        f"(tolerance: max|diff| <= {atol:g} + {rtol:g} max|ref|; reference {ref_path})"
+    )
+    return 1 if bad else 0
