@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+import flownp.threads  # noqa: F401  (first: idle-thread env defaults, before NumPy loads)
 from flownp.errors import FlownpError
 
 # name -> module; the order is the order of ``flownp --help``.

@@ -47,29 +47,6 @@ def test_mac_count_matches_hand_formula():
     assert bench.model_forward_macs(model) == expected
 
 
-def test_recompute_backward_equals_stored(rng):
-    """The memory-saving backward (inverse recomputation) gives the stored-activation gradients."""
-    from flownp.model import FlowConfig
-    from flownp.train import bpd_loss
-
-    cfg = FlowConfig((8, 8, 1), 2, 2, 8, "cinc", "affine", dtype="float64")
-    m = bench._init_model(cfg, n=4)
-    for p in m.params.values():
-        p += 0.05 * rng.standard_normal(p.shape)
-    x = rng.random((3, 8, 8, 1)) - 0.5
-    m.zero_grad()
-    z, ld = m.forward(x)
-    loss, dz, dld = bpd_loss(z, ld)
-    m.backward(dz, dld)
-    ref = {k: v.copy() for k, v in m.grads.items()}
-    m.zero_grad()
-    loss2 = bench.backward_by_recompute(m, x)
-    assert loss2 == loss
-    scale = max(np.abs(v).max() for v in ref.values())
-    for k, v in ref.items():
-        assert np.abs(m.grads[k] - v).max() <= 1e-9 * scale, k
-
-
 def test_fused_actnorm_relu_matches_numpy_and_its_gradient(rng):
     """The fused conditioner kernels (flownp.kernels.conv_same) against NumPy, and their
     backward against central differences of L = sum(r * dr)."""
@@ -109,12 +86,16 @@ def test_numba_kernels_are_bitwise_identical_for_any_thread_count(rng):
 
     from flownp import threads
     from flownp.kernels import conv as K_
+    from flownp.kernels.conv_same import actnorm_relu_backward
 
     x = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
     dy = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
     K = (0.1 * rng.standard_normal((3, 3, 12, 12))).astype(np.float32)
     L = (np.tril(0.1 * rng.standard_normal((12, 12)), -1) + np.eye(12)).astype(np.float32)
     U, perm = np.eye(12, dtype=np.float32), np.arange(12)
+
+    big = rng.standard_normal((3000, 7)).astype(np.float32)  # > 1 chunk of rows
+    logs = (0.1 * rng.standard_normal(7)).astype(np.float32)
 
     def run():
         return [
@@ -123,6 +104,7 @@ def test_numba_kernels_are_bitwise_identical_for_any_thread_count(rng):
             K_.conv_backward_kernel(x, dy, 3),
             K_.solve_raster(dy, K, L, U, perm),
             K_.solve_wavefront(dy, K, L, U, perm),
+            *actnorm_relu_backward(big[::-1].copy(), np.maximum(big, 0), logs),
         ]
 
     threads.configure()

@@ -173,6 +173,7 @@ SOLVERS = {
     "reference": K_.solve_reference,
     "raster": K_.solve_raster,
     "wavefront": K_.solve_wavefront,
+    "auto": K_.solve_auto,
     "pixelwise-raster": lambda *a: K_.solve_pixelwise(*a, order="raster"),
     "pixelwise-wavefront": lambda *a: K_.solve_pixelwise(*a, order="wavefront"),
 }
@@ -214,6 +215,24 @@ def test_solvers_ignore_the_corner_tap_of_K(rng):
     K[2, 2] = 1e6
     for name, fn in SOLVERS.items():
         np.testing.assert_array_equal(fn(y, K, L, U, perm), x1[name], err_msg=name)
+
+
+def test_solve_auto_schedule_and_bitwise_equality(rng):
+    """``solve_auto`` picks raster when the batch's blocks of 8 samples share out evenly (or
+    give >= 2 per thread), else the wavefront; both schedules give the same bits."""
+    assert K_.solve_schedule(100, 2) == "raster"  # 13 blocks, >= 2 per thread
+    assert K_.solve_schedule(16, 2) == "raster"  # 2 blocks, one each
+    assert K_.solve_schedule(24, 2) == "wavefront"  # 3 blocks: 2 + 1
+    assert K_.solve_schedule(8, 2) == "wavefront"  # 1 block, one idle thread
+    assert K_.solve_schedule(8, 1) == "raster"
+    C = 5
+    K = _kernel(rng, 3, C, C, np.float32)
+    L, U, perm = _factors(rng, C, "plu", np.float32)
+    for N in (3, 24, 40):
+        y = rng.standard_normal((N, 6, 7, C)).astype(np.float32)
+        x = K_.solve_auto(y, K, L, U, perm)
+        np.testing.assert_array_equal(x, K_.solve_raster(y, K, L, U, perm))
+        np.testing.assert_array_equal(x, K_.solve_wavefront(y, K, L, U, perm))
 
 
 def test_kernels_without_jit_match_compiled(tmp_path):

@@ -619,6 +619,34 @@ def solve_wavefront(
     return _solve(_solve_wavefront_nb, y, K, L, U, perm)
 
 
+def solve_schedule(n: int, threads: int | None = None) -> str:
+    """The schedule :func:`solve_auto` uses for a batch of ``n`` on ``threads`` Numba threads
+    (default: the current count): ``"raster"`` when the batch alone gives every thread the
+    same work (blocks of 8 samples a multiple of the thread count) or at least two blocks
+    each (imbalance <= 1/4 of a thread's work), else ``"wavefront"``.
+
+    Measured (``docs/performance.md``): the raster schedule has no barriers, so with enough
+    blocks it beats the wavefront (H + W - 1 parallel regions per call, each a barrier that
+    stalls whenever another process holds a core); the wavefront wins for batches smaller
+    than the thread count (sampling a few images).
+    """
+    from flownp._numba import get_num_threads
+
+    t = get_num_threads() if threads is None else int(threads)
+    nblk = -(-int(n) // _P)
+    return "raster" if t == 1 or nblk % t == 0 or nblk >= 2 * t else "wavefront"
+
+
+def solve_auto(
+    y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
+) -> np.ndarray:
+    """Inverse with the faster parallel schedule for this batch (:func:`solve_schedule`):
+    :func:`solve_raster` or :func:`solve_wavefront`. Both do the same arithmetic per pixel
+    in the same order, so the result is bitwise the same whichever is chosen."""
+    kernel = _solve_raster_nb if solve_schedule(y.shape[0]) == "raster" else _solve_wavefront_nb
+    return _solve(kernel, y, K, L, U, perm)
+
+
 # --------------------------------------------------------------------------------------------
 # Unblocked baseline: per-pixel substitution (the straightforward transcription)
 # --------------------------------------------------------------------------------------------

@@ -177,11 +177,12 @@ def conv_same_forward(x: np.ndarray, K: np.ndarray, bias: np.ndarray | None = No
 
 
 def conv_same_backward(
-    x: np.ndarray, K: np.ndarray, dy: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x: np.ndarray, K: np.ndarray, dy: np.ndarray, bias: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Gradients of ``sum(conv_same_forward(x, K, b) * dy)``: returns ``(dx, dK, db)``.
 
-    ``dx`` (N, H, W, C), ``dK`` (k, k, C, Co), ``db`` (Co,), all in the dtype of ``x``.
+    ``dx`` (N, H, W, C), ``dK`` (k, k, C, Co), ``db`` (Co,), all in the dtype of ``x``;
+    ``bias=False`` (a convolution without bias) skips the sum and returns ``db = None``.
     """
     k = _check_kernel(K)
     N, H, W, C = x.shape
@@ -189,7 +190,7 @@ def conv_same_backward(
     K = np.asarray(K, dtype=x.dtype)
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     dy2 = dy.reshape(-1, Co)  # (M, Co)
-    db = dy2.sum(axis=0)
+    db = dy2.sum(axis=0) if bias else None
     if k == 1:
         x2 = np.ascontiguousarray(x).reshape(-1, C)  # (M, C)
         dK = (x2.T @ dy2).reshape(K.shape)
@@ -246,7 +247,7 @@ def _actnorm_relu_backward_kernel(dr, r, scale, relu, da, part):  # pragma: no c
                 g = dr[row, c]
                 y = r[row, c]
                 if relu and not y > 0:
-                    g = 0.0
+                    g = g * 0.0  # as NumPy's dr * (r > 0): a NaN/Inf in dr stays visible
                 d = g * scale[c]
                 da[row, c] = d
                 part[ch, 0, c] += d
@@ -257,17 +258,36 @@ _actnorm_relu_nb = pjit(_actnorm_relu_kernel)
 _actnorm_relu_backward_nb = pjit(_actnorm_relu_backward_kernel)
 
 
+def _out_like(out: np.ndarray | None, a2: np.ndarray, name: str) -> np.ndarray:
+    """``out`` viewed as ``a2``'s (R, C) shape, or a new array; every element is read before
+    it is written, so ``out`` may alias an input."""
+    if out is None:
+        return np.empty_like(a2)
+    if out.size != a2.size or out.dtype != a2.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: out must be a C-contiguous {a2.dtype} array of {a2.size} elements, "
+            f"got {out.dtype} {out.shape}"
+        )
+    return out.reshape(a2.shape)
+
+
 def actnorm_relu_forward(
-    a: np.ndarray, bias: np.ndarray, logs: np.ndarray, relu: bool = True
+    a: np.ndarray,
+    bias: np.ndarray,
+    logs: np.ndarray,
+    relu: bool = True,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """``r = relu((a + bias) * exp(logs))`` per channel, in one pass (ActNorm then ReLU).
 
-    a: (..., C); bias, logs: (C,). Returns ``(r, finite)`` with ``finite`` False when ``a``
-    holds a NaN or Inf (the caller raises; the values are computed regardless).
+    a: (..., C); bias, logs: (C,). ``out``: optional C-contiguous array like ``a`` to write
+    ``r`` into; it may be ``a`` itself (in place: no new allocation, whose first-touch page
+    faults cost as much as the pass). Returns ``(r, finite)`` with ``finite`` False when
+    ``a`` holds a NaN or Inf (the values are computed regardless).
     """
     C = a.shape[-1]
     a2 = np.ascontiguousarray(a).reshape(-1, C)  # (R, C)
-    out = np.empty_like(a2)
+    out = _out_like(out, a2, "actnorm_relu_forward")
     bad = np.empty(a2.shape[0], dtype=np.uint8)
     scale = np.exp(np.asarray(logs, dtype=a2.dtype))
     _actnorm_relu_nb(a2, np.asarray(bias, dtype=a2.dtype), scale, bool(relu), out, bad)
@@ -275,7 +295,11 @@ def actnorm_relu_forward(
 
 
 def actnorm_relu_backward(
-    dr: np.ndarray, r: np.ndarray, logs: np.ndarray, relu: bool = True
+    dr: np.ndarray,
+    r: np.ndarray,
+    logs: np.ndarray,
+    relu: bool = True,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of :func:`actnorm_relu_forward` given its output ``r``::
 
@@ -285,12 +309,13 @@ def actnorm_relu_backward(
     (``sum dn * n = sum dn * r`` because ``n = r`` wherever ``dn != 0``.) Returns
     ``(da, dbias, dlogs)``; the sums are accumulated in float64 over fixed chunks of rows
     (deterministic), then cast to the dtype of ``dr``. ActNorm's log-determinant term
-    ``H W sum(dlogdet)`` is not included (the conditioners do not use it).
+    ``H W sum(dlogdet)`` is not included (the conditioners do not use it). ``out``: optional
+    array like ``r`` for ``da``; it may be ``dr`` itself (in place).
     """
     C = r.shape[-1]
     dr2 = np.ascontiguousarray(dr, dtype=r.dtype).reshape(-1, C)  # (R, C)
     r2 = np.ascontiguousarray(r).reshape(-1, C)
-    da = np.empty_like(r2)
+    da = _out_like(out, r2, "actnorm_relu_backward")
     nch = max(1, -(-r2.shape[0] // _ROWS_PER_CHUNK))
     part = np.empty((nch, 2, C))  # float64 partial sums
     scale = np.exp(np.asarray(logs, dtype=r2.dtype))

@@ -41,7 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from flownp.kernels.conv_same import conv_same_backward, conv_same_forward
+from flownp.kernels.conv_same import (
+    actnorm_relu_backward,
+    actnorm_relu_forward,
+    conv_same_backward,
+    conv_same_forward,
+)
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer
 
@@ -130,14 +135,31 @@ class ConditionerNet(Layer):
         p = self._params
         N = x.shape[0]
         a1 = conv_same_forward(x, p["conv_in/weight"])  # (N, H, W, width)
-        r1 = np.maximum(self._layers["norm_in"].forward(a1)[0], 0)  # (N, H, W, width)
+        r1 = self._norm_relu("norm_in", a1)  # (N, H, W, width)
         a2 = conv_same_forward(r1, p["conv_mid/weight"])  # (N, H, W, width)
-        r2 = np.maximum(self._layers["norm_mid"].forward(a2)[0], 0)  # (N, H, W, width)
+        r2 = self._norm_relu("norm_mid", a2)  # (N, H, W, width)
         o = conv_same_forward(r2, p["conv_out/weight"], p["conv_out/bias"])  # (N, H, W, C_out)
         out_scale = np.exp(LOGSCALE_FACTOR * p["conv_out/logs"])  # (C_out,)
         h = o * out_scale  # (N, H, W, C_out)
         self._cache = (x, r1, r2, h, out_scale, N)
         return h
+
+    def _norm_relu(self, name: str, a: np.ndarray) -> np.ndarray:
+        """``relu(ActNorm_name(a))`` in one fused pass (the ActNorm initialises on first use)."""
+        norm = self._layers[name]
+        if not norm.initialized:  # type: ignore[attr-defined]
+            norm.initialize(a)  # type: ignore[attr-defined]
+        # in place: ``a`` is this network's own temporary
+        r, _ = actnorm_relu_forward(a, norm._params["bias"], norm._params["logs"], out=a)
+        return r  # a NaN/Inf propagates to h; the coupling reports it
+
+    def _norm_relu_backward(self, name: str, dr: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """``dn = dr * [r > 0]``, then ActNorm ``name``'s backward with ``dlogdet = 0``."""
+        norm = self._layers[name]
+        da, dbias, dlogs = actnorm_relu_backward(dr, r, norm._params["logs"], out=dr)
+        norm._grads["bias"] += dbias
+        norm._grads["logs"] += dlogs
+        return da
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         raise NotImplementedError("ConditionerNet is not invertible (it is a coupling's NN)")
@@ -150,18 +172,15 @@ class ConditionerNet(Layer):
         dh = self.check_grad(dh, h.shape, "dh")
         p, g = self._params, self._grads
         Co = self.out_channels
-        no_logdet = np.zeros(N, dtype=self.dtype)  # the ActNorms' log-dets are not used
         g["conv_out/logs"] += LOGSCALE_FACTOR * (dh * h).reshape(-1, Co).sum(axis=0)
         do = dh * out_scale  # (N, H, W, C_out)
         dr2, dW, db = conv_same_backward(r2, p["conv_out/weight"], do)
         g["conv_out/weight"] += dW
         g["conv_out/bias"] += db
-        dn2 = dr2 * (r2 > 0)  # relu'
-        da2 = self._layers["norm_mid"].backward(dn2, no_logdet)
-        dr1, dW, _ = conv_same_backward(r1, p["conv_mid/weight"], da2)
+        da2 = self._norm_relu_backward("norm_mid", dr2, r2)  # relu', then ActNorm_mid
+        dr1, dW, _ = conv_same_backward(r1, p["conv_mid/weight"], da2, bias=False)
         g["conv_mid/weight"] += dW
-        dn1 = dr1 * (r1 > 0)  # relu'
-        da1 = self._layers["norm_in"].backward(dn1, no_logdet)
-        dx, dW, _ = conv_same_backward(x, p["conv_in/weight"], da1)
+        da1 = self._norm_relu_backward("norm_in", dr1, r1)  # relu', then ActNorm_in
+        dx, dW, _ = conv_same_backward(x, p["conv_in/weight"], da1, bias=False)
         g["conv_in/weight"] += dW
         return dx
