@@ -37,8 +37,16 @@ Parameter paths (keys of ``params``/``grads``/``buffers``, also the HDF5 paths):
 Plumbing: the model is a flat list of nodes, :attr:`FlowModel.flow`, run in order by
 :meth:`FlowModel.forward` and in reverse by :meth:`FlowModel.backward` / :meth:`FlowModel.inverse`.
 A node is a plain layer (``x -> (x, logdet)``: squeeze or a :class:`FlowStep`) or a
-:class:`~flownp.layers.split.Split` (``x -> (h, eps, logdet)``). A memory-saving variant can
-replace the cached activations of a step by re-computing its input with ``inverse``.
+:class:`~flownp.layers.split.Split` (``x -> (h, eps, logdet)``).
+
+Memory-saving backpropagation (``FlowModel(config, recompute=True)``): invertibility lets the
+backward pass rebuild every node's input from its output instead of storing it. The forward
+keeps only the latent pieces ``eps_l`` (part of ``z`` anyway) and the top output; the backward
+walks the nodes in reverse and, per node, recomputes ``x_in = node.inverse(x_out)`` (a split
+also uses its ``eps``), re-runs ``node.forward(x_in)`` to rebuild that node's cache, then
+back-propagates through it. Activation memory is one node's instead of all of them; the
+price is one inverse and one extra forward per node. The gradients equal the stored path's
+up to the round-off of the inverses (float64: ~1e-12 relative; ``tests/test_model_recompute.py``).
 """
 
 from __future__ import annotations
@@ -91,6 +99,13 @@ class FlowConfig:
         Corner parameterisation of :class:`~flownp.layers.cinc.CInCConv`.
     lu : bool
         LU-parameterised 1x1 convolutions (``conv`` = "1x1" / "1x1+emerging").
+    guard : float or None
+        Stability guard ``rho`` in (0, 1) of every CInC / Emerging convolution (``docs/
+        stability.md``): their substitutions stay inside a diagonal-dominance region, so the
+        inverse amplifies round-off by a bounded factor on every image size. None: no guard.
+        Not used (stored as None) with ``conv="1x1"``, which has no substitution. Default 0.9
+        (measured on MNIST: ``docs/stability.md``, section 7); a checkpoint written before the
+        field existed loads with None.
     """
 
     image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -104,6 +119,7 @@ class FlowConfig:
     dtype: str = "float32"
     cinc_corner: str = "lu"
     lu: bool = False
+    guard: float | None = 0.9
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape)
@@ -139,6 +155,12 @@ class FlowConfig:
             raise ValueError(f"FlowConfig: {exc}") from None
         object.__setattr__(self, "dtype", dt.name)
         object.__setattr__(self, "lu", bool(self.lu))
+        if self.guard is not None:
+            g = self.guard
+            if isinstance(g, bool) or not isinstance(g, (int, float, np.number)) or not 0 < g < 1:
+                raise ValueError(f"FlowConfig: guard (rho) must be in (0, 1) or None, got {g!r}")
+            # conv="1x1" has no substitution to guard (its inverse is a C x C matrix inverse)
+            object.__setattr__(self, "guard", None if self.conv == "1x1" else float(g))
         if "emerging" in self.conv and self.kernel_size % 2 == 0:
             raise ValueError(
                 f"FlowConfig: the emerging convolution needs an odd kernel_size (two "
@@ -185,6 +207,7 @@ class FlowConfig:
         if unknown:
             raise ValueError(f"FlowConfig: unknown field(s) {unknown}")
         d = dict(d)
+        d.setdefault("guard", None)  # written before the guard existed: no guard
         if "image_shape" in d:
             d["image_shape"] = tuple(d["image_shape"])
         return cls(**d)
@@ -241,12 +264,17 @@ def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
         from flownp.layers.cinc import CInCConv
 
         layers.append(
-            ("conv", CInCConv(channels, k, corner=config.cinc_corner, seed=seed, dtype=dt))
+            (
+                "conv",
+                CInCConv(
+                    channels, k, corner=config.cinc_corner, seed=seed, dtype=dt, guard=config.guard
+                ),
+            )
         )
     elif config.conv == "emerging":
         from flownp.layers.emerging import EmergingConv
 
-        layers.append(("conv", EmergingConv(channels, k, seed=seed, dtype=dt)))
+        layers.append(("conv", EmergingConv(channels, k, seed=seed, dtype=dt, guard=config.guard)))
     else:
         from flownp.layers.conv1x1 import Conv1x1
 
@@ -257,7 +285,8 @@ def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
             from flownp.layers.emerging import EmergingConv
 
             layers.append(("conv1x1", conv1))
-            layers.append(("conv", EmergingConv(channels, k, seed=seed + 1, dtype=dt)))
+            emerging = EmergingConv(channels, k, seed=seed + 1, dtype=dt, guard=config.guard)
+            layers.append(("conv", emerging))
     from flownp.layers.coupling import AffineCoupling, QuadCoupling
 
     cls = QuadCoupling if config.coupling == "quad" else AffineCoupling
@@ -276,6 +305,11 @@ class FlowModel(Layer):
     config : FlowConfig
     seed : int
         Seed of every layer's random initialisation.
+    recompute : bool
+        Memory-saving backward (module docstring): store no activations in :meth:`forward`,
+        recompute each node's input by its inverse in :meth:`backward`. Same results (up to
+        the inverses' round-off), about one extra forward + inverse of time. May be changed
+        between steps (attribute ``recompute``).
 
     Attributes
     ----------
@@ -285,12 +319,13 @@ class FlowModel(Layer):
         The top prior (path ``prior``).
     """
 
-    def __init__(self, config: FlowConfig, seed: int = 0) -> None:
+    def __init__(self, config: FlowConfig, seed: int = 0, *, recompute: bool = False) -> None:
         if not isinstance(config, FlowConfig):
             raise TypeError(f"FlowModel: config must be a FlowConfig, got {type(config).__name__}")
         super().__init__(config.dtype)
         self.config = config
         self.seed = int(seed)
+        self.recompute = bool(recompute)
         self.flow: list[tuple[str, Layer]] = []
         shapes = config.level_shapes()
         dt = config.dtype
@@ -348,17 +383,23 @@ class FlowModel(Layer):
         x = self._check_image(x)
         N = x.shape[0]
         logdet = np.zeros(N, dtype=np.float64)
-        pieces = []
+        pieces, split_eps = [], []
+        self._cache = None
         for _, layer in self.flow:
             if isinstance(layer, Split):
                 x, eps, ld = layer.forward(x)
                 pieces.append(eps.reshape(N, -1))
+                split_eps.append(eps)
             else:
                 x, ld = layer.forward(x)
+            if self.recompute:
+                layer.clear_cache()  # rebuilt from the output by backward()
             logdet += ld
         eps, ld = self.prior.forward(x)
         logdet += ld
         pieces.append(eps.reshape(N, -1))
+        if self.recompute:
+            self._cache = (x, split_eps)  # the top output and the split latents
         return np.concatenate(pieces, axis=1), logdet
 
     def backward(self, dz: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
@@ -370,7 +411,17 @@ class FlowModel(Layer):
         deps = self.split_latent(dz)
         dh = self.prior.backward(deps[-1], dlogdet)
         level = len(deps) - 2
+        recomputed = self._cache is not None  # forward ran with recompute=True
+        if recomputed:
+            out, split_eps = self.pop_cache()
         for _, layer in reversed(self.flow):
+            if recomputed:  # rebuild this node's input and cache from its output
+                if isinstance(layer, Split):
+                    out = layer.inverse(out, split_eps[level])
+                    layer.forward(out)
+                else:
+                    out = layer.inverse(out)
+                    layer.forward(out)
             if isinstance(layer, Split):
                 dh = layer.backward(dh, deps[level], dlogdet)
                 level -= 1
@@ -378,8 +429,19 @@ class FlowModel(Layer):
                 dh = layer.backward(dh, dlogdet)
         return dh
 
-    def inverse(self, z: np.ndarray) -> np.ndarray:
-        """``z (N, H*W*C) -> x (N, H, W, C)``, the exact inverse of :meth:`forward`."""
+    def inverse(self, z: np.ndarray, *, solve_precision: str = "model") -> np.ndarray:
+        """``z (N, H*W*C) -> x (N, H, W, C)``, the exact inverse of :meth:`forward`.
+
+        ``solve_precision``: ``"model"`` (the model's dtype), ``"float64"`` (every CInC /
+        Emerging substitution solved in float64, as the official code does) or ``"auto"``
+        (float64 only for the layers not provably stable), see
+        :func:`flownp.stability.solve_precision` and ``docs/stability.md``.
+        """
+        if solve_precision != "model":
+            from flownp.stability import solve_precision as _solve_precision
+
+            with _solve_precision(self, solve_precision):
+                return self.inverse(z)
         z = self._check_latent(z)
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
         h = self.prior.inverse(eps[-1])
@@ -401,16 +463,22 @@ class FlowModel(Layer):
         return log_normal(z) + logdet
 
     def sample(
-        self, n: int, temperature: float = 1.0, seed: int | np.random.Generator = 0
+        self,
+        n: int,
+        temperature: float = 1.0,
+        seed: int | np.random.Generator = 0,
+        *,
+        solve_precision: str = "model",
     ) -> np.ndarray:
-        """``n`` images ``f^{-1}(T * eps)``, ``eps ~ N(0, I)`` (model space, about [-0.5, 0.5])."""
+        """``n`` images ``f^{-1}(T * eps)``, ``eps ~ N(0, I)`` (model space, about [-0.5, 0.5]);
+        ``solve_precision`` as in :meth:`inverse`."""
         if n < 1:
             raise ValueError(f"FlowModel.sample: n must be >= 1, got {n}")
         if not temperature >= 0:
             raise ValueError(f"FlowModel.sample: temperature must be >= 0, got {temperature}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         z = (temperature * rng.standard_normal((n, self.config.num_dims))).astype(self.dtype)
-        return self.inverse(z)
+        return self.inverse(z, solve_precision=solve_precision)
 
     # ------------------------------------------------------------------ initialisation
     @property

@@ -50,6 +50,7 @@ so for any parameter values the layer has dominance ratio ``< rho < 1`` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Iterator
@@ -59,7 +60,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from flownp.errors import SingularKernelError
+from flownp.errors import NonFiniteError, SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer, check_dtype
 
@@ -325,7 +326,11 @@ def roundtrip_error(layer: Layer, x: np.ndarray, dtype: Any = None) -> float:
     y, _ = lay.forward(xd)
     lay.clear_cache()
     with np.errstate(over="ignore", invalid="ignore"):
-        xr = lay.inverse(y)
+        try:
+            xr = lay.inverse(y)
+        except NonFiniteError:  # a layer's solve overflowed: reported as an infinite error
+            lay.clear_cache()
+            return float("inf")
         if not np.all(np.isfinite(xr)):
             return float("inf")
         return float(np.max(np.abs(xr.astype(np.float64) - xd)) / np.max(np.abs(xd)))
@@ -516,20 +521,24 @@ def _forward_only(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 def format_report(rows: list[LayerStability]) -> str:
-    """A fixed-width text table of :class:`LayerStability` rows."""
+    """A fixed-width text table of :class:`LayerStability` rows: row ratio ``r/|d|``, block
+    ratio ``q`` (either ``< 1`` gives the finite ``bound`` on ``||M^-1||_inf``), the exact
+    ``||M^-1||_inf``, its growth per image row/column and the layer's relative round-trip
+    errors in float32 and float64."""
 
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.3g}"
 
     head = (
-        f"{'layer':<28} {'HxWxC':>10} {'r/|d|':>7} {'bound':>8} {'|M^-1|inf':>10} "
+        f"{'layer':<28} {'HxWxC':>10} {'r/|d|':>7} {'q':>7} {'bound':>8} {'|M^-1|inf':>10} "
         f"{'growth':>7} {'rt f32':>9} {'rt f64':>9}  status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         hwc = "x".join(str(s) for s in r.shape)
         lines.append(
-            f"{r.name[:28]:<28} {hwc:>10} {r.max_ratio:>7.3g} {f(r.bound):>8} "
+            f"{r.name[:28]:<28} {hwc:>10} {r.max_ratio:>7.3g} {r.block_ratio:>7.3g} "
+            f"{f(r.bound):>8} "
             f"{f(r.norm_inf):>10} {f(r.growth):>7} {r.roundtrip_f32:>9.2e} "
             f"{r.roundtrip_f64:>9.2e}  {r.status}"
         )
@@ -563,17 +572,17 @@ def iter_invertible_convs(root: Layer, prefix: str = "") -> Iterator[tuple[str, 
         yield from iter_invertible_convs(sub, f"{prefix}/{name}" if prefix else name)
 
 
-def record_input_shapes(root: Layer, run: Callable[[], Any]) -> dict[str, tuple[int, int]]:
-    """Call ``run()`` (e.g. ``lambda: model.forward(x)``) and record the ``(H, W)`` each
-    invertible convolution under ``root`` receives. Caches are cleared afterwards."""
-    shapes: dict[str, tuple[int, int]] = {}
+def _spy_inputs(root: Layer, run: Callable[[], Any], keep: Callable[[np.ndarray], Any]) -> dict:
+    """Call ``run()`` and store ``keep(x)`` for the input ``x`` of every invertible convolution
+    under ``root`` (the last call wins). Caches are cleared afterwards."""
+    seen: dict[str, Any] = {}
     layers = dict(iter_invertible_convs(root))
 
     def spy(path: str, lay: Layer) -> Callable:
         cls_forward = type(lay).forward
 
         def forward(x, *args, **kw):
-            shapes[path] = (int(x.shape[1]), int(x.shape[2]))
+            seen[path] = keep(x)
             return cls_forward(lay, x, *args, **kw)
 
         return forward
@@ -586,19 +595,201 @@ def record_input_shapes(root: Layer, run: Callable[[], Any]) -> dict[str, tuple[
         for lay in layers.values():
             lay.__dict__.pop("forward", None)
         root.clear_cache()
-    return shapes
+    return seen
+
+
+def record_input_shapes(root: Layer, run: Callable[[], Any]) -> dict[str, tuple[int, int]]:
+    """Call ``run()`` (e.g. ``lambda: model.forward(x)``) and record the ``(H, W)`` each
+    invertible convolution under ``root`` receives. Caches are cleared afterwards."""
+    return _spy_inputs(root, run, lambda x: (int(x.shape[1]), int(x.shape[2])))
+
+
+def record_layer_inputs(root: Layer, run: Callable[[], Any]) -> dict[str, np.ndarray]:
+    """Like :func:`record_input_shapes`, but keep a copy of the input ``(N, H, W, C)`` of every
+    invertible convolution (its activations on the data given to ``run``)."""
+    return _spy_inputs(root, run, lambda x: np.array(x, copy=True))
 
 
 def measure_model(
-    root: Layer, shapes: dict[str, tuple[int, int]], **kw: Any
+    root: Layer,
+    shapes: dict[str, tuple[int, int]] | dict[str, np.ndarray],
+    **kw: Any,
 ) -> list[LayerStability]:
-    """:func:`measure_layer` for every invertible convolution of ``root`` listed in ``shapes``
-    (from :func:`record_input_shapes`), in tree order."""
-    return [
-        measure_layer(lay, *shapes[path], name=path, **kw)
-        for path, lay in iter_invertible_convs(root)
-        if path in shapes
-    ]
+    """:func:`measure_layer` for every invertible convolution of ``root`` listed in ``shapes``,
+    in tree order. ``shapes`` maps paths to ``(H, W)`` (:func:`record_input_shapes`; the round
+    trips then use random normal inputs) or to the layer's actual inputs
+    (:func:`record_layer_inputs`; round trips on those activations)."""
+    rows = []
+    for path, lay in iter_invertible_convs(root):
+        if path not in shapes:
+            continue
+        v = shapes[path]
+        if isinstance(v, np.ndarray):
+            rows.append(measure_layer(lay, v.shape[1], v.shape[2], name=path, x=v, **kw))
+        else:
+            rows.append(measure_layer(lay, *v, name=path, **kw))
+    return rows
+
+
+@dataclass
+class ModelStability:
+    """Stability report of a whole flow on some images (:func:`measure_model_stability`).
+
+    Attributes
+    ----------
+    roundtrip_f32, roundtrip_f64 : relative reconstruction errors
+        ``max|f^{-1}(f(x)) - x| / max|x|`` of the model in float32 and float64 (``inf`` when
+        the reconstruction is not finite).
+    solve_f64_roundtrip_f32 : float32 model whose substitutions are solved in float64
+        (:func:`solve_precision`), or None when not measured.
+    layers : per invertible convolution, on its own input activations.
+    threshold : the float32 round-trip error above which the model is ``"unstable"``.
+    num_images : images used.
+    """
+
+    roundtrip_f32: float
+    roundtrip_f64: float
+    solve_f64_roundtrip_f32: float | None
+    layers: list[LayerStability]
+    threshold: float
+    num_images: int
+
+    @property
+    def status(self) -> str:
+        """``"unstable"`` (the model or a layer over its threshold), ``"at-risk"`` (a layer's
+        condition number is large) or ``"ok"``."""
+        if not self.roundtrip_f32 <= self.threshold or any(
+            r.status == "unstable" for r in self.layers
+        ):
+            return "unstable"
+        return "at-risk" if any(r.status == "at-risk" for r in self.layers) else "ok"
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a metrics table (worst layer values; ``nan`` for missing norms)."""
+
+        def worst(vals: list[float | None]) -> float:
+            v = [np.inf if x is None or not np.isfinite(x) else x for x in vals if x is not None]
+            return float(max(v)) if v else float("nan")
+
+        return {
+            "roundtrip_f32": self.roundtrip_f32,
+            "roundtrip_f64": self.roundtrip_f64,
+            "max_layer_roundtrip_f32": worst([r.roundtrip_f32 for r in self.layers]),
+            "max_norm_inf": worst([r.norm_inf for r in self.layers]),
+            "max_growth": worst([r.growth for r in self.layers]),
+            "max_block_ratio": worst([r.block_ratio for r in self.layers]),
+            "layers_not_ok": float(sum(r.status != "ok" for r in self.layers)),
+        }
+
+    def format(self) -> str:
+        """The per-layer table and the model round trips, as text."""
+        lines = [format_report(self.layers), ""]
+        lines.append(
+            f"model round trip x -> z -> x on {self.num_images} image(s), relative max error: "
+            f"float32 {self.roundtrip_f32:.3g}, float64 {self.roundtrip_f64:.3g}"
+            + (
+                ""
+                if self.solve_f64_roundtrip_f32 is None
+                else f", float32 with float64 substitution {self.solve_f64_roundtrip_f32:.3g}"
+            )
+        )
+        lines.append(f"status: {self.status} (threshold {self.threshold:.3g} on float32)")
+        return "\n".join(lines)
+
+    def warning(self) -> str | None:
+        """A one-paragraph warning naming what is over its threshold, or None when ``"ok"``."""
+        if self.status == "ok":
+            return None
+        parts = []
+        if not self.roundtrip_f32 <= self.threshold:
+            parts.append(
+                f"float32 reconstruction error {self.roundtrip_f32:.3g} > {self.threshold:.3g}"
+            )
+        for r in self.layers:
+            if r.status != "ok":
+                parts.append(f"{r.name} [{r.status}]: {', '.join(r.notes)}")
+        return (
+            f"INVERSE {self.status.upper()}: " + "; ".join(parts) + " (samples and "
+            "reconstructions may be inaccurate; train with --guard RHO, or sample with "
+            "--solve-precision float64; docs/stability.md)"
+        )
+
+
+def measure_model_stability(
+    model: Layer,
+    x: np.ndarray,
+    *,
+    threshold: float = 1e-4,
+    thresholds: StabilityThresholds | None = None,
+    power_iters: int = 0,
+    solve_f64: bool = True,
+    **kw: Any,
+) -> ModelStability:
+    """Measure a flow on images ``x`` (model space, the model's dtype): reconstruction error
+    ``x -> z -> x`` in float32 and float64 and, per invertible convolution, the
+    :func:`measure_layer` numbers on its own input activations.
+
+    ``threshold`` is the float32 model round-trip error above which the status is
+    ``"unstable"``; ``thresholds`` the per-layer ones. Deterministic for fixed arguments.
+    """
+    thr = thresholds or StabilityThresholds(max_roundtrip_f32=threshold)
+    x = np.asarray(x)
+    inputs = record_layer_inputs(model, lambda: model.forward(x))
+    rows = measure_model(model, inputs, thresholds=thr, power_iters=power_iters, **kw)
+    rt32 = roundtrip_error(model, x, np.float32)
+    rt64 = roundtrip_error(model, x, np.float64)
+    rt32_64 = None
+    if solve_f64:
+        lay32 = model if model.dtype == np.float32 else cast_layer(model, np.float32)
+        with solve_precision(lay32, "float64"):
+            rt32_64 = roundtrip_error(lay32, x, np.float32)
+    return ModelStability(rt32, rt64, rt32_64, rows, float(threshold), int(x.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision of the substitution (sampling, reconstruction)
+# --------------------------------------------------------------------------------------------
+
+SOLVE_PRECISIONS = ("model", "float64", "auto")
+
+
+def choose_solve_dtypes(root: Layer, precision: str = "float64") -> dict[str, Any]:
+    """The dtype each invertible convolution under ``root`` should solve in.
+
+    ``"model"``: its own dtype (None). ``"float64"``: float64 everywhere. ``"auto"``: float64
+    only for the layers whose size-independent dominance bound does not hold
+    (:func:`kernel_margins`: neither row nor block dominance), i.e. whose amplification is not
+    provably bounded; a guarded layer always keeps its own dtype.
+    """
+    if precision not in SOLVE_PRECISIONS:
+        raise ValueError(f"solve precision must be one of {SOLVE_PRECISIONS}, got {precision!r}")
+    out: dict[str, Any] = {}
+    for path, lay in iter_invertible_convs(root):
+        if precision == "model" or lay.dtype == np.float64:
+            out[path] = None
+        elif precision == "float64":
+            out[path] = np.dtype(np.float64)
+        else:
+            dominant = all(np.isfinite(kernel_margins(K, c).bound) for K, c in layer_kernels(lay))
+            out[path] = None if dominant else np.dtype(np.float64)
+    return out
+
+
+@contextlib.contextmanager
+def solve_precision(root: Layer, precision: str = "float64") -> Iterator[dict[str, Any]]:
+    """Context manager: inside it, the substitutions (``inverse``) of every invertible
+    convolution under ``root`` run in the dtype chosen by :func:`choose_solve_dtypes` (the
+    input is cast up, the kernel is the layer's own kernel cast up, the result is cast back).
+    Forward passes are unchanged. Yields the ``{path: dtype or None}`` choice."""
+    choice = choose_solve_dtypes(root, precision)
+    layers = dict(iter_invertible_convs(root))
+    try:
+        for path, dt in choice.items():
+            layers[path].solve_dtype = dt
+        yield choice
+    finally:
+        for lay in layers.values():
+            lay.__dict__.pop("solve_dtype", None)
 
 
 # --------------------------------------------------------------------------------------------

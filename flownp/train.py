@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,16 @@ LN256 = math.log(256.0)
 
 TRAIN_COLUMNS = ("step", "epoch", "bpd", "lr", "grad_norm", "rejected", "images_per_s", "elapsed")
 EVAL_COLUMNS = ("step", "bpd", "elapsed")
+STABILITY_COLUMNS = (
+    "step",
+    "roundtrip_f32",
+    "roundtrip_f64",
+    "max_layer_roundtrip_f32",
+    "max_norm_inf",
+    "max_growth",
+    "max_block_ratio",
+    "layers_not_ok",
+)
 
 
 class TrainingDiverged(NonFiniteError):
@@ -195,6 +206,13 @@ class TrainConfig:
         Seeds the model initialisation, the data order and the dequantisation noise.
     time_limit : float or None
         Stop (cleanly, with final evaluation and checkpoint) after this many seconds.
+    stability_threshold : float
+        At every checkpoint the inverse is measured on ``stability_images`` held-out images
+        (:func:`flownp.stability.measure_model_stability`, EMA weights); a float32
+        reconstruction error above this (or a layer over its own thresholds) is logged as a
+        warning. The numbers go to ``metrics["stability"]``.
+    stability_images : int
+        Held-out images of that measurement (0 = no measurement).
     """
 
     dataset: str = "mnist"
@@ -212,6 +230,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     seed: int = 0
     time_limit: float | None = None
+    stability_threshold: float = 1e-4
+    stability_images: int = 16
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "init_batch_size", "max_bad_steps"):
@@ -226,6 +246,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: eval_size must be >= 1 or None, got {self.eval_size}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"TrainConfig: time_limit must be > 0, got {self.time_limit!r}")
+        if not self.stability_threshold > 0:
+            raise ValueError(
+                f"TrainConfig: stability_threshold must be > 0, got {self.stability_threshold!r}"
+            )
+        if int(self.stability_images) < 0:
+            raise ValueError(
+                f"TrainConfig: stability_images must be >= 0, got {self.stability_images!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,6 +332,7 @@ class Trainer:
         self.metrics: dict[str, dict[str, list[float]]] = {
             "train": {c: [] for c in TRAIN_COLUMNS},
             "eval": {c: [] for c in EVAL_COLUMNS},
+            "stability": {c: [] for c in STABILITY_COLUMNS},
         }
         self._perm_cache: tuple[int, np.ndarray] | None = None
         if _initialize:
@@ -463,6 +492,52 @@ class Trainer:
                 self.log(f"evaluation produced a non-finite value: {exc}")
                 return float("nan")
 
+    def check_stability(self) -> Any:
+        """Measure the inverse (EMA weights) on the first ``stability_images`` held-out images:
+        log a summary (the full table goes to ``out_dir/stability.txt``), warn when over the
+        threshold, append to ``metrics["stability"]``. Returns the
+        :class:`flownp.stability.ModelStability` (None when disabled)."""
+        from flownp import stability as S
+
+        tc = self.config
+        if not tc.stability_images:
+            return None
+        images = self.data.test[: tc.stability_images]
+        x = dequantize(images, np.random.default_rng([tc.seed, 4]), self.model.dtype)
+        try:
+            with self.optimizer.ema_weights():
+                rep = S.measure_model_stability(self.model, x, threshold=tc.stability_threshold)
+        except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
+            self.model.clear_cache()
+            msg = f"step {self.step}: INVERSE UNSTABLE: the stability measurement failed: {exc}"
+            self.log(msg)
+            warnings.warn(msg, S.InverseInstabilityWarning, stacklevel=2)
+            row = {c: float("inf") for c in STABILITY_COLUMNS}
+            row["step"] = float(self.step)
+            for c, v in row.items():
+                self.metrics["stability"][c].append(v)
+            return None
+        summ = rep.summary()
+        summ["step"] = float(self.step)
+        for c in STABILITY_COLUMNS:
+            self.metrics["stability"][c].append(float(summ[c]))
+        self.log(
+            f"step {self.step}: inverse stability ({rep.num_images} held-out images): "
+            f"reconstruction error float32 {rep.roundtrip_f32:.2e}, float64 "
+            f"{rep.roundtrip_f64:.2e}; worst layer ||M^-1||_inf {summ['max_norm_inf']:.3g}, "
+            f"round trip {summ['max_layer_roundtrip_f32']:.2e}; {rep.status}"
+        )
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "stability.txt").write_text(
+                f"step {self.step}, EMA weights\n{rep.format()}\n"
+            )
+        warning = rep.warning()
+        if warning is not None:
+            self.log(f"step {self.step}: WARNING: {warning}")
+            warnings.warn(warning, S.InverseInstabilityWarning, stacklevel=2)
+        return rep
+
     # ------------------------------------------------------------------ state
     def train_state(self) -> dict[str, Any]:
         return {
@@ -573,6 +648,7 @@ class Trainer:
                     and self.step % tc.checkpoint_every == 0
                     and self.step < tc.steps
                 ):
+                    self.check_stability()
                     self.save()
                     self.write_metrics_csv()
         finally:
@@ -581,6 +657,7 @@ class Trainer:
         final = self.evaluate(None)
         self.elapsed = elapsed0 + (time.perf_counter() - t_start)
         self._record_eval(final)
+        self.check_stability()
         if self.out_dir is not None:
             self.save()
             self.write_metrics_csv()

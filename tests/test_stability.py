@@ -403,3 +403,152 @@ def test_verification_section_quick(tmp_path):
     ]
     assert all(r.passed for r in results), [r.name for r in results if not r.passed]
     assert (tmp_path / V.FIGURE).stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def _tiny_model(shape=(16, 16, 1), **kw):
+    """Unguarded by default (so that an unstable kernel can be injected)."""
+    from flownp.model import FlowConfig, FlowModel
+
+    kw.setdefault("guard", None)
+    cfg = FlowConfig(
+        image_shape=shape,
+        levels=1,
+        depth=2,
+        width=8,
+        cinc_corner="triangular",
+        dtype="float32",
+        **kw,
+    )
+    model = FlowModel(cfg, seed=1)
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, (8, *shape)).astype(np.float32)
+    model.initialize(x)
+    return model, x
+
+
+def _make_unstable(weight):
+    """Worst-sign taps of 0.2 against the unit diagonal (ratio 7 for C = 4)."""
+    C = weight.shape[2]
+    weight[...] = -0.2 * corner_mask(3, C, full_corner=False)
+
+
+def test_model_report_detects_an_unstable_layer():
+    model, x = _tiny_model()
+    ok = S.measure_model_stability(model, x)
+    assert ok.status == "ok" and ok.warning() is None
+    assert ok.roundtrip_f32 < 1e-5 and ok.roundtrip_f64 < 1e-12
+    assert [r.name for r in ok.layers] == ["level0/step0/conv", "level0/step1/conv"]
+    _make_unstable(model.params["level0/step1/conv/weight"])
+    bad = S.measure_model_stability(model, x)
+    assert bad.status == "unstable"
+    assert bad.roundtrip_f32 > 1e-4  # the model's reconstructions are wrong in float32
+    assert [r.status for r in bad.layers] == ["ok", "unstable"]
+    assert bad.layers[1].growth > 2 and bad.layers[1].norm_inf > 1e6
+    msg = bad.warning()
+    assert "level0/step1/conv" in msg and "level0/step0/conv" not in msg
+    assert "float32 reconstruction error" in msg
+    assert "level0/step1/conv" in bad.format() and "unstable" in bad.format()
+    # solving the substitutions in float64 does not repair it: the float32 forward's rounding
+    # is amplified by ||M^-1|| whatever the precision of the solve (docs/stability.md)
+    assert bad.solve_f64_roundtrip_f32 > 1e-4
+    with S.solve_precision(model, "auto") as choice:
+        assert choice == {"level0/step0/conv": None, "level0/step1/conv": np.float64}
+
+
+def test_guarded_model_cannot_be_made_unstable_by_the_same_taps():
+    model, x = _tiny_model(guard=0.9)
+    _make_unstable(model.params["level0/step1/conv/weight"])
+    rep = S.measure_model_stability(model, x)
+    assert rep.status == "ok" and rep.roundtrip_f32 < 1e-5
+    assert max(r.max_ratio for r in rep.layers) <= 0.9 * (1 + 1e-6)
+
+
+def test_training_checkpoints_log_warn_and_store_stability(tmp_path):
+    from types import SimpleNamespace
+
+    from flownp.checkpoint import load_model, read_checkpoint
+    from flownp.model import FlowConfig
+    from flownp.train import STABILITY_COLUMNS, TrainConfig, Trainer, dequantize
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (80, 16, 16, 1)).astype(np.uint8)
+    data = SimpleNamespace(train=imgs[:64], test=imgs[64:], shape=(16, 16, 1))
+    cfg = FlowConfig(
+        image_shape=(16, 16, 1), levels=1, depth=1, width=4, cinc_corner="triangular", guard=None
+    )
+    tc = TrainConfig(
+        steps=4, batch_size=16, init_batch_size=16, eval_every=0, checkpoint_every=2, seed=3
+    )
+    logs: list[str] = []
+    tr = Trainer(cfg, tc, data, out_dir=tmp_path, log=logs.append)
+    tr.run()
+    stab = tr.metrics["stability"]
+    assert stab["step"] == [2.0, 4.0]  # every checkpoint, including the final one
+    assert sum("inverse stability" in m for m in logs) == 2
+    assert not any("WARNING" in m for m in logs)
+    assert "level0/step0/conv" in (tmp_path / "stability.txt").read_text()
+    # the report of the checkpoint is reproducible: same numbers from the saved EMA weights
+    ck = read_checkpoint(tmp_path / "checkpoint.h5")
+    for c in STABILITY_COLUMNS:
+        assert ck.metrics["stability"][c].tolist() == stab[c]
+    x = dequantize(data.test[: tc.stability_images], np.random.default_rng([3, 4]), np.float32)
+    reports = [S.measure_model_stability(load_model(tmp_path / "checkpoint.h5"), x) for _ in "ab"]
+    assert reports[0].summary() == reports[1].summary()
+    assert reports[0].format() == reports[1].format()
+    again = reports[0].summary()
+    assert [again[c] for c in STABILITY_COLUMNS[1:]] == [stab[c][-1] for c in STABILITY_COLUMNS[1:]]
+    # an unstable layer (in the weights the measurement uses: the EMA) is warned about clearly
+    for store in (tr.model.params, tr.optimizer.ema):
+        _make_unstable(store["level0/step0/conv/weight"])
+    with pytest.warns(S.InverseInstabilityWarning, match="level0/step0/conv"):
+        rep = tr.check_stability()
+    assert rep.status == "unstable"
+    assert any(m.startswith("step 4: WARNING: INVERSE UNSTABLE") for m in logs)
+    assert tr.metrics["stability"]["layers_not_ok"][-1] == 1.0
+
+
+def test_evaluate_command_prints_a_reproducible_stability_report(tmp_path, capsys):
+    from flownp import cli
+    from flownp.checkpoint import save_checkpoint
+
+    model, _ = _tiny_model((28, 28, 1))  # the bundled MNIST
+    ckpt = save_checkpoint(tmp_path / "m.h5", model, train_config={"dataset": "mnist"})
+    outs = []
+    for _ in range(2):
+        argv = ["evaluate", str(ckpt), "--no-progress", "--limit", "8", "--dataset", "mnist"]
+        assert cli.main(argv) != 2
+        outs.append(capsys.readouterr())
+    assert "model round trip x -> z -> x on 8 image(s)" in outs[0].out
+    assert "level0/step1/conv" in outs[0].out and "status: ok" in outs[0].out
+    strip = [o.out.split("):\n", 1)[1].split("mnist test")[0] for o in outs]  # drop timings
+    assert strip[0] == strip[1]
+    _make_unstable(model.params["level0/step1/conv/weight"])
+    ckpt = save_checkpoint(tmp_path / "bad.h5", model, train_config={"dataset": "mnist"})
+    cli.main(["evaluate", str(ckpt), "--no-progress", "--limit", "8", "--dataset", "mnist"])
+    out = capsys.readouterr()
+    assert "status: unstable" in out.out
+    assert "WARNING: INVERSE UNSTABLE" in out.err and "level0/step1/conv" in out.err
+
+
+def test_sample_command_solve_precision(tmp_path, capsys):
+    from flownp import cli
+    from flownp.checkpoint import save_checkpoint
+
+    model, _ = _tiny_model()
+    ckpt = save_checkpoint(tmp_path / "m.h5", model)
+    out = {}
+    for p in ("model", "float64", "auto"):
+        npz = tmp_path / f"{p}.npz"
+        argv = ["sample", str(ckpt), "-n", "4", "--out", str(tmp_path / f"{p}.png")]
+        assert cli.main([*argv, "--npz", str(npz), "--solve-precision", p]) == 0
+        out[p] = np.load(npz)["images"]
+    x64 = model.sample(4, temperature=0.8, seed=0, solve_precision="float64")
+    from flownp.train import to_uint8
+
+    np.testing.assert_array_equal(out["float64"], to_uint8(x64))
+    # a well-conditioned model: the precision changes no pixel
+    np.testing.assert_array_equal(out["model"], out["float64"])
+    with pytest.raises(SystemExit):  # argparse rejects an unknown precision
+        cli.main(["sample", str(ckpt), "--solve-precision", "float16"])

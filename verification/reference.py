@@ -69,7 +69,10 @@ FORMAT_VERSION = 1
 #: The committed reference file (regenerate with ``flownp export-reference``).
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "reference_vectors.h5"
 
-_COMMON = dict(image_shape=(8, 8, 2), levels=2, depth=2, width=4, kernel_size=3, dtype="float64")
+# guard=None: the paper's layers, whatever the FlowConfig default (docs/stability.md)
+_COMMON = dict(
+    image_shape=(8, 8, 2), levels=2, depth=2, width=4, kernel_size=3, dtype="float64", guard=None
+)
 
 #: name -> (config, model_seed, data_seed)
 REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {

@@ -15,7 +15,9 @@ Claims (each returns a :class:`verification.result.ClaimResult`):
   size (one figure).
 
 ``python -m verification.stability OUT_DIR [--full]`` runs them all (quick mode by default:
-a few seconds).
+a few seconds). ``python -m verification.stability --checkpoints A.h5 B.h5`` compares trained
+checkpoints (:func:`compare_checkpoints`: bits/dim, stability report, accuracy and speed of the
+float32 / float64 substitution).
 """
 
 from __future__ import annotations
@@ -433,11 +435,87 @@ def run(out_dir: str, quick: bool = True) -> list[ClaimResult]:
     return results
 
 
+# --------------------------------------------------------------------------------------------
+# Trained checkpoints: guard on/off, precision of the substitution and its cost
+# --------------------------------------------------------------------------------------------
+
+
+def compare_checkpoints(
+    paths: list[str], images: int = 64, samples: int = 64, repeats: int = 5, seed: int = 1234
+) -> list[dict]:
+    """For each checkpoint (EMA weights): held-out bits/dim (all held-out images), the stability
+    report on the first ``images`` held-out images, and for ``samples`` latents (T = 0.8) the
+    error of float32 sampling with the substitutions in float32 / float64 against the float64
+    model (same weights), and the time of ``model.inverse`` in both precisions (best of
+    ``repeats``, interleaved, same process)."""
+    from flownp.checkpoint import model_from_checkpoint, read_checkpoint
+    from flownp.train import dequantize, evaluate_bpd, load_data
+
+    out = []
+    for path in paths:
+        ck = read_checkpoint(path)
+        model = model_from_checkpoint(ck)
+        data = load_data((ck.train_config or {}).get("dataset", "mnist"))
+        bpd = evaluate_bpd(model, data.test, seed=seed)
+        x = dequantize(data.test[:images], np.random.default_rng(seed), model.dtype)
+        rep = S.measure_model_stability(model, x)
+        z = 0.8 * np.random.default_rng(0).standard_normal((samples, model.config.num_dims))
+        ref = S.cast_layer(model, np.float64).inverse(z)
+        z32 = z.astype(model.dtype)
+        scale = float(np.abs(ref).max())
+        err = {
+            p: float(np.abs(model.inverse(z32, solve_precision=p) - ref).max()) / scale
+            for p in ("model", "float64")
+        }
+        times: dict[str, list[float]] = {"model": [], "float64": []}
+        for _ in range(repeats):
+            for p in times:
+                t0 = time.perf_counter()
+                model.inverse(z32, solve_precision=p)
+                times[p].append(time.perf_counter() - t0)
+        best = {p: min(v) for p, v in times.items()}
+        row = {
+            "checkpoint": path,
+            "step": int((ck.train_state or {}).get("step", -1)),
+            "guard": model.config.guard,
+            "heldout_bpd": bpd,
+            **{f"stability_{k}": v for k, v in rep.summary().items()},
+            "roundtrip_f32_solve_f64": rep.solve_f64_roundtrip_f32,
+            "max_bound": max(r.bound for r in rep.layers),
+            "status": rep.status,
+            "sample_err_f32_solve": err["model"],
+            "sample_err_f64_solve": err["float64"],
+            "inverse_s_f32_solve": best["model"],
+            "inverse_s_f64_solve": best["float64"],
+            "f64_solve_time_ratio": best["float64"] / best["model"],
+            "report": rep.format(),
+        }
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", nargs="?", default=None)
     p.add_argument("--full", action="store_true", help="the long version (minutes)")
+    p.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=None,
+        help="instead of the claims: compare trained checkpoints (bits/dim, stability, "
+        "float32/float64 substitution accuracy and speed)",
+    )
+    p.add_argument("--images", type=int, default=64, help="held-out images of the report")
     args = p.parse_args(argv)
+    if args.checkpoints:
+        for row in compare_checkpoints(args.checkpoints, images=args.images):
+            print(row.pop("report"))
+            for k, v in row.items():
+                print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+            print()
+        return 0
+    if args.out_dir is None:
+        p.error("out_dir is required (or --checkpoints)")
     results = run(args.out_dir, quick=not args.full)
     for r in results:
         print(f"[{'PASS' if r.passed else 'FAIL'}] {r.name}: {r.numbers}")

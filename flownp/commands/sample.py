@@ -3,6 +3,10 @@
 x = f^{-1}(T * eps), eps ~ N(0, I) (standard-normal latent of every level); T < 1 (e.g. 0.7,
 as in Glow) gives cleaner, less diverse images. The EMA (Polyak) weights are used when the
 checkpoint has them.
+
+--solve-precision sets the precision of the CInC/emerging substitutions (docs/stability.md):
+"model" (the checkpoint's dtype, default), "float64" (as the official code) or "auto"
+(float64 only for the layers whose amplification is not provably bounded).
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-ema", action="store_true", help="use the raw parameters instead of the EMA weights"
     )
+    parser.add_argument(
+        "--solve-precision",
+        choices=("model", "float64", "auto"),
+        default="model",
+        help="precision of the convolution substitutions (docs/stability.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +75,12 @@ def _run(args: argparse.Namespace) -> int:
     if not args.temperature >= 0:
         raise DataError(f"--temperature must be >= 0, got {args.temperature}")
     model = load_model(args.checkpoint, use_ema=not args.no_ema)
-    x = model.sample(args.num, temperature=args.temperature, seed=args.seed)
+    x = model.sample(
+        args.num,
+        temperature=args.temperature,
+        seed=args.seed,
+        solve_precision=args.solve_precision,
+    )
     if not np.isfinite(x).all():
         print(
             f"warning: {np.size(x) - np.count_nonzero(np.isfinite(x))} non-finite pixel "

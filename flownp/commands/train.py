@@ -40,6 +40,7 @@ MODEL_OPTIONS = (
     "dtype",
     "cinc_corner",
     "lu",
+    "guard",
 )
 TRAIN_OPTIONS = (
     "dataset",
@@ -156,6 +157,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "diagonal; unit: diagonal 1; lu: full corner block)",
     )
     model.add_argument("--lu", action="store_true", help="LU-parameterised 1x1 convolutions")
+    model.add_argument(
+        "--guard",
+        type=_guard_value,
+        default=mc.guard,
+        metavar="RHO",
+        help="stability guard of the CInC/emerging convolutions: keep each inside a "
+        "diagonal-dominance region of ratio RHO in (0, 1), so its inverse stays accurate on "
+        "any image size; 'off' = none (docs/stability.md; default: %(default)s)",
+    )
 
     opt = parser.add_argument_group("optimisation (docs/training.md)")
     opt.add_argument("--batch-size", type=int, default=tc.batch_size, help="images per step")
@@ -214,6 +224,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=tc.seed,
         help="seed of the initialisation, data order and dequantisation noise",
     )
+
+
+def _guard_value(text: str) -> float | None:
+    """``--guard`` value: a float in (0, 1), or ``off`` / ``none`` for no guard."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        rho = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1) or 'off', got {text!r}"
+        ) from None
+    if not 0.0 < rho < 1.0:
+        raise argparse.ArgumentTypeError(f"RHO must be in (0, 1), got {rho}")
+    return rho
 
 
 def _configs(args: argparse.Namespace):

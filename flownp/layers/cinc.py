@@ -49,7 +49,7 @@ from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
 
 CORNERS = ("triangular", "unit", "lu")
-SOLVERS = ("wavefront", "raster", "reference")
+SOLVERS = ("auto", "wavefront", "raster", "reference")
 
 
 def corner_mask(k: int, C: int, *, full_corner: bool) -> np.ndarray:
@@ -82,17 +82,30 @@ class CInCConv(Layer):
     dtype : float32 or float64
     init_std : float
         Standard deviation of the random initial taps (off-corner and corner off-diagonal).
-    solver : {"wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`).
+    solver : {"auto", "wavefront", "raster", "reference"}
+        Default inverse algorithm (see :mod:`flownp.kernels.conv`); ``"auto"`` picks the
+        raster or wavefront schedule by batch size (bitwise the same result).
     guard : float or None
-        Stability guard ``rho`` in (0, 1) (``"triangular"``/``"unit"`` corners only): the
-        off-diagonal taps of every output channel ``o`` are rescaled so that their absolute sum
-        stays below ``rho |d_o|`` for *any* parameter values, which bounds
+        Stability guard ``rho`` in (0, 1). ``"triangular"``/``"unit"``: the off-diagonal
+        taps of every output channel ``o`` are rescaled so that their absolute sum stays below
+        ``rho |d_o|`` for *any* parameter values, which bounds
         ``||M^{-1}||_inf <= 1 / ((1 - rho) min|d|)`` on every image size
-        (:func:`flownp.stability.guard_kernel`, ``docs/stability.md``). ``None``: no guard.
+        (:func:`flownp.stability.guard_kernel`). ``"lu"``: block dominance, the off-corner
+        taps of every output channel sum to less than ``rho / ||A^{-1}||_inf``, so
+        ``||M^{-1}||_inf <= ||A^{-1}||_inf / (1 - rho)`` (``docs/stability.md``).
+        ``None``: no guard.
     guard_mode : {"tanh", "clip"}
         Smooth (default) or hard rescaling.
+
+    Attributes
+    ----------
+    solve_dtype : numpy dtype or None
+        Precision of the substitution in :meth:`inverse` (None: the layer's dtype). Set it
+        with :func:`flownp.stability.solve_precision`; the solve then inverts the layer's own
+        kernel (as used by ``forward``) in that precision and casts the result back.
     """
+
+    solve_dtype: Any = None
 
     def __init__(
         self,
@@ -103,19 +116,23 @@ class CInCConv(Layer):
         seed: int = 0,
         dtype: Any = np.float64,
         init_std: float = 0.01,
-        solver: str = "wavefront",
+        solver: str = "auto",
         guard: float | None = None,
         guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
         if guard is not None:
-            if corner not in ("triangular", "unit"):
+            if corner not in ("triangular", "unit", "lu"):
                 raise ValueError(
-                    f"CInCConv: guard is available for the triangular and unit corners, "
+                    f"CInCConv: guard is available for the triangular, unit and lu corners, "
                     f"not corner={corner!r}"
                 )
             if not 0.0 < float(guard) < 1.0:
                 raise ValueError(f"CInCConv: guard (rho) must be in (0, 1), got {guard!r}")
+        if guard_mode not in _stability.GUARD_MODES:
+            raise ValueError(
+                f"CInCConv: guard_mode must be one of {_stability.GUARD_MODES}, got {guard_mode!r}"
+            )
         self.guard = None if guard is None else float(guard)
         self.guard_mode = guard_mode
         if not isinstance(channels, (int, np.integer)) or channels < 1:
@@ -220,6 +237,13 @@ class CInCConv(Layer):
         if self.corner == "fixed":
             return self._params["kernel"] * self._mask
         K = self._params["weight"] * self._mask
+        if self.guard is not None and self.corner == "lu":  # block dominance, q <= rho
+            A = self.corner_matrix()
+            n, _ = _stability.corner_inverse_norm(A)
+            budget = np.full(self.channels, self.guard / n)
+            K = _stability.guard_taps(K, budget, self.guard_mode)
+            K[-1, -1] = A.T
+            return K
         if self.guard is not None:
             return _stability.guard_kernel(K, self.diagonal(), self.guard, self.guard_mode)
         K[-1, -1] = self.corner_matrix().T
@@ -296,20 +320,28 @@ class CInCConv(Layer):
 
     def inverse(self, y: np.ndarray, method: str | None = None) -> np.ndarray:
         """Solve ``forward(x)[0] == y`` for ``x`` by substitution (``method`` overrides
-        :attr:`solver`: ``"wavefront"``, ``"raster"`` or ``"reference"``)."""
+        :attr:`solver`: ``"auto"``, ``"wavefront"``, ``"raster"`` or ``"reference"``)."""
         y = self.check_input(y, self.channels, name="y")
         method = method or self.solver
         if method not in SOLVERS:
             raise ValueError(f"CInCConv.inverse: method must be one of {SOLVERS}, got {method!r}")
         L, U, perm = self._corner_factors()
+        dt = self.dtype if self.solve_dtype is None else np.dtype(self.solve_dtype)
+        K = self.kernel
+        if dt != self.dtype:  # solve the layer's own (rounded) kernel in higher precision
+            K = K.astype(dt)
+            if self.corner == "lu" or not self.masked:  # refactorise the rounded corner
+                L, U, perm = _stability._plu(K[-1, -1].T)
+            y = y.astype(dt)
         fn = {
+            "auto": K_.solve_auto,
             "wavefront": K_.solve_wavefront,
             "raster": K_.solve_raster,
             "reference": K_.solve_reference,
         }[method]
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, never silenced
             try:
-                x = fn(y, self.kernel, L.astype(self.dtype), U.astype(self.dtype), perm)
+                x = fn(y, K, L.astype(dt), U.astype(dt), perm).astype(self.dtype)
             except ValueError as exc:  # SciPy's finiteness check inside the reference solver
                 if "infs or NaNs" not in str(exc):
                     raise
@@ -347,7 +379,19 @@ class CInCConv(Layer):
                 g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)
             return dx
         d = self.diagonal()
-        if self.guard is not None:  # chain rule through the guard's rescaling
+        if self.guard is not None and self.corner == "lu":  # budget rho / ||A^-1||_inf
+            n, dn_dA = _stability.corner_inverse_norm(self.corner_matrix())
+            dK_off = dK.copy()
+            dK_off[-1, -1] = 0.0
+            W = self._params["weight"] * self._mask
+            dW, dbudget = _stability.guard_taps_backward(
+                dK_off, W, np.full(C, self.guard / n, dtype=self.dtype), self.guard_mode
+            )
+            g["weight"] += dW * self._mask
+            dn = -self.guard / n**2 * float(np.sum(dbudget, dtype=np.float64))
+            dK = dK.copy()
+            dK[-1, -1] += (dn * dn_dA).T.astype(self.dtype)  # total gradient w.r.t. A^T
+        elif self.guard is not None:  # chain rule through the guard's rescaling
             dW, dd = _stability.guard_kernel_backward(
                 dK, self._params["weight"] * self._mask, d, self.guard, self.guard_mode
             )
@@ -355,7 +399,8 @@ class CInCConv(Layer):
             if self.corner == "triangular":
                 g["log_diag"] += dd * d + g_ld
             return dx
-        g["weight"] += dK * self._mask
+        if self.guard is None:
+            g["weight"] += dK * self._mask
         dA = dK[-1, -1].T  # gradient w.r.t. A[o, c]
         if self.corner == "triangular":
             g["log_diag"] += np.diag(dA) * d + g_ld

@@ -65,13 +65,15 @@ from typing import Any
 
 import numpy as np
 
+from flownp import stability as _stability  # module import: see flownp/layers/cinc.py
 from flownp.errors import SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
 
-SOLVERS = ("wavefront", "raster", "reference")
+SOLVERS = ("auto", "wavefront", "raster", "reference")
 SIDES = ("bottom_right", "top_left")
 _SOLVE = {
+    "auto": K_.solve_auto,
     "wavefront": K_.solve_wavefront,
     "raster": K_.solve_raster,
     "reference": K_.solve_reference,
@@ -105,8 +107,11 @@ class _MaskedConv(Layer):
         rng: np.random.Generator,
         dtype: Any,
         init_std: float,
+        guard: float | None = None,
+        guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
+        self.guard, self.guard_mode = guard, guard_mode
         if side not in SIDES:
             raise ValueError(f"EmergingConv: side must be one of {SIDES}, got {side!r}")
         self.channels = C = channels
@@ -131,8 +136,17 @@ class _MaskedConv(Layer):
     def kernel(self) -> np.ndarray:
         """Effective ``(kk, kk, C, C)`` kernel in this side's own layout (a new array)."""
         K = self._params["weight"] * self._mask
+        if self.guard is not None:  # the CInC guard, in the top/left frame (docs/stability.md)
+            Kt = _stability.guard_kernel(
+                self._frame_taps(K), self.diagonal(), self.guard, self.guard_mode
+            )
+            return self._frame_taps(Kt)
         K[self.centre] += np.diag(self.diagonal())
         return K
+
+    def _frame_taps(self, K: np.ndarray) -> np.ndarray:
+        """Taps to/from the top/left frame: ``K`` or ``K[::-1, ::-1]`` (contiguous)."""
+        return K if self.side == "top_left" else np.ascontiguousarray(K[::-1, ::-1])
 
     def kernel_tl(self) -> np.ndarray:
         """The kernel in the top/left frame: ``K`` or ``K[::-1, ::-1]`` (contiguous)."""
@@ -161,7 +175,8 @@ class _MaskedConv(Layer):
         self._cache = (xt, Kt)
         return y, logdet
 
-    def inverse(self, y: np.ndarray, method: str) -> np.ndarray:
+    def inverse(self, y: np.ndarray, method: str, dtype: Any = None) -> np.ndarray:
+        """Solve for the input in ``dtype`` (default the layer's; the kernel is cast to it)."""
         d = self.diagonal()
         if not np.all(np.isfinite(d)) or np.any(d == 0):
             bad = np.flatnonzero(~np.isfinite(d) | (d == 0)).tolist()
@@ -170,14 +185,17 @@ class _MaskedConv(Layer):
                 f"convolution is zero or non-finite for channel(s) {bad} "
                 f"(log_diag = {self._params['log_diag'][bad].tolist()})"
             )
-        A = self.centre_matrix()  # (C, C)
-        eye = np.eye(self.channels, dtype=self.dtype)
+        dt = self.dtype if dtype is None else np.dtype(dtype)
+        A = self.centre_matrix().astype(dt)  # (C, C)
+        eye = np.eye(self.channels, dtype=dt)
         L, U = (A, eye) if self.side == "top_left" else (eye, A)  # A = P L U, P = I
         perm = np.arange(self.channels)
+        Kt = self.kernel_tl().astype(dt, copy=False)
+        y = y.astype(dt, copy=False)
         if self.side == "top_left":
-            return _SOLVE[method](y, self.kernel_tl(), L, U, perm)
+            return _SOLVE[method](y, Kt, L, U, perm)
         # the solvers make their input contiguous: pass the flipped view (no extra copy)
-        xt = _SOLVE[method](y[:, ::-1, ::-1, :], self.kernel_tl(), L, U, perm)
+        xt = _SOLVE[method](y[:, ::-1, ::-1, :], Kt, L, U, perm)
         return _flip(xt)
 
     # ------------------------------------------------------------------ backward
@@ -189,9 +207,21 @@ class _MaskedConv(Layer):
         dKt = K_.conv_backward_kernel(xt, dyt, self.kk)  # (kk, kk, C, C)
         dK = dKt if self.side == "top_left" else dKt[::-1, ::-1]
         g = self._grads
+        g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
+        if self.guard is not None:  # chain rule through the guard (top/left frame)
+            d = self.diagonal()
+            dWt, dd = _stability.guard_kernel_backward(
+                dKt,
+                self._frame_taps(self._params["weight"] * self._mask),
+                d,
+                self.guard,
+                self.guard_mode,
+            )
+            g["weight"] += self._frame_taps(dWt) * self._mask
+            g["log_diag"] += dd * d + g_ld
+            return dx
         g["weight"] += dK * self._mask
         dA = dK[self.centre].T  # gradient w.r.t. A[o, c]
-        g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
         g["log_diag"] += np.diag(dA) * self.diagonal() + g_ld
         return dx
 
@@ -215,12 +245,24 @@ class EmergingConv(Layer):
     dtype : float32 or float64
     init_std : float
         Standard deviation of the random initial taps (the unmasked ones); diagonals start at 1.
-    solver : {"wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`).
+    solver : {"auto", "wavefront", "raster", "reference"}
+        Default inverse algorithm (see :mod:`flownp.kernels.conv`; ``"auto"``: by batch size).
+    guard : float or None
+        Stability guard ``rho`` in (0, 1), applied to both masked convolutions as in
+        :class:`~flownp.layers.cinc.CInCConv` (:func:`flownp.stability.guard_kernel`): each has
+        dominance ratio ``< rho``, so ``||M^{-1}||_inf <= prod_k 1 / ((1 - rho) min|d_k|)`` on
+        every image size (``docs/stability.md``). ``None``: no guard.
+    guard_mode : {"tanh", "clip"}
+        Smooth (default) or hard rescaling.
+
+    Attribute ``solve_dtype`` (None: the layer's dtype) sets the precision of both
+    substitutions in :meth:`inverse` (:func:`flownp.stability.solve_precision`).
 
     Parameters (``params`` keys): ``conv1/weight``, ``conv2/weight`` ``(kk, kk, C, C)``,
     ``conv1/log_diag``, ``conv2/log_diag`` ``(C,)``; buffers ``conv1/sign``, ``conv2/sign``.
     """
+
+    solve_dtype: Any = None
 
     def __init__(
         self,
@@ -230,9 +272,20 @@ class EmergingConv(Layer):
         seed: int = 0,
         dtype: Any = np.float64,
         init_std: float = 0.01,
-        solver: str = "wavefront",
+        solver: str = "auto",
+        guard: float | None = None,
+        guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
+        if guard is not None and not 0.0 < float(guard) < 1.0:
+            raise ValueError(f"EmergingConv: guard (rho) must be in (0, 1), got {guard!r}")
+        if guard_mode not in _stability.GUARD_MODES:
+            raise ValueError(
+                f"EmergingConv: guard_mode must be one of {_stability.GUARD_MODES}, "
+                f"got {guard_mode!r}"
+            )
+        self.guard = None if guard is None else float(guard)
+        self.guard_mode = guard_mode
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool):
             raise ValueError(f"EmergingConv: channels must be a positive int, got {channels!r}")
         if channels < 1:
@@ -252,11 +305,12 @@ class EmergingConv(Layer):
         self.kk = kk = (int(k) + 1) // 2
         self.solver = solver
         rng = np.random.default_rng(seed)
+        g = (self.guard, guard_mode)
         self.conv1 = self.add_layer(
-            "conv1", _MaskedConv(C, kk, "bottom_right", rng, self.dtype, init_std)
+            "conv1", _MaskedConv(C, kk, "bottom_right", rng, self.dtype, init_std, *g)
         )
         self.conv2 = self.add_layer(
-            "conv2", _MaskedConv(C, kk, "top_left", rng, self.dtype, init_std)
+            "conv2", _MaskedConv(C, kk, "top_left", rng, self.dtype, init_std, *g)
         )
 
     # ------------------------------------------------------------------ kernels
@@ -313,8 +367,9 @@ class EmergingConv(Layer):
             raise ValueError(
                 f"EmergingConv.inverse: method must be one of {SOLVERS}, got {method!r}"
             )
-        z = self.conv2.inverse(y, method)  # (N, H, W, C)
-        return self.conv1.inverse(z, method)
+        dt = self.solve_dtype  # None: the layer's dtype (flownp.stability.solve_precision)
+        z = self.conv2.inverse(y, method, dt)  # (N, H, W, C)
+        return self.conv1.inverse(z, method, dt).astype(self.dtype, copy=False)
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
