@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from flownp.commands._common import add_threads_and_ema, run_with_threads
 from flownp.errors import DataError
 
 HELP = "print held-out bits/dim of a checkpoint"
@@ -43,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first LIMIT images")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the dequantisation noise")
-    parser.add_argument(
-        "--no-ema", action="store_true", help="use the raw parameters instead of the EMA weights"
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--stability-images",
@@ -59,22 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1e-4,
         help="float32 reconstruction error above which the inverse is reported unstable",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads of the Numba kernels and of BLAS (1 is fastest on 2 shared cores, "
-        "docs/training.md)",
-    )
+    add_threads_and_ema(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flownp.train import thread_limits
-
-    if args.threads < 1:
-        raise DataError(f"--threads must be >= 1, got {args.threads}")
-    with thread_limits(args.threads, args.threads):
-        return _run(args)
+    return run_with_threads(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

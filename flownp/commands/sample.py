@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flownp.commands._common import add_threads_and_ema, run_with_threads
 from flownp.errors import DataError
 
 HELP = "write a PNG grid of samples from a checkpoint"
@@ -39,16 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--npz", default=None, help="also save the uint8 samples (N, H, W, C) to this .npz file"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads of the Numba kernels and of BLAS (1 is fastest on 2 shared cores, "
-        "docs/training.md)",
-    )
-    parser.add_argument(
-        "--no-ema", action="store_true", help="use the raw parameters instead of the EMA weights"
-    )
+    add_threads_and_ema(parser)
     parser.add_argument(
         "--solve-precision",
         choices=("model", "float64", "auto"),
@@ -58,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flownp.train import thread_limits
-
-    if args.threads < 1:
-        raise DataError(f"--threads must be >= 1, got {args.threads}")
-    with thread_limits(args.threads, args.threads):
-        return _run(args)
+    return run_with_threads(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
