@@ -101,12 +101,15 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + int(batch_size)))
 
 
-def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
+def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """``iterable`` with :class:`flownp.progress.Progress` (a bar on a terminal, a few plain
+    lines otherwise)."""
+    from flownp.progress import Progress
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+    with Progress(total, desc=desc, unit="batch", enabled=enabled, lines=10) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)
 
 
 def _release(model: Any) -> None:
@@ -152,7 +155,7 @@ def encode(
     model : object with ``forward(x) -> (z, logdet)``
     images : (N, H, W, C) uint8, or float in model space (``u / 256 - 0.5``)
     batch_size : images per call of ``model.forward``
-    progress : show a tqdm bar
+    progress : show progress (a bar on a terminal, plain lines otherwise)
     """
     x = prepare_images(model, images, "encode")
     out = []
@@ -561,17 +564,19 @@ def save_image_grid(
     """Save a ``(R, S, H, W, C)`` grid of images as a PNG (matplotlib Agg, no pyplot state).
 
     ``images`` are uint8 or floats in model space (converted by :func:`model_to_images`);
-    C = 1 is drawn in grey. ``highlight_column`` gets a red frame (the original in a Figure 5(d)
-    sweep). Parent directories are created. Returns the path.
+    C = 1 is drawn in grey, C = 3 as RGB, other C as grayscale panels side by side
+    (:func:`flownp.figures.displayable`). ``highlight_column`` gets a red frame (the original
+    in a Figure 5(d) sweep). Parent directories are created. Returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from flownp.figures import displayable
+
     images = np.asarray(images)
-    if images.ndim != 5 or images.shape[-1] not in (1, 3):
+    if images.ndim != 5 or images.shape[-1] < 1:
         raise ValueError(
-            f"save_image_grid: images must be (rows, columns, H, W, C) with C in (1, 3), "
-            f"got {images.shape}"
+            f"save_image_grid: images must be (rows, columns, H, W, C), got {images.shape}"
         )
     pix = images if images.dtype == np.uint8 else model_to_images(images)
     R, S = pix.shape[:2]
@@ -594,7 +599,7 @@ def save_image_grid(
                     0.96 * cell_inches / H_in,
                 )
             )
-            img = pix[r, c]
+            img = displayable(pix[r, c])
             if img.shape[-1] == 1:
                 ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             else:

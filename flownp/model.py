@@ -255,8 +255,7 @@ def _seed(seed: int, index: int) -> int:
 
 def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
     """``actnorm -> conv -> coupling`` for ``channels`` channels, following ``config``."""
-    # Imported here so that a colleague's layer that is still a placeholder only breaks the
-    # configurations that use it.
+    # Imported here so that a model only imports the layers its configuration uses.
     dt = config.dtype
     k = config.kernel_size
     layers: list[tuple[str, Layer]] = [("actnorm", ActNorm(channels, dtype=dt))]

@@ -1,4 +1,4 @@
-r"""Numerical stability of the CInC inverse: measure it, bound it, guard it (issue 8).
+r"""Numerical stability of the CInC inverse: measure it, bound it, guard it.
 
 The inverse of a top-left padded convolution (paper Section 3.1, Lemma 1) is a 2-D causal
 recursion (an IIR filter). Theorem 1 makes ``M`` nonsingular whenever the corner diagonal is
@@ -346,7 +346,7 @@ class StabilityThresholds:
     """When a layer is reported.
 
     ``max_roundtrip_f32``: relative float32 round-trip error above which the layer is
-    ``"unstable"`` (issue 8's target for a model: 1e-4). ``max_condition``: above this value of
+    ``"unstable"`` (the default threshold for a model: 1e-4). ``max_condition``: above this value of
     ``kappa = ||M||_inf ||M^{-1}||_inf`` a layer whose round trip still passes is ``"at-risk"``
     (larger images, other inputs or float32 sampling may fail).
     """

@@ -47,8 +47,10 @@ import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
+from flownp.figures import channel_panels, image_grid
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
+from flownp.progress import Progress
 
 LN2 = math.log(2.0)
 LN256 = math.log(256.0)
@@ -131,16 +133,13 @@ def evaluate_bpd(
     ``seed``, so the number is reproducible). Returns NaN (never hides it) if any is NaN."""
     rng = np.random.default_rng(seed)
     total, n = 0.0, len(images)
-    it = range(0, n, batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, total=math.ceil(n / batch_size), desc="evaluate", unit="batch", leave=False)
-    for start in it:
-        x = dequantize(images[start : start + batch_size], rng, model.dtype)
-        z, logdet = model.forward(x)
-        model.clear_cache()
-        total += float(np.sum(bits_per_dim(z, logdet)))
+    with Progress(n, desc="evaluate", unit="image", enabled=progress, lines=10) as bar:
+        for start in range(0, n, batch_size):
+            x = dequantize(images[start : start + batch_size], rng, model.dtype)
+            z, logdet = model.forward(x)
+            model.clear_cache()
+            total += float(np.sum(bits_per_dim(z, logdet)))
+            bar.update(len(x))
     return total / n
 
 
@@ -213,6 +212,10 @@ class TrainConfig:
         warning. The numbers go to ``metrics["stability"]``.
     stability_images : int
         Held-out images of that measurement (0 = no measurement).
+    dataset_fingerprint : dict or None
+        Shape, dtype and SHA-256 of the training data (:func:`flownp.data.fingerprint`), set by
+        :class:`Trainer` when training starts; data loaded to resume or evaluate the run is
+        checked against it.
     """
 
     dataset: str = "mnist"
@@ -232,6 +235,7 @@ class TrainConfig:
     time_limit: float | None = None
     stability_threshold: float = 1e-4
     stability_images: int = 16
+    dataset_fingerprint: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "init_batch_size", "max_bad_steps"):
@@ -299,8 +303,9 @@ class Trainer:
         or None to load ``train_config.dataset``.
     out_dir : directory of the run (checkpoint.h5, metrics.csv, loss_curve.png, samples.png,
         config.json), or None to write nothing.
-    progress : show a tqdm progress bar.
-    log : where messages go (default: ``tqdm.write`` to stderr).
+    progress : show progress (:class:`flownp.progress.Progress`: a bar on a terminal, plain
+        lines every 2% of the run otherwise).
+    log : where messages go (default: stderr, without breaking a bar).
     """
 
     def __init__(
@@ -314,10 +319,19 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         _initialize: bool = True,
     ) -> None:
+        from flownp.data import absolute_spec, check_fingerprint, fingerprint
+
         self.model_config = model_config
-        self.config = tc = train_config
+        self.config = tc = dataclasses.replace(
+            train_config, dataset=absolute_spec(train_config.dataset)
+        )
         self.data = data if data is not None else load_data(tc.dataset, tc.holdout)
         self._check_data()
+        if tc.dataset_fingerprint is None:  # a new run: remember what it trains on
+            tc = dataclasses.replace(tc, dataset_fingerprint=fingerprint(self.data))
+        else:  # a resumed run: the data must be the same
+            check_fingerprint(self.data, tc.dataset_fingerprint, "resume")
+        self.config = tc
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.progress = progress
         self.log = log or _default_log
@@ -371,12 +385,14 @@ class Trainer:
         data: Any = None,
         *,
         steps: int | None = None,
+        dataset: str | None = None,
         out_dir: str | os.PathLike | None = None,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> Trainer:
         """Continue the training saved in ``path`` exactly where it stopped (``steps``
-        overrides the total number of steps, e.g. to train longer)."""
+        overrides the total number of steps, e.g. to train longer; ``dataset`` points at the
+        training data when it has moved: it must have the stored fingerprint)."""
         ckpt = read_checkpoint(path)
         if ckpt.train_state is None or ckpt.optimizer_state is None or ckpt.train_config is None:
             from flownp.errors import CheckpointError
@@ -385,6 +401,8 @@ class Trainer:
         tc = TrainConfig.from_dict(ckpt.train_config)
         if steps is not None:
             tc = dataclasses.replace(tc, steps=int(steps))
+        if dataset is not None:
+            tc = dataclasses.replace(tc, dataset=dataset)
         mc = FlowConfig.from_dict(ckpt.model_config)
         self = cls(
             mc,
@@ -575,17 +593,7 @@ class Trainer:
                 json.dumps({"model": self.model_config.to_dict(), "train": tc.to_dict()}, indent=2)
                 + "\n"
             )
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=tc.steps,
-                initial=min(self.step, tc.steps),
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
+        bar = Progress(tc.steps, min(self.step, tc.steps), desc="train", enabled=self.progress)
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
         smooth, speed = float("nan"), float("nan")
@@ -618,14 +626,7 @@ class Trainer:
                         f"{rec['error']}; parameters kept at the last good state"
                     )
                 self._record_train(rec, speed)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{rec['bpd']:.3f}",
-                        bpd=f"{smooth:.3f}",
-                        img_s=f"{speed:.0f}",
-                        refresh=False,
-                    )
+                bar.update(1, bpd=smooth, img_s=speed)
                 if self.consecutive_bad >= tc.max_bad_steps:
                     msg = (
                         f"training diverged: {self.consecutive_bad} consecutive steps with a "
@@ -638,9 +639,10 @@ class Trainer:
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     bpd = self.evaluate(tc.eval_size)
                     self._record_eval(bpd)
+                    n_eval = min(tc.eval_size or len(self.data.test), len(self.data.test))
+                    which = "all" if n_eval == len(self.data.test) else "first"
                     self.log(
-                        f"step {self.step}: held-out bits/dim {bpd:.4f} "
-                        f"(first {tc.eval_size or len(self.data.test)} images)"
+                        f"step {self.step}: held-out bits/dim {bpd:.4f} ({which} {n_eval} images)"
                     )
                 if (
                     self.out_dir is not None
@@ -652,8 +654,7 @@ class Trainer:
                     self.save()
                     self.write_metrics_csv()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         final = self.evaluate(None)
         self.elapsed = elapsed0 + (time.perf_counter() - t_start)
         self._record_eval(final)
@@ -728,21 +729,6 @@ def _default_log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------- figures
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 ``(N, H, W, C)`` images into one ``(R (H+pad), S (W+pad), C)`` image."""
-    N, H, W, C = images.shape
-    S = ncols or int(math.ceil(math.sqrt(N)))
-    R = int(math.ceil(N / S))
-    out = np.full((R * (H + pad) + pad, S * (W + pad) + pad, C), 255, dtype=np.uint8)
-    for i in range(N):
-        r, s = divmod(i, S)
-        out[
-            pad + r * (H + pad) : pad + r * (H + pad) + H,
-            pad + s * (W + pad) : pad + s * (W + pad) + W,
-        ] = images[i]
-    return out
-
-
 def save_grid(
     x: np.ndarray, path: str | os.PathLike, *, ncols: int | None = None, title: str | None = None
 ) -> Path:
@@ -752,6 +738,13 @@ def save_grid(
 
     pix = x if x.dtype == np.uint8 else to_uint8(x)
     grid = image_grid(pix, ncols)
+    channels = grid.shape[2]
+    if channels not in (1, 3):
+        # No colour mapping fits 2 or 4+ channels: show each channel as its own grayscale
+        # grid, side by side (channel 0 on the left), and say so in the title.
+        grid = channel_panels(grid)
+        note = f"{channels} channels, each a grayscale panel (left: channel 0)"
+        title = f"{title}; {note}" if title else note
     fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1 - (0.4 / fig.get_size_inches()[1] if title else 0)))

@@ -515,7 +515,7 @@ def test_array_single(tmp_path, rng):
     [
         ("float", "must be uint8"),
         ("shapes", "inconsistent sizes"),
-        ("two_no_train", "expected a 'train' array"),
+        ("two_no_train", r"cannot tell which array holds the images: found \['a', 'b'\]"),
         ("ndim", r"must be \(N, H, W, C\)"),
         ("truncated", "not a readable"),
     ],
@@ -549,6 +549,105 @@ def test_array_object_and_extension(tmp_path):
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(DataError, match="x.csv.*expects a .npz"):
         load_dataset(f"array:{tmp_path / 'x.csv'}")
+
+
+@pytest.mark.parametrize("ext", ["npz", "h5"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"train": "x_train", "test": "x_test", "train_labels": "y_train", "test_labels": "y_test"},
+        {"train": "images", "train_labels": "labels"},
+        {"train": "x", "train_labels": "y"},
+        {"train": "train", "test": "test"},
+    ],
+    ids=["keras", "images-labels", "x-y", "train-test"],
+)
+@pytest.mark.parametrize("channels", [None, 1, 3, 2])
+def test_array_common_layouts(tmp_path, rng, ext, layout, channels):
+    shape = (6, 5) if channels is None else (6, 5, channels)  # (N, H, W) is grayscale
+    pool = rng.integers(0, 256, (30, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 10, 30)
+    arrays = {layout["train"]: pool[:24]}
+    if "test" in layout:
+        arrays[layout["test"]] = pool[24:]
+    if "train_labels" in layout:
+        arrays[layout["train_labels"]] = labels[:24]
+    if "test_labels" in layout:
+        arrays[layout["test_labels"]] = labels[24:]
+    f = tmp_path / f"d.{ext}"
+    if ext == "npz":
+        np.savez(f, **arrays)
+    else:
+        with h5py.File(f, "w") as h:
+            for k, v in arrays.items():
+                h[k] = v
+    ds = load_dataset(f"array:{f}")
+    nhwc = pool if channels is not None else pool[..., None]
+    assert ds.shape == (6, 5, channels or 1)
+    # the file's own test split, else the last 10% of the 24 training images are held out
+    cut, end = (24, 30) if "test" in layout else (22, 24)
+    np.testing.assert_array_equal(ds.train, nhwc[:cut])
+    np.testing.assert_array_equal(ds.test, nhwc[cut:end])
+    if "train_labels" in layout:
+        np.testing.assert_array_equal(ds.train_labels, labels[:cut])
+    else:
+        assert ds.train_labels is None
+
+
+def test_array_named_key_with_its_test_split(tmp_path, rng):
+    a, b = images(rng, 12, 4, 4, 1), images(rng, 3, 4, 4, 1)
+    other = images(rng, 7, 4, 4, 1)
+    np.savez(tmp_path / "d.npz", digits=a, digits_test=b, digits_labels=np.arange(12), other=other)
+    ds = load_dataset(f"array:{tmp_path / 'd.npz'}:digits")
+    np.testing.assert_array_equal(ds.train, a)
+    np.testing.assert_array_equal(ds.test, b)
+    np.testing.assert_array_equal(ds.train_labels, np.arange(12))
+    assert ds.test_labels is None
+    ds = load_dataset(f"array:{tmp_path / 'd.npz'}:other", holdout=2)
+    np.testing.assert_array_equal(ds.test, other[5:])
+    # Keras names: x_train -> x_test and y_train / y_test
+    np.savez(tmp_path / "k.npz", x_train=a, x_test=b, y_train=np.arange(12), y_test=np.arange(3))
+    ds = load_dataset(f"array:{tmp_path / 'k.npz'}:x_train")
+    np.testing.assert_array_equal(ds.test, b)
+    np.testing.assert_array_equal(ds.test_labels, np.arange(3))
+    with pytest.raises(DataError, match=r"no array 'nope'; the file holds \['digits'"):
+        load_dataset(f"array:{tmp_path / 'd.npz'}:nope")
+    with pytest.raises(DataError, match="one array; drop ':x'"):
+        np.save(tmp_path / "one.npy", a)
+        load_dataset(f"array:{tmp_path / 'one.npy'}:x")
+
+
+def test_array_unknown_layout_lists_keys_and_layouts(tmp_path, rng):
+    np.savez(tmp_path / "d.npz", pics=images(rng, 4, 2, 2, 1), targets=np.arange(4))
+    with pytest.raises(DataError) as ei:
+        load_dataset(f"array:{tmp_path / 'd.npz'}")
+    msg = str(ei.value)
+    for needle in ("['pics', 'targets']", "x_train", "images [+ labels", "array:FILE:KEY"):
+        assert needle in msg
+
+
+def test_absolute_spec_and_fingerprint(tmp_path, rng, monkeypatch):
+    from flownp.data import absolute_spec, check_fingerprint, fingerprint
+
+    x = images(rng, 20, 4, 4, 1)
+    np.savez(tmp_path / "d.npz", x)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_spec("array:d.npz") == f"array:{tmp_path / 'd.npz'}"
+    assert absolute_spec("array:d.npz:arr_0") == f"array:{tmp_path / 'd.npz'}:arr_0"
+    assert absolute_spec("mnist") == "mnist"
+    ds = load_dataset("array:d.npz")
+    fp = fingerprint(ds)
+    assert fp["shape"] == [20, 4, 4, 1] and fp["dtype"] == "uint8"
+    check_fingerprint(load_dataset("array:d.npz", holdout=5), fp, "here")  # same pixels
+    y = x.copy()
+    y[3, 1, 1, 0] ^= 1  # one bit of one pixel
+    np.savez(tmp_path / "e.npz", y)
+    with pytest.raises(DataError, match="pixels differ"):
+        check_fingerprint(load_dataset("array:e.npz"), fp, "here")
+    np.savez(tmp_path / "f.npz", x[:19])
+    with pytest.raises(DataError, match=r"shape \[19, 4, 4, 1\] \(the training data had"):
+        check_fingerprint(load_dataset("array:f.npz"), fp, "here")
+    check_fingerprint(load_dataset("array:f.npz"), None, "here")  # nothing stored
 
 
 # ---------------------------------------------------------------------------- specs, splits

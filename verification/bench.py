@@ -1,4 +1,4 @@
-r"""The benchmark suite (issue 5): ``python -m verification.bench [--quick] [--out DIR]``,
+r"""The benchmark suite: ``python -m verification.bench [--quick] [--out DIR]``,
 also ``flownp bench``.
 
 Every number comes from one run on one machine and is reported with the machine, the thread

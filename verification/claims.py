@@ -1,4 +1,4 @@
-r"""Executable claims of the paper (issues 2 and 6), checked with explicit matrices.
+r"""Executable claims of the paper, checked with explicit matrices.
 
 Every claim is a function returning a :class:`ClaimResult` (re-exported from
 :mod:`verification.result`) and printing what it checked with the numbers. The matrices come
@@ -590,7 +590,7 @@ def claim_layer_dense(
             statement=(
                 "The layer's logdet equals slogdet of the dense matrix, its forward equals the "
                 "dense matrix times the vectorised input, and its inverse equals the dense "
-                "solve, for k in {1, 2, 3, 5} and several H, W, C (issue 2, claim 5)."
+                "solve, for k in {1, 2, 3, 5} and several H, W, C."
             ),
             computed=(
                 f"CInCConv in the corner modes {modes} with random parameters, k in "
@@ -1182,7 +1182,7 @@ def claim_quad_official_bug(quick: bool = True, seed: int = 9, verbose: bool = T
                 "REPRODUCTION OF A BUG IN THE PUBLIC CODE, not flownp's behaviour. The "
                 "official CInC code's reverse of the quad coupling takes the fourth output "
                 "block where the first belongs (x_1 := y_4) and is therefore not the inverse "
-                "of its forward (anchors.md: round-trip error about 2.5 on random inputs); its "
+                "of its forward (reported round-trip error about 2.5 on random inputs); its "
                 "quad-coupling samples and reconstructions come from a non-inverse map. "
                 "flownp's QuadCoupling.inverse (x_1 = y_1, then x_2, x_3, x_4 in turn) is exact."
             ),

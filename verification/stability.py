@@ -1,4 +1,4 @@
-"""Verification section: numerical stability of the CInC inverse (issue 8).
+"""Verification section: numerical stability of the CInC inverse.
 
 Claims (each returns a :class:`verification.result.ClaimResult`):
 
@@ -284,7 +284,7 @@ def claim_instability(quick: bool = True) -> ClaimResult:
     return ClaimResult(
         name="stability_violation",
         statement=(
-            "Issue 8: outside the stable region the substitution amplifies round-off "
+            "Outside the stable region the substitution amplifies round-off "
             "exponentially with the image size; off-corner taps of 0.1 against a unit diagonal "
             "on a 14 x 14 image give an order-1 round-trip error even in float64."
         ),

@@ -27,7 +27,16 @@ HELP = "print held-out bits/dim of a checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file (checkpoint.h5 of a run folder)")
     parser.add_argument(
-        "--dataset", default=None, help="dataset spec (default: the one in the checkpoint)"
+        "--dataset",
+        default=None,
+        help="dataset spec (default: the one in the checkpoint); when the training data has "
+        "moved, its new place: it must match the fingerprint stored at training time",
+    )
+    parser.add_argument(
+        "--other-data",
+        action="store_true",
+        help="evaluate on data other than the training data (skips the fingerprint check), "
+        "e.g. another dataset of the same image shape",
     )
     parser.add_argument(
         "--holdout",
@@ -68,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     import math
 
     from flownp.checkpoint import model_from_checkpoint, read_checkpoint
+    from flownp.data import check_fingerprint
     from flownp.train import evaluate_bpd, load_data
 
     if args.batch_size < 1:
@@ -80,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     spec = args.dataset or tc.get("dataset", "mnist")
     holdout = args.holdout if args.holdout is not None else tc.get("holdout")
     data = load_data(spec, holdout)
+    if not args.other_data:
+        check_fingerprint(data, tc.get("dataset_fingerprint"), f"dataset {spec!r}")
     images = data.test if args.split == "test" else data.train
     if args.limit is not None:
         images = images[: args.limit]

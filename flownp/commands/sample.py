@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent draw")
     parser.add_argument("--ncols", type=int, default=None, help="grid columns (default: square)")
     parser.add_argument(
-        "--out", default=None, help="output PNG (default: samples_T<T>.png next to the checkpoint)"
+        "--out",
+        default=None,
+        help="a .png file, or a folder to write samples_T<T>.png into (created if missing); "
+        "default: samples_T<T>.png next to the checkpoint",
     )
     parser.add_argument(
         "--npz", default=None, help="also save the uint8 samples (N, H, W, C) to this .npz file"
@@ -61,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"--num must be >= 1, got {args.num}")
     if not args.temperature >= 0:
         raise DataError(f"--temperature must be >= 0, got {args.temperature}")
+    _output_path(args)  # refuse a bad --out before the work
     model = load_model(args.checkpoint, use_ema=not args.no_ema)
     x = model.sample(
         args.num,
@@ -73,14 +77,28 @@ def _run(args: argparse.Namespace) -> int:
             f"warning: {np.size(x) - np.count_nonzero(np.isfinite(x))} non-finite pixel "
             "values in the samples (shown clipped)"
         )
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(args.checkpoint).resolve().parent / f"samples_T{args.temperature:g}.png")
-    )
+    out = _output_path(args)
     save_grid(x, out, ncols=args.ncols, title=f"{args.num} samples, T = {args.temperature:g}")
     print(f"{args.num} samples ({model.config.image_shape}, T = {args.temperature:g}): {out}")
     if args.npz:
         np.savez_compressed(args.npz, images=to_uint8(x))
         print(f"uint8 samples: {args.npz}")
     return 0
+
+
+def _output_path(args: argparse.Namespace) -> Path:
+    """The PNG to write: ``--out`` itself when it ends in ``.png``, else ``--out`` is a folder
+    and the file ``samples_T<T>.png`` goes into it; without ``--out``, next to the checkpoint."""
+    name = f"samples_T{args.temperature:g}.png"
+    if args.out is None:
+        return Path(args.checkpoint).resolve().parent / name
+    out = Path(args.out)
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        return out
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {args.out}: exists and is not a folder or a .png file")
+    if out.suffix and not out.is_dir():
+        raise DataError(
+            f"--out {args.out}: give a .png file or a folder (samples are written as PNG)"
+        )
+    return out / name

@@ -11,7 +11,9 @@ Bits/dim = (-log p(x) + D ln 256) / (D ln 2) on uniformly dequantised data; 8.0 
 model. A step with a NaN/Inf loss or gradient is rejected (reported, parameters unchanged);
 after --max-bad-steps in a row training stops (exit code 1) with the last good state saved.
 --resume continues a run exactly (same losses as without the interruption); model and training
-options then come from the checkpoint, only --steps, --time-limit and --out may be given.
+options then come from the checkpoint, only --steps, --time-limit, --out and --dataset (the
+training data's new place, checked against the fingerprint stored at training time) may be
+given. The dataset path is stored absolute, so commands work from any folder.
 
 Exit codes: 0 done, 1 diverged, 2 bad input (options, data, checkpoint).
 """
@@ -100,14 +102,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--blas-threads", type=int, default=1, help="threads of BLAS (the conditioner convs)"
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (otherwise: a bar on a terminal, or a plain line every 2%% "
+        "of the run or minute when the output goes to a file)",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
         default=tc.dataset,
         help="dataset spec for flownp.data.load_dataset ('mnist' = the bundled "
-        "MNIST test set: 9000 training / 1000 held-out images; see docs/data.md)",
+        "MNIST test set: 9000 training / 1000 held-out images; 'array:FILE[:KEY]' = npz/npy/"
+        "HDF5 arrays; see docs/data.md). With --resume: where the training data is now, if it "
+        "moved (it must match the fingerprint stored in the checkpoint)",
     )
     data.add_argument(
         "--holdout",
@@ -283,16 +292,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         parser = argparse.ArgumentParser(add_help=False)
         add_arguments(parser)
+        resume_options = ("dataset",)  # may point at training data that has moved
         given = [
-            k for k in MODEL_OPTIONS + TRAIN_OPTIONS if getattr(args, k) != parser.get_default(k)
+            k
+            for k in MODEL_OPTIONS + TRAIN_OPTIONS
+            if getattr(args, k) != parser.get_default(k) and k not in resume_options
         ]
         if given:
             raise DataError(
                 f"--resume takes the model and training options from the checkpoint; do not "
                 f"give {', '.join('--' + k.replace('_', '-') for k in given)}"
             )
+        moved = args.dataset if args.dataset != parser.get_default("dataset") else None
         trainer = Trainer.from_checkpoint(
-            args.resume, steps=args.steps, out_dir=args.out, progress=progress
+            args.resume, steps=args.steps, dataset=moved, out_dir=args.out, progress=progress
         )
         if args.time_limit is not None:
             trainer.config = dataclasses.replace(trainer.config, time_limit=args.time_limit)

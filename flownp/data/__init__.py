@@ -12,7 +12,10 @@ Spec strings of :func:`load_dataset` (full description in docs/data.md)::
     imagenet32:PATH          downsampled ImageNet npz batches (directory or one npz)
     imagenet64:PATH
     folder:DIR               PNG images of one size (grayscale -> C=1, RGB -> C=3)
-    array:FILE               .npz / .npy / .h5 / .hdf5 of uint8 images ('train' [+ 'test'])
+    array:FILE               .npz / .npy / .h5 / .hdf5 of uint8 images: 'train' [+ 'test'],
+                             Keras 'x_train' / 'y_train' / 'x_test' / 'y_test', 'images' /
+                             'labels', 'x' / 'y', or a single array
+    array:FILE:KEY           the image array KEY (its test split KEY_test, if present)
 
 Held-out split. ``holdout=None``: the format's own test split if it has one (MNIST t10k,
 CIFAR-10 test_batch, ImageNet val_data, ``test`` arrays, ``folder/test``), else the last 10% of
@@ -43,6 +46,7 @@ from flownp.data.formats import (
     read_imagenet,
     read_mnist,
     read_png_folder,
+    split_array_spec,
 )
 from flownp.errors import DataError
 
@@ -60,6 +64,9 @@ __all__ = [
     "BUNDLED_MNIST_FILES",
     "MNIST_HOLDOUT",
     "SPEC_NAMES",
+    "absolute_spec",
+    "fingerprint",
+    "check_fingerprint",
 ]
 
 # The bundled files (package data of flownp.data) and the sha256 of the .gz bytes.
@@ -243,7 +250,11 @@ def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
         return Dataset(spec, train, test, ytr, yte)
     if not arg.strip():
         raise DataError(f"load_dataset: spec {spec!r} needs a path: '{name}:PATH'")
-    path = Path(arg.strip()).expanduser()
+    key = None
+    if name == "array":
+        path, key = split_array_spec(arg.strip())
+    else:
+        path = Path(arg.strip()).expanduser()
     if name == "mnist":
         src = read_mnist(path)
     elif name == "cifar10":
@@ -253,5 +264,60 @@ def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
     elif name == "folder":
         src = read_png_folder(path)
     else:
-        src = read_array(path)
+        src = read_array(path, key)
     return _to_dataset(spec, src, holdout)
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``~`` expanded), so that a checkpoint that stores
+    it still finds the data when a command runs from another folder. ``"mnist"`` is kept."""
+    name, sep, arg = spec.strip().partition(":")
+    if not sep or not arg.strip():
+        return spec.strip()
+    arg = arg.strip()
+    if name.strip().lower() == "array":
+        path, key = split_array_spec(arg)
+        return f"{name}:{path.resolve()}" + (f":{key}" if key else "")
+    return f"{name}:{Path(arg).expanduser().resolve()}"
+
+
+def fingerprint(data: Dataset) -> dict[str, object]:
+    """What identifies a dataset's pixels: the shape of all its images (train and held out
+    together), their dtype and the SHA-256 of their bytes (train, then held out, C order).
+    A different held-out count of a format without its own test split keeps the fingerprint
+    (the same images, cut elsewhere). Stored in a checkpoint at training time and compared by
+    :func:`check_fingerprint` when the data is loaded again."""
+    h = hashlib.sha256()
+    for arr in (data.train, data.test):
+        h.update(np.ascontiguousarray(arr).data)
+    return {
+        "shape": [len(data.train) + len(data.test), *data.shape],
+        "dtype": str(data.train.dtype),
+        "sha256": h.hexdigest(),
+    }
+
+
+def check_fingerprint(data: Dataset, expected: dict[str, object] | None, where: str) -> None:
+    """Refuse ``data`` when its :func:`fingerprint` differs from ``expected`` (None: nothing
+    was stored, nothing to check).
+
+    Raises
+    ------
+    DataError
+        Naming what differs (shape, dtype or pixels) and the spec that was loaded.
+    """
+    if not expected:
+        return
+    got = fingerprint(data)
+    diffs = [
+        f"{k} {got[k]} (the training data had {expected.get(k)})"
+        for k in ("shape", "dtype")
+        if got[k] != expected.get(k)
+    ]
+    if not diffs and got["sha256"] != expected.get("sha256"):
+        diffs.append("same shape, but the pixels differ (SHA-256 mismatch)")
+    if diffs:
+        raise DataError(
+            f"{where}: dataset {data.name!r} is not the data this model was trained on: "
+            f"{'; '.join(diffs)}. Point --dataset at the original data"
+        )

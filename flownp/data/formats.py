@@ -19,7 +19,9 @@ Formats (details, with the channel orders, in docs/data.md)
 - Downsampled ImageNet (Chrabaszcz et al. 2017) npz batches: ``data`` (N, 3*S*S) uint8 rows in
   CHW order like CIFAR, ``labels`` 1..1000 (returned as 0..999).
 - PNG folder: 8-bit grayscale (C=1) or RGB (C=3) images of one size.
-- Array files: ``.npz`` / ``.npy`` / ``.h5`` / ``.hdf5`` uint8 NHWC (or NHW) arrays.
+- Array files: ``.npz`` / ``.npy`` / ``.h5`` / ``.hdf5`` uint8 NHWC (or NHW) arrays in the
+  layouts of :data:`ARRAY_LAYOUTS` (``train``/``test``, Keras ``x_train``..., ``images``/
+  ``labels``, ``x``/``y``), a single array, or one named by the user.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ __all__ = [
     "read_imagenet",
     "read_png_folder",
     "read_array",
+    "resolve_array_layout",
+    "split_array_spec",
+    "ARRAY_LAYOUTS",
     "chw_rows_to_nhwc",
 ]
 
@@ -542,42 +547,116 @@ def read_png_folder(path: str | Path) -> Source:
 
 
 # ---------------------------------------------------------------------------- npz / npy / HDF5
-def _from_mapping(arrays: dict[str, Any], where: str) -> Source:
-    """``train`` [+ ``test``, ``train_labels``, ``test_labels``] or exactly one array."""
-    if "train" in arrays:
-        train = _check_images(arrays["train"], f"{where}['train']")
-        test = None
-        if "test" in arrays:
-            test = _check_images(arrays["test"], f"{where}['test']")
-            if test.shape[1:] != train.shape[1:]:
-                raise DataError(
-                    f"{where}: 'train' images are {train.shape[1:]} but 'test' images are "
-                    f"{test.shape[1:]} (inconsistent sizes)"
-                )
-        ytr = arrays.get("train_labels")
-        yte = arrays.get("test_labels")
-        return Source(
-            train,
-            None if ytr is None else _check_labels(ytr, len(train), f"{where}['train_labels']"),
-            test,
-            None
-            if yte is None or test is None
-            else _check_labels(yte, len(test), f"{where}['test_labels']"),
-        )
-    if len(arrays) == 1:
-        ((key, arr),) = arrays.items()
-        return Source(_check_images(arr, f"{where}['{key}']"), None)
-    raise DataError(
-        f"{where}: expected a 'train' array (and optionally 'test') or a single array, "
-        f"found {sorted(arrays)}"
-    )
+# The array layouts :func:`read_array` recognises, tried in this order. Each maps the roles
+# train / test / train_labels / test_labels to array names; only ``train`` is required.
+ARRAY_LAYOUTS: tuple[tuple[str, dict[str, str]], ...] = (
+    (
+        "train [+ test, train_labels, test_labels]",
+        {"train": "train", "test": "test", "train_labels": "train_labels",
+         "test_labels": "test_labels"},
+    ),
+    (
+        "x_train [+ y_train, x_test, y_test] (Keras)",
+        {"train": "x_train", "test": "x_test", "train_labels": "y_train", "test_labels": "y_test"},
+    ),
+    (
+        "images [+ labels, images_test, labels_test]",
+        {"train": "images", "test": "images_test", "train_labels": "labels",
+         "test_labels": "labels_test"},
+    ),
+    ("x [+ y, x_test, y_test]", {"train": "x", "test": "x_test", "train_labels": "y",
+                                 "test_labels": "y_test"}),
+)  # fmt: skip
 
 
-def read_array(path: str | Path) -> Source:
+def _key_layout(key: str) -> dict[str, str]:
+    """The roles of a user-named image array ``KEY``: its test split is ``KEY_test`` (or the
+    ``_train`` -> ``_test`` sibling), its labels ``KEY_labels`` (or, for Keras' ``x...``,
+    the matching ``y...``)."""
+    stem = key.removesuffix("_train")
+    test = f"{stem}_test" if key.endswith("_train") else f"{key}_test"
+    roles = {"train": key, "test": test}
+    if key.startswith("x"):
+        roles["train_labels"] = "y" + key[1:]
+        roles["test_labels"] = "y" + test[1:]
+    else:
+        roles["train_labels"] = f"{key}_labels"
+        roles["test_labels"] = f"{test}_labels"
+    return roles
+
+
+def resolve_array_layout(names: list[str], where: str, key: str | None = None) -> dict[str, str]:
+    """Which stored arrays play the roles train / test / train_labels / test_labels.
+
+    ``key`` (from ``array:FILE:KEY``) names the image array; otherwise the first layout of
+    :data:`ARRAY_LAYOUTS` whose image array is present wins, and a file holding exactly one
+    array uses it as the training pool. Returns only the roles that are present.
+
+    Raises
+    ------
+    DataError
+        No layout fits (the message lists the arrays found and the layouts accepted), or ``key``
+        is not in the file.
+    """
+    present = set(names)
+    if key is not None:
+        if key not in present:
+            raise DataError(f"{where}: no array {key!r}; the file holds {sorted(present)}")
+        roles = _key_layout(key)
+    else:
+        roles = next((r for _, r in ARRAY_LAYOUTS if r["train"] in present), None)
+        if roles is None and len(present) == 1:
+            roles = {"train": names[0]}
+        if roles is None:
+            accepted = "; ".join(label for label, _ in ARRAY_LAYOUTS)
+            raise DataError(
+                f"{where}: cannot tell which array holds the images: found {sorted(present)}. "
+                f"Accepted layouts: {accepted}; or a single array; or name it: array:FILE:KEY"
+            )
+    found = {role: name for role, name in roles.items() if name in present}
+    if "test" not in found:  # labels of a missing test split are ignored
+        found.pop("test_labels", None)
+    return found
+
+
+def _from_arrays(arrays: dict[str, Any], roles: dict[str, str], where: str) -> Source:
+    """A :class:`Source` from the arrays of :func:`resolve_array_layout`'s roles."""
+    train = _check_images(arrays[roles["train"]], f"{where}['{roles['train']}']")
+    test = None
+    if "test" in roles:
+        test = _check_images(arrays[roles["test"]], f"{where}['{roles['test']}']")
+        if test.shape[1:] != train.shape[1:]:
+            raise DataError(
+                f"{where}: {roles['train']!r} images are {train.shape[1:]} but {roles['test']!r} "
+                f"images are {test.shape[1:]} (inconsistent sizes)"
+            )
+    labels = {}
+    for role, images in (("train_labels", train), ("test_labels", test)):
+        name = roles.get(role)
+        if name is not None and images is not None:
+            labels[role] = _check_labels(arrays[name], len(images), f"{where}['{name}']")
+    return Source(train, labels.get("train_labels"), test, labels.get("test_labels"))
+
+
+def split_array_spec(arg: str) -> tuple[Path, str | None]:
+    """``FILE`` or ``FILE:KEY`` of an ``array:`` spec -> ``(path, key or None)``.
+
+    A path that exists as given wins, so a file name containing ``:`` still works.
+    """
+    path = Path(arg).expanduser()
+    if path.exists() or ":" not in arg:
+        return path, None
+    head, _, key = arg.rpartition(":")
+    return Path(head).expanduser(), (key.strip() or None)
+
+
+def read_array(path: str | Path, key: str | None = None) -> Source:
     """Images stored as arrays: ``.npz``, ``.npy``, ``.h5`` / ``.hdf5``.
 
-    npz / HDF5: arrays (datasets at the root of the HDF5 file) ``train`` and optionally ``test``,
-    ``train_labels``, ``test_labels``; or a single array (the training pool). ``.npy``: one array.
+    npz / HDF5 (datasets at the root of the file): the layouts of :data:`ARRAY_LAYOUTS`
+    (``train``/``test``, Keras' ``x_train``/``y_train``/``x_test``/``y_test``,
+    ``images``/``labels``, ``x``/``y``), a single array, or the array named by ``key``
+    (its test split ``KEY_test``, see :func:`resolve_array_layout`). ``.npy``: one array.
     Images uint8 (N, H, W, C) or (N, H, W) (-> C=1). Object arrays are refused (no pickle).
     """
     path = Path(path)
@@ -585,43 +664,45 @@ def read_array(path: str | Path) -> Source:
     where = str(path)
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
-        return _read_h5(path)
+        return _read_h5(path, key)
     if suffix not in (".npz", ".npy"):
         raise DataError(f"{where}: array: expects a .npz, .npy, .h5 or .hdf5 file")
     try:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
+                if key is not None:
+                    raise DataError(f"{where}: a .npy file holds one array; drop ':{key}'")
                 return Source(_check_images(loaded, where), None)
             with loaded as z:
-                arrays = {k: z[k] for k in z.files}
+                roles = resolve_array_layout(list(z.files), where, key)
+                arrays = {name: z[name] for name in roles.values()}
     except DataError:
         raise
     except (*_STREAM_ERRORS, ValueError) as e:
         raise DataError(f"{where}: not a readable {suffix} file ({type(e).__name__}: {e})") from e
-    return _from_mapping(arrays, where)
+    return _from_arrays(arrays, roles, where)
 
 
-def _read_h5(path: Path) -> Source:
+def _read_h5(path: Path, key: str | None = None) -> Source:
     import h5py
 
     where = str(path)
     try:
         with h5py.File(path, "r") as f:
             datasets = {k: v for k, v in f.items() if isinstance(v, h5py.Dataset)}
-            names = ["train", "test", "train_labels", "test_labels"] if "train" in datasets else []
-            keys = [k for k in names if k in datasets] or list(datasets)
-            for k in keys:  # check the dtype before reading a possibly large array
-                if k in ("train", "test") or len(keys) == 1:
-                    if datasets[k].dtype != np.uint8:
-                        raise DataError(
-                            f"{where}['{k}']: images must be uint8, got dtype {datasets[k].dtype}"
-                        )
-            arrays = {k: datasets[k][()] for k in keys}
+            if not datasets:
+                raise DataError(f"{where}: HDF5 file has no datasets at its root")
+            roles = resolve_array_layout(list(datasets), where, key)
+            for role in ("train", "test"):  # check the dtype before reading a large array
+                name = roles.get(role)
+                if name is not None and datasets[name].dtype != np.uint8:
+                    raise DataError(
+                        f"{where}['{name}']: images must be uint8, got dtype {datasets[name].dtype}"
+                    )
+            arrays = {name: datasets[name][()] for name in roles.values()}
     except DataError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{where}: not a readable HDF5 file ({type(e).__name__}: {e})") from e
-    if not arrays:
-        raise DataError(f"{where}: HDF5 file has no datasets at its root")
-    return _from_mapping(arrays, where)
+    return _from_arrays(arrays, roles, where)

@@ -39,8 +39,8 @@ convolution, ``2 (H + W - 1)`` for the layer.
 
 Fairness. Every kernel (``conv_forward``, ``conv_backward_*``, ``solve_*``) loops over the
 ``kk x kk`` taps of its kernel only, i.e. over the nonzero taps of the emerging layer (4 + 4
-for k = 3), not over the 9 taps of each 3x3 convolution as the public Cython inverse does
-(anchors.md). Comparisons with :class:`flownp.layers.CInCConv` (9 taps, one solve) are fair.
+for k = 3), not over the 9 taps of each 3x3 convolution as the public Cython inverse does.
+Comparisons with :class:`flownp.layers.CInCConv` (9 taps, one solve) are fair.
 
 Effective kernel. ``K[u+v] += K1[u] @ K2[v]`` over ``u, v in [0, kk)^2`` (a full 2D
 convolution of the two kernels, channel matrices multiplied in (c_in, c_out) layout) is the
