@@ -8,10 +8,15 @@ channel counts, so they are drawn as C grayscale panels side by side (channel 0 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["image_grid", "channel_panels", "displayable"]
+from flownp.data.pixels import model_to_images
+
+__all__ = ["image_grid", "channel_panels", "displayable", "save_image_grid"]
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -42,3 +47,74 @@ def displayable(image: np.ndarray) -> np.ndarray:
     """A uint8 ``(H, W, C)`` image as matplotlib can show it: unchanged for C = 1 or 3, else
     :func:`channel_panels` (one grayscale panel per channel, C = 1)."""
     return image if image.shape[-1] in (1, 3) else channel_panels(image, gap=2)
+
+
+def save_image_grid(
+    images: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    highlight_column: int | None = None,
+    title: str | None = None,
+    cell_inches: float = 1.0,
+    dpi: int = 100,
+) -> Path:
+    """Save a ``(R, S, H, W, C)`` grid of images as a PNG (matplotlib Agg, no pyplot state).
+
+    ``images`` are uint8 or floats in model space (converted by :func:`model_to_images`);
+    C = 1 is drawn in grey, C = 3 as RGB, other C as grayscale panels side by side
+    (:func:`displayable`). ``highlight_column`` gets a red frame (the original
+    in a Figure 5(d) sweep). Parent directories are created. Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] < 1:
+        raise ValueError(
+            f"save_image_grid: images must be (rows, columns, H, W, C), got {images.shape}"
+        )
+    pix = images if images.dtype == np.uint8 else model_to_images(images)
+    R, S = pix.shape[:2]
+    if column_labels is not None and len(column_labels) != S:
+        raise ValueError(f"save_image_grid: {len(column_labels)} column labels for {S} columns")
+    if row_labels is not None and len(row_labels) != R:
+        raise ValueError(f"save_image_grid: {len(row_labels)} row labels for {R} rows")
+    left = 0.9 if row_labels is not None else 0.1
+    top = (0.35 if column_labels is not None else 0.1) + (0.35 if title else 0.0)
+    fig = Figure(figsize=(left + 0.1 + S * cell_inches, top + 0.1 + R * cell_inches), dpi=dpi)
+    FigureCanvasAgg(fig)
+    W_in, H_in = fig.get_size_inches()
+    for r in range(R):
+        for c in range(S):
+            ax = fig.add_axes(
+                (
+                    (left + c * cell_inches) / W_in,
+                    1.0 - (top + (r + 1) * cell_inches) / H_in,
+                    0.96 * cell_inches / W_in,
+                    0.96 * cell_inches / H_in,
+                )
+            )
+            img = displayable(pix[r, c])
+            if img.shape[-1] == 1:
+                ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hl = highlight_column is not None and c == highlight_column
+            for spine in ax.spines.values():
+                spine.set_visible(hl)
+                spine.set_color("red")
+                spine.set_linewidth(2.0)
+            if r == 0 and column_labels is not None:
+                ax.set_title(column_labels[c], fontsize=7)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.05 / H_in, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from flownp.data.pixels import dequantize, to_uint8
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
 from flownp.figures import channel_panels, image_grid
 from flownp.model import FlowConfig, FlowModel
@@ -73,34 +74,6 @@ class TrainingDiverged(NonFiniteError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-# ---------------------------------------------------------------------- data <-> model space
-def dequantize(images: np.ndarray, rng: np.random.Generator | None, dtype: Any) -> np.ndarray:
-    """uint8 images ``u`` -> ``u / 256 - 0.5 + U(0, 1/256)`` in ``dtype``.
-
-    The uniform noise is drawn on a grid of ``2**-b`` of a bin (b = 16 in float32, 32 in
-    float64), so that ``(u + noise) / 256 - 0.5`` is computed exactly and always lies inside
-    the pixel's bin ``[u/256 - 0.5, (u+1)/256 - 0.5)`` (a rounded float noise could land on
-    the next bin's edge). ``rng=None`` gives the bin centres ``u / 256 - 0.5 + 1/512``.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise DataError(f"dequantize: images must be uint8, got dtype {images.dtype}")
-    dt = np.dtype(dtype)
-    if rng is None:
-        noise = np.full(images.shape, 0.5, dtype=dt)
-    else:
-        bits = 16 if dt == np.float32 else 32
-        grid = rng.integers(0, 1 << bits, size=images.shape, dtype=np.uint64)  # U{0..2^b-1}
-        noise = grid.astype(dt) * dt.type(2.0**-bits)  # in [0, 1), exact
-    return (images.astype(dt) + noise) / dt.type(256) - dt.type(0.5)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Model space -> uint8: ``clip(floor((x + 0.5) * 256), 0, 255)``."""
-    return np.clip(np.floor((np.asarray(x, dtype=np.float64) + 0.5) * 256), 0, 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------- the loss
 def bits_per_dim(z: np.ndarray, logdet: np.ndarray) -> np.ndarray:
     """Per-sample bits/dim ``(-log p(x) + D ln 256) / (D ln 2)`` from ``model.forward``'s
     outputs (``z`` of shape ``(N, D)``), in float64."""

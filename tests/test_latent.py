@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flownp import latent
+from flownp import checkpoint, figures, latent
+from flownp.data import attributes, pixels
 from flownp.errors import DataError, NonFiniteError
 from flownp.layers import ActNorm, CInCConv
 from flownp.testing import randomize_params
@@ -78,30 +79,35 @@ def test_encode_decode_exact(rng, dtype, tol):
     assert z.shape == (10, 32) and z.dtype == dtype
     x = latent.decode(model, z, batch_size=3)
     assert x.shape == (10, 4, 4, 2) and x.dtype == dtype
-    assert np.max(np.abs(x - (u / 256.0 - 0.5))) < tol
-    np.testing.assert_array_equal(latent.model_to_images(x), u)
+    assert np.max(np.abs(x - ((u + 0.5) / 256.0 - 0.5))) < tol  # bin centres
+    np.testing.assert_array_equal(pixels.model_to_images(x), u)
     assert model.cleared >= 3 + 4  # activations released after every batch
 
 
-def test_encode_is_model_forward_on_u_over_256(flow, rng):
+def test_encode_is_model_forward_on_the_bin_centres(flow, rng):
     u = uint8_images(rng, 7)
-    x = u.astype(np.float64) / 256 - 0.5
+    x = (u.astype(np.float64) + 0.5) / 256 - 0.5
     z_ref, _ = flow.forward(x)
     flow.clear_cache()
     np.testing.assert_allclose(latent.encode(flow, u, batch_size=2), z_ref, rtol=0, atol=1e-13)
-    np.testing.assert_array_equal(latent.images_to_model(u, np.float32), x.astype(np.float32))
+    np.testing.assert_array_equal(pixels.images_to_model(u, np.float32), x.astype(np.float32))
 
 
 def test_pixel_conversion_round_trip_and_clipping():
     u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     for dt in (np.float32, np.float64):
-        x = latent.images_to_model(u, dt)
-        assert x.dtype == dt and x.min() == -0.5 and x.max() == 255 / 256 - 0.5
-        np.testing.assert_array_equal(latent.model_to_images(x + 0.0019), u)  # < 1/512
-        np.testing.assert_array_equal(latent.model_to_images(x - 0.0019), u)
-    assert latent.model_to_images(np.array([-3.0, 3.0])).tolist() == [0, 255]
+        x = pixels.images_to_model(u, dt)
+        assert x.dtype == dt and x.min() == 0.5 / 256 - 0.5 and x.max() == 255.5 / 256 - 0.5
+        np.testing.assert_array_equal(pixels.model_to_images(x + 0.0019), u)  # < 1/512
+        np.testing.assert_array_equal(pixels.model_to_images(x - 0.0019), u)
+    assert pixels.model_to_images(np.array([-3.0, 3.0])).tolist() == [0, 255]
     with pytest.raises(NonFiniteError):
-        latent.model_to_images(np.array([0.0, np.nan]))
+        pixels.model_to_images(np.array([0.0, np.nan]))
+    # one rounding rule: every point of a bin maps to its pixel (a dequantised sample too)
+    edges = (np.arange(256) / 256 - 0.5).reshape(u.shape)
+    np.testing.assert_array_equal(pixels.model_to_images(edges), u)
+    np.testing.assert_array_equal(pixels.model_to_images(edges + (1 - 1e-9) / 256), u)
+    np.testing.assert_array_equal(pixels.to_uint8(edges), u)
 
 
 def test_encode_decode_validation(flow, rng):
@@ -282,8 +288,8 @@ def test_interpolate_images_endpoints_are_the_images(flow, rng):
     for method in latent.INTERPOLATIONS:
         out = latent.interpolate(flow, u0, u1, 4, method=method)
         assert out.shape == (3, 4, 4, 4, 2)
-        np.testing.assert_array_equal(latent.model_to_images(out[:, 0]), u0)
-        np.testing.assert_array_equal(latent.model_to_images(out[:, -1]), u1)
+        np.testing.assert_array_equal(pixels.model_to_images(out[:, 0]), u0)
+        np.testing.assert_array_equal(pixels.model_to_images(out[:, -1]), u1)
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -313,7 +319,7 @@ def red_pixels(path):
 
 def test_save_image_grid(tmp_path, rng):
     grid = rng.uniform(-0.5, 0.5, (2, 5, 6, 6, 1))
-    p1 = latent.save_image_grid(
+    p1 = figures.save_image_grid(
         grid,
         tmp_path / "sub" / "a.png",
         column_labels=["-2", "-1", "original", "+1", "+2"],
@@ -321,15 +327,15 @@ def test_save_image_grid(tmp_path, rng):
         highlight_column=2,
         title="t",
     )
-    p2 = latent.save_image_grid(grid, tmp_path / "b.png")
+    p2 = figures.save_image_grid(grid, tmp_path / "b.png")
     assert p1.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert red_pixels(p1) > 0 and red_pixels(p2) == 0  # only the highlighted version
     rgb = rng.integers(0, 256, (1, 3, 5, 5, 3), dtype=np.uint8)
-    latent.save_image_grid(rgb, tmp_path / "c.png")
+    figures.save_image_grid(rgb, tmp_path / "c.png")
     with pytest.raises(ValueError, match="column labels"):
-        latent.save_image_grid(grid, tmp_path / "d.png", column_labels=["a"])
+        figures.save_image_grid(grid, tmp_path / "d.png", column_labels=["a"])
     with pytest.raises(ValueError, match="rows, columns"):
-        latent.save_image_grid(grid[0], tmp_path / "e.png")
+        figures.save_image_grid(grid[0], tmp_path / "e.png")
 
 
 # --------------------------------------------------------------------------- MNIST attributes
@@ -354,37 +360,37 @@ def sheared_bar(s, width=3, size=28):
 
 def test_stroke_thickness_measures_width_not_length():
     ims = np.stack([bar(2, 20), bar(3, 20), bar(5, 20), bar(3, 10), bar(5, 10)])
-    t = latent.stroke_thickness(ims)
+    t = attributes.stroke_thickness(ims)
     assert t[0] < t[1] < t[2]
     np.testing.assert_allclose(t[:3], [2, 3, 5], rtol=0.1)
     np.testing.assert_allclose(t[3:], [3, 5], rtol=0.2)  # half the length, same width
-    ink = latent.ink_mass(ims)
+    ink = attributes.ink_mass(ims)
     assert ink[3] < ink[1] / 1.9  # total ink, by contrast, halves with the length
     yy, xx = np.mgrid[:28, :28]
     r = np.hypot(yy - 13.5, xx - 13.5)
     rings = np.stack([((np.abs(r - 9) < w / 2) * 255).astype(np.uint8)[..., None] for w in (2, 4)])
-    tr = latent.stroke_thickness(rings)
+    tr = attributes.stroke_thickness(rings)
     assert tr[0] < tr[1]
     np.testing.assert_allclose(tr, [2, 4], rtol=0.15)
     blank = np.zeros((1, 28, 28, 1), np.uint8)
-    assert latent.stroke_thickness(blank)[0] == 0 and latent.slant(blank)[0] == 0
+    assert attributes.stroke_thickness(blank)[0] == 0 and attributes.slant(blank)[0] == 0
 
 
 def test_slant_sign_and_value():
     shears = [-0.4, -0.2, 0.0, 0.2, 0.4]
-    sl = latent.slant(np.stack([sheared_bar(s) for s in shears]))
+    sl = attributes.slant(np.stack([sheared_bar(s) for s in shears]))
     np.testing.assert_allclose(sl, shears, atol=0.02)
     assert sl[3] > 0 > sl[1]  # "/" leans right: positive
-    assert abs(latent.slant(bar(3, 20)[None])[0]) < 1e-12
+    assert abs(attributes.slant(bar(3, 20)[None])[0]) < 1e-12
 
 
 def test_one_hot_and_mnist_labelled(rng):
-    np.testing.assert_array_equal(latent.one_hot(np.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(attributes.one_hot(np.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
     with pytest.raises(DataError, match="label 10 at index 1"):
-        latent.one_hot(np.array([1, 10]))
+        attributes.one_hot(np.array([1, 10]))
     ims = np.stack([bar(w, 10 + 2 * i, 16) for i, w in enumerate([1, 2, 3, 4, 5, 6])])
     ims[2:4] = np.stack([sheared_bar(s, 3, 16) for s in (0.3, -0.3)])
-    data = latent.mnist_labelled(ims, np.array([0, 1, 2, 3, 4, 9]))
+    data = attributes.mnist_labelled(ims, np.array([0, 1, 2, 3, 4, 9]))
     assert data.attribute_names[:10] == tuple(f"digit_{d}" for d in range(10))
     assert data.attribute_names[10:] == ("thickness", "slant", "ink")
     assert data.attributes.shape == (6, 13)
@@ -395,7 +401,7 @@ def test_one_hot_and_mnist_labelled(rng):
     with pytest.raises(KeyError, match="available"):
         data.attribute("colour")
     with pytest.raises(DataError, match="labels"):
-        latent.mnist_labelled(ims, np.array([1, 2]))
+        attributes.mnist_labelled(ims, np.array([1, 2]))
 
 
 # --------------------------------------------------------------------------- CelebA format
@@ -410,12 +416,12 @@ def write(tmp_path, text, name="list_attr_celeba.txt"):
 
 
 def test_read_celeba_attributes(tmp_path):
-    t = latent.read_celeba_attributes(write(tmp_path, GOOD.replace("\n", "\r\n") + "\n\n"))
+    t = attributes.read_celeba_attributes(write(tmp_path, GOOD.replace("\n", "\r\n") + "\n\n"))
     assert t.names == ("Smiling", "Male", "Eyeglasses")
     assert t.filenames == ("000001.jpg", "000002.jpg", "000003.jpg")
     assert t.values.dtype == np.int8
     np.testing.assert_array_equal(t.values, [[1, -1, -1], [-1, 1, 1], [1, 1, -1]])
-    plus = latent.read_celeba_attributes(write(tmp_path, GOOD.replace(" 1 1 -1", " +1 +1 -1")))
+    plus = attributes.read_celeba_attributes(write(tmp_path, GOOD.replace(" 1 1 -1", " +1 +1 -1")))
     np.testing.assert_array_equal(plus.values, t.values)
 
 
@@ -444,17 +450,17 @@ def test_bad_attribute_files(tmp_path, case):
     text, message = BAD_FILES[case]
     p = write(tmp_path, text)
     with pytest.raises(DataError) as err:
-        latent.read_celeba_attributes(p)
+        attributes.read_celeba_attributes(p)
     assert str(p) in str(err.value) and message in str(err.value)
 
 
 def test_attribute_file_missing_or_binary(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        latent.read_celeba_attributes(tmp_path / "nope.txt")
+        attributes.read_celeba_attributes(tmp_path / "nope.txt")
     p = tmp_path / "bin.txt"
     p.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DataError, match="UTF-8"):
-        latent.read_celeba_attributes(p)
+        attributes.read_celeba_attributes(p)
 
 
 def write_png(path, array):
@@ -469,20 +475,20 @@ def test_load_image_folder_crops_the_centre(tmp_path):
     img[:, 2:10] = [0, 0, 255]  # blue centred 8 x 8 square
     write_png(tmp_path / "a.png", img)
     write_png(tmp_path / "g.png", np.full((10, 10), 77, np.uint8))
-    out = latent.load_image_folder(tmp_path, ["a.png"], size=(4, 4))
+    out = attributes.load_image_folder(tmp_path, ["a.png"], size=(4, 4))
     assert out.shape == (1, 4, 4, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[0].reshape(-1, 3), np.tile([0, 0, 255], (16, 1)))
-    wide = latent.load_image_folder(tmp_path, ["a.png"], size=(8, 12), crop=(8, 12))
+    wide = attributes.load_image_folder(tmp_path, ["a.png"], size=(8, 12), crop=(8, 12))
     np.testing.assert_array_equal(wide[0], img)  # no crop, no resize: identical
-    grey = latent.load_image_folder(tmp_path, ["g.png", "g.png"], size=(5, 5), channels=1)
+    grey = attributes.load_image_folder(tmp_path, ["g.png", "g.png"], size=(5, 5), channels=1)
     assert grey.shape == (2, 5, 5, 1) and np.all(grey == 77)
     with pytest.raises(DataError, match="missing.png: image not found"):
-        latent.load_image_folder(tmp_path, ["a.png", "missing.png"], size=(4, 4))
+        attributes.load_image_folder(tmp_path, ["a.png", "missing.png"], size=(4, 4))
     (tmp_path / "junk.jpg").write_text("not an image")
     with pytest.raises(DataError, match="junk.jpg: not a readable image"):
-        latent.load_image_folder(tmp_path, ["junk.jpg"], size=(4, 4))
+        attributes.load_image_folder(tmp_path, ["junk.jpg"], size=(4, 4))
     with pytest.raises(DataError, match="crop"):
-        latent.load_image_folder(tmp_path, ["a.png"], size=(4, 4), crop=20)
+        attributes.load_image_folder(tmp_path, ["a.png"], size=(4, 4), crop=20)
 
 
 def make_celeba(tmp_path, rng, n=24, size=(7, 5)):
@@ -502,11 +508,11 @@ def make_celeba(tmp_path, rng, n=24, size=(7, 5)):
 
 def test_load_celeba(tmp_path, rng):
     attrs, folder = make_celeba(tmp_path, rng)
-    data = latent.load_celeba(attrs, folder, image_shape=(4, 4, 3), start=20)
+    data = attributes.load_celeba(attrs, folder, image_shape=(4, 4, 3), start=20)
     assert data.images.shape == (4, 4, 4, 3) and data.attribute_names == ("Bright", "Random")
     np.testing.assert_array_equal(data.attribute("Bright"), [1, -1, 1, -1])
     with pytest.raises(DataError, match="no rows"):
-        latent.load_celeba(attrs, folder, image_shape=(4, 4, 3), start=30)
+        attributes.load_celeba(attrs, folder, image_shape=(4, 4, 3), start=30)
 
 
 # --------------------------------------------------------------------------- commands
@@ -522,7 +528,7 @@ def run_command(module, argv):
 def celeba_cli(tmp_path, rng, monkeypatch):
     attrs, folder = make_celeba(tmp_path, rng)
     model = StandInFlow(shape=(4, 4, 3), seed=5)
-    monkeypatch.setattr(latent, "load_model", lambda path: model)
+    monkeypatch.setattr(checkpoint, "load_model", lambda path: model)
     ckpt = tmp_path / "run" / "checkpoint.h5"
     data = ["--celeba-attrs", str(attrs), "--celeba-images", str(folder), "--batch-size", "8"]
     return SimpleNamespace(ckpt=str(ckpt), data=data, model=model, tmp=tmp_path)
@@ -542,7 +548,7 @@ def test_manipulate_command(celeba_cli, capsys):
     assert saved["directions"].shape == (1, 48) and saved["names"].tolist() == ["Bright"]
     # the direction makes images brighter: decoding z + v raises the mean pixel value
     v = saved["directions"][0]
-    imgs = latent.load_celeba(c.data[1], c.data[3], image_shape=(4, 4, 3)).images
+    imgs = attributes.load_celeba(c.data[1], c.data[3], image_shape=(4, 4, 3)).images
     edited = latent.manipulate(c.model, imgs[:4], v, np.array([-1.0, 0.0, 1.0]))
     means = edited.mean(axis=(2, 3, 4))  # (4, 3)
     assert np.all(means[:, 2] > means[:, 1]) and np.all(means[:, 1] > means[:, 0])
@@ -571,14 +577,14 @@ def test_interpolate_and_reconstruct_commands(celeba_cli, capsys, monkeypatch):
     assert "reconstruction of 5 image(s) (float64)" in out and "uint8 pixels differing: 0" in out
     assert (c.tmp / "run" / "reconstruct.png").is_file()
     bad = OffsetInverse(shape=(4, 4, 3), seed=5)
-    monkeypatch.setattr(latent, "load_model", lambda path: bad)
+    monkeypatch.setattr(checkpoint, "load_model", lambda path: bad)
     assert run_command(reconstruct, [c.ckpt, *c.data, "--num-images", "3"]) == 1
     assert "FAILED: max |error| 1.000e-02" in capsys.readouterr().out
 
 
 def test_commands_on_bundled_mnist_with_a_real_checkpoint(tmp_path, capsys):
     """Integration: a tiny FlowModel saved with flownp.checkpoint, loaded by
-    latent.load_model, on the bundled MNIST (directions from the training split)."""
+    checkpoint.load_model, on the bundled MNIST (directions from the training split)."""
     from flownp.checkpoint import save_checkpoint
     from flownp.commands import manipulate, reconstruct
     from flownp.data import load_dataset
@@ -587,15 +593,15 @@ def test_commands_on_bundled_mnist_with_a_real_checkpoint(tmp_path, capsys):
     cfg = FlowConfig(image_shape=(28, 28, 1), levels=2, depth=1, width=4, dtype="float32")
     model = FlowModel(cfg, seed=0)
     ds = load_dataset("mnist")
-    model.initialize(latent.images_to_model(ds.train[:32], np.float32))
+    model.initialize(pixels.images_to_model(ds.train[:32], np.float32))
     ckpt = save_checkpoint(tmp_path / "checkpoint.h5", model)
-    loaded = latent.load_model(ckpt)
+    loaded = checkpoint.load_model(ckpt)
     z = latent.encode(model, ds.test[:4])
     np.testing.assert_array_equal(latent.encode(loaded, ds.test[:4]), z)
-    np.testing.assert_array_equal(latent.model_to_images(latent.decode(loaded, z)), ds.test[:4])
+    np.testing.assert_array_equal(pixels.model_to_images(latent.decode(loaded, z)), ds.test[:4])
 
-    data = latent.load_labelled("mnist", "train")
-    assert len(data.images) == 9000 and data.attribute_names[-3:] == latent.MNIST_ATTRIBUTES
+    data = attributes.load_labelled("mnist", "train")
+    assert len(data.images) == 9000 and data.attribute_names[-3:] == attributes.MNIST_ATTRIBUTES
     np.testing.assert_array_equal(data.attributes[:5, :10].argmax(1), ds.train_labels[:5])
 
     argv = [str(ckpt), "--max-images", "64", "--num-images", "2", "--steps", "1"]

@@ -12,8 +12,9 @@ import argparse
 
 import numpy as np
 
-from flownp import latent
-from flownp.commands import manipulate as common
+from flownp import figures, latent
+from flownp.commands import _latent as common
+from flownp.data import pixels
 from flownp.errors import DataError
 
 HELP = "interpolate between images in the exact latent space"
@@ -67,14 +68,14 @@ def run(args: argparse.Namespace) -> int:
     paths = latent.interpolate(
         model, images[i0], images[i1], args.steps, method=args.method, batch_size=args.batch_size
     )  # (P, T, H, W, C)
-    x0 = latent.images_to_model(images[i0], paths.dtype)
-    x1 = latent.images_to_model(images[i1], paths.dtype)
+    x0 = pixels.images_to_model(images[i0], paths.dtype)
+    x1 = pixels.images_to_model(images[i1], paths.dtype)
     err = max(float(np.max(np.abs(paths[:, 0] - x0))), float(np.max(np.abs(paths[:, -1] - x1))))
     print(f"{len(pairs)} pair(s) of {where}, {args.steps} steps, {args.method}")
     print(f"endpoint reconstruction max |error| = {err:.3e}")
     t = np.linspace(0.0, 1.0, args.steps)
     out = common.default_out(args, f"interpolate_{args.method}.png")
-    latent.save_image_grid(
+    figures.save_image_grid(
         paths,
         out,
         column_labels=[f"t={v:.2f}" for v in t],

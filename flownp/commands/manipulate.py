@@ -22,95 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from flownp import latent
+from flownp import figures, latent
+from flownp.commands import _latent as common
+from flownp.data import attributes, pixels
 from flownp.errors import DataError
 
 HELP = "edit images along attribute directions of the latent space (paper Figure 5)"
-
-
-# --------------------------------------------------------------------------- shared helpers
-# (also used by flownp interpolate / flownp reconstruct)
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The checkpoint and data-source options shared by the latent-space commands."""
-    parser.add_argument("checkpoint", help="checkpoint file of a trained model (checkpoint.h5)")
-    parser.add_argument(
-        "--data",
-        default="mnist",
-        help="data set spec of flownp.data.load_dataset (ignored with --celeba-attrs)",
-    )
-    parser.add_argument(
-        "--celeba-attrs", metavar="FILE", help="CelebA attribute file (list_attr_celeba.txt)"
-    )
-    parser.add_argument(
-        "--celeba-images", metavar="DIR", help="CelebA image folder (img_align_celeba)"
-    )
-    parser.add_argument(
-        "--crop",
-        type=int,
-        default=None,
-        help="CelebA: side of the centred square crop before resizing "
-        "(default: the largest centred box with the model's aspect ratio)",
-    )
-    parser.add_argument("--batch-size", type=int, default=128, help="images per model call")
-    parser.add_argument("--out", default=None, help="output PNG (default: next to the checkpoint)")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if bool(args.celeba_attrs) != bool(args.celeba_images):
-        raise DataError("--celeba-attrs and --celeba-images must be given together")
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
-
-
-def load_model(args: argparse.Namespace) -> Any:
-    model = latent.load_model(args.checkpoint)
-    print(
-        f"model: {args.checkpoint} (image {latent.model_image_shape(model)}, "
-        f"{latent.model_dtype(model)})"
-    )
-    return model
-
-
-def _image_shape(model: Any) -> tuple[int, int, int]:
-    shape = latent.model_image_shape(model)
-    if shape is None:
-        raise DataError("the model does not state its image shape (model.config.image_shape)")
-    return shape
-
-
-def check_shape(images: np.ndarray, model: Any, source: str) -> None:
-    shape = latent.model_image_shape(model)
-    if shape is not None and images.shape[1:] != shape:
-        raise DataError(
-            f"{source}: images are {images.shape[1:]} (H, W, C) but the model expects {shape}"
-        )
-
-
-def load_examples(args: argparse.Namespace, model: Any, n: int) -> tuple[np.ndarray, str]:
-    """``n`` held-out uint8 images for the figures, and a description of where they come from
-    (CelebA: the last ``n`` rows of the attribute file; other data: the first ``n`` test
-    images)."""
-    if args.celeba_attrs:
-        table = latent.read_celeba_attributes(args.celeba_attrs)
-        start = max(0, len(table.filenames) - n)
-        data = latent.load_celeba(
-            table, args.celeba_images, image_shape=_image_shape(model), start=start, crop=args.crop
-        )
-        return data.images, data.name
-    from flownp.data import load_dataset
-
-    ds = load_dataset(args.data)
-    images = ds.test[:n]
-    check_shape(images, model, args.data)
-    return images, f"{args.data} held-out images 0..{len(images) - 1}"
-
-
-def default_out(args: argparse.Namespace, name: str) -> Path:
-    if args.out:
-        return Path(args.out)
-    return Path(args.checkpoint).resolve().parent / name
 
 
 def strength_labels(strengths: np.ndarray) -> list[str]:
@@ -121,7 +38,7 @@ def strength_labels(strengths: np.ndarray) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_data_arguments(parser)
+    common.add_data_arguments(parser)
     parser.add_argument(
         "--attribute",
         action="append",
@@ -162,37 +79,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 
 
-def _labelled(args: argparse.Namespace, model: Any) -> latent.LabelledImages:
+def _labelled(args: argparse.Namespace, model: Any) -> attributes.LabelledImages:
     if args.celeba_attrs:
-        return latent.load_celeba(
+        return attributes.load_celeba(
             args.celeba_attrs,
             args.celeba_images,
-            image_shape=_image_shape(model),
+            image_shape=common.required_image_shape(model),
             limit=args.max_images,
             crop=args.crop,
             progress=args.progress,
         )
-    data = latent.load_labelled(args.data, "train")
+    data = attributes.load_labelled(args.data, "train")
     n = min(len(data.images), args.max_images)
-    return latent.LabelledImages(
+    return attributes.LabelledImages(
         data.name, data.images[:n], data.attributes[:n], data.attribute_names
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    check_args(args)
+    common.check_args(args)
     if args.list_attributes:
         if args.celeba_attrs:
-            names = latent.read_celeba_attributes(args.celeba_attrs).names
+            names = attributes.read_celeba_attributes(args.celeba_attrs).names
         else:
-            names = latent.load_labelled(args.data, "train").attribute_names
+            names = attributes.load_labelled(args.data, "train").attribute_names
         print("\n".join(names))
         return 0
     if args.steps < 1 or args.num_images < 1 or args.max_images < 2:
         raise DataError("--steps and --num-images must be >= 1, --max-images >= 2")
-    model = load_model(args)
+    model = common.load_model(args)
     data = _labelled(args, model)
-    check_shape(data.images, model, data.name)
+    common.check_shape(data.images, model, data.name)
     wanted = args.attribute or (
         ["thickness", "slant"] if "thickness" in data.attribute_names else None
     )
@@ -231,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"directions saved to {args.save_directions}")
 
-    examples, where = load_examples(args, model, args.num_images)
+    examples, where = common.load_examples(args, model, args.num_images)
     strengths = latent.strength_sweep(args.max_strength, args.steps)
     mid = args.steps
     rows, labels, worst = [], [], 0.0
@@ -239,15 +156,15 @@ def run(args: argparse.Namespace) -> int:
         edited = latent.manipulate(
             model, examples, V[k], strengths, batch_size=args.batch_size
         )  # (N, S, H, W, C)
-        x0 = latent.images_to_model(examples, edited.dtype)
+        x0 = pixels.images_to_model(examples, edited.dtype)
         worst = max(worst, float(np.max(np.abs(edited[:, mid] - x0))))
         rows.append(edited)
         labels += [f"{name}\n#{i}" for i in range(len(examples))]
     grid = np.concatenate(rows, axis=0)
     print(f"edited {len(examples)} images ({where}), strengths {np.round(strengths, 4).tolist()}")
     print(f"reconstruction (s = 0) max |error| = {worst:.3e}")
-    out = default_out(args, f"manipulate_{'_'.join(wanted)}.png")
-    latent.save_image_grid(
+    out = common.default_out(args, f"manipulate_{'_'.join(wanted)}.png")
+    figures.save_image_grid(
         grid,
         out,
         column_labels=strength_labels(strengths),

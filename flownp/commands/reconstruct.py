@@ -12,8 +12,9 @@ import argparse
 
 import numpy as np
 
-from flownp import latent
-from flownp.commands import manipulate as common
+from flownp import figures, latent
+from flownp.commands import _latent as common
+from flownp.data import pixels
 from flownp.errors import DataError
 
 HELP = "report the reconstruction error f^-1(f(x)) - x on held-out images"
@@ -43,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     if args.figure or args.out:
         n = min(8, len(images))
-        x = latent.images_to_model(images[:n], np.float64)
+        x = pixels.images_to_model(images[:n], np.float64)
         err = np.abs(rec[:n].astype(np.float64) - x)  # (n, H, W, C)
         scale = max(report.max_abs_error, np.finfo(np.float64).tiny)
         grid = np.stack([x, rec[:n].astype(np.float64), err / scale - 0.5], axis=0)
         out = common.default_out(args, "reconstruct.png")
-        latent.save_image_grid(
+        figures.save_image_grid(
             grid,
             out,
             row_labels=["original", "f^-1(f(x))", "|error|"],
