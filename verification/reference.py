@@ -57,7 +57,6 @@ import h5py
 import numpy as np
 
 from flownp import threads
-from flownp.layers.split import Split
 from flownp.model import FlowConfig, FlowModel, FlowStep
 from flownp.optim import Adam
 from flownp.testing import randomize_params
@@ -135,21 +134,22 @@ def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarr
     composes them. Caches are cleared afterwards."""
     out: dict[str, np.ndarray] = {}
     h = x
-    for path, layer in model.flow:
-        if isinstance(layer, Split):
-            h, eps, ld = layer.forward(h)
-            out[f"forward/{path}/h"] = h
-            out[f"forward/{path}/eps"] = eps
-            out[f"forward/{path}/logdet"] = ld
-        elif isinstance(layer, FlowStep):
-            for name, sub in layer._layers.items():  # actnorm, conv (conv1x1, conv), coupling
-                h, ld = sub.forward(h)
-                out[f"forward/{path}/{name}/output"] = h
-                out[f"forward/{path}/{name}/logdet"] = ld
-        else:  # squeeze
-            h, ld = layer.forward(h)
-            out[f"forward/{path}/output"] = h
-            out[f"forward/{path}/logdet"] = ld
+    for level in model.levels:
+        for path, layer in level.layers:
+            if isinstance(layer, FlowStep):  # actnorm, conv (conv1x1, conv), coupling
+                for name, sub in zip(layer._layers, layer.order, strict=True):
+                    h, ld = sub.forward(h)
+                    out[f"forward/{path}/{name}/output"] = h
+                    out[f"forward/{path}/{name}/logdet"] = ld
+            else:  # squeeze
+                h, ld = layer.forward(h)
+                out[f"forward/{path}/output"] = h
+                out[f"forward/{path}/logdet"] = ld
+        if level.split is not None:
+            h, eps, ld = level.split.forward(h)
+            out[f"forward/{level.split_path}/h"] = h
+            out[f"forward/{level.split_path}/eps"] = eps
+            out[f"forward/{level.split_path}/logdet"] = ld
     eps, ld = model.prior.forward(h)
     out["forward/prior/output"] = eps
     out["forward/prior/logdet"] = ld

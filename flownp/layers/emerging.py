@@ -168,7 +168,7 @@ class _MaskedConv(Layer):
         self._cache = (xt, Kt)
         return y, logdet
 
-    def inverse(self, y: np.ndarray, method: str, dtype: Any = None) -> np.ndarray:
+    def inverse(self, y: np.ndarray, method: str = "auto", dtype: Any = None) -> np.ndarray:
         """Solve for the input in ``dtype`` (default the layer's; the kernel is cast to it)."""
         d = self.diagonal()
         if not np.all(np.isfinite(d)) or np.any(d == 0):
