@@ -279,8 +279,16 @@ def replay(
 
 
 # ---------------------------------------------------------------------- the file
-def write(path: str | os.PathLike, vectors: dict[str, dict[str, np.ndarray]]) -> Path:
-    """Write ``{model: {path: array}}`` to ``path`` (layout: docs/reference-vectors.md)."""
+def write(
+    path: str | os.PathLike,
+    vectors: dict[str, dict[str, np.ndarray]],
+    configs: dict[str, FlowConfig] | None = None,
+) -> Path:
+    """Write ``{model: {path: array}}`` to ``path`` (layout: docs/reference-vectors.md).
+
+    Each group's ``config`` attribute is ``configs[name]`` (a replayed file's own
+    configuration, :func:`read_configs`) or else the registered one of
+    :data:`REFERENCE_MODELS`; the dtype is the one of ``input/x``."""
     from flownp import __version__
 
     path = Path(path)
@@ -299,13 +307,16 @@ def write(path: str | os.PathLike, vectors: dict[str, dict[str, np.ndarray]]) ->
         f.attrs["loss"] = "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2)"
         for name, arrays in vectors.items():
             g = f.create_group(name)
+            config = (configs or {}).get(name)
             if name in REFERENCE_MODELS:
-                config, model_seed, data_seed = REFERENCE_MODELS[name]
+                registered, model_seed, data_seed = REFERENCE_MODELS[name]
+                config = config or registered
+                g.attrs["model_seed"] = model_seed
+                g.attrs["data_seed"] = data_seed
+            if config is not None:
                 g.attrs["config"] = json.dumps(
                     {**config.to_dict(), "dtype": str(arrays["input/x"].dtype)}, sort_keys=True
                 )
-                g.attrs["model_seed"] = model_seed
-                g.attrs["data_seed"] = data_seed
             for key in sorted(arrays):
                 a = np.asarray(arrays[key])
                 # small arrays live in the object header (no separate chunk)
