@@ -35,8 +35,9 @@ ignored (their gradient is zero); :attr:`CInCConv.kernel` is the effective kerne
 
 Stability guard (``guard=rho``, default ``None`` here, 0.9 in :class:`flownp.model.FlowConfig`):
 the effective kernel's taps are rescaled so that the substitution stays diagonally dominant
-for any parameter values (:mod:`flownp.layers.guard`, the only other module this file needs
-besides :mod:`flownp.layers._linalg` for the LU factors)::
+for any parameter values (:mod:`flownp.layers.guard`; with :mod:`flownp.layers._linalg` for
+the LU factors, the only modules of the package this file needs besides the compiled
+convolution loops of :mod:`flownp.kernels.conv`)::
 
     triangular / unit   K = guard_kernel(weight * mask, d, rho)        budget rho |d_o|
     lu                  K = guard_taps(weight * mask, rho / ||A^{-1}||_inf),  K[k-1,k-1] = A^T
