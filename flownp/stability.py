@@ -342,7 +342,7 @@ class StabilityThresholds:
     """When a layer is reported.
 
     ``max_roundtrip_f32``: relative float32 round-trip error above which the layer is
-    ``"unstable"`` (issue 8's target for a model: 1e-4). ``max_condition``: above this value of
+    ``"unstable"`` (the target for a model: 1e-4). ``max_condition``: above this value of
     ``kappa = ||M||_inf ||M^{-1}||_inf`` a layer whose round trip still passes is ``"at-risk"``
     (larger images, other inputs or float32 sampling may fail).
     """

@@ -1,4 +1,4 @@
-"""Verification section: numerical stability of the CInC inverse (issue 8).
+"""Verification section: numerical stability of the CInC inverse.
 
 Claims (each returns a :class:`verification.result.ClaimResult`):
 

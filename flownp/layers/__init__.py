@@ -2,7 +2,7 @@
 (:class:`Layer`, :class:`FactorOut`, :class:`Network`)."""
 
 from flownp.layers.actnorm import ActNorm
-from flownp.layers.base import FactorOut, Layer, Module, Network
+from flownp.layers.base import Layer
 from flownp.layers.cinc import CInCConv
 from flownp.layers.conditioner import ConditionerNet
 from flownp.layers.conv1x1 import Conv1x1
@@ -12,10 +12,7 @@ from flownp.layers.split import LearnedPrior, Split
 from flownp.layers.squeeze import Squeeze
 
 __all__ = [
-    "Module",
     "Layer",
-    "FactorOut",
-    "Network",
     "ActNorm",
     "CInCConv",
     "Conv1x1",

@@ -69,12 +69,11 @@ from flownp.layers.guard import (
 
 CORNERS = ("triangular", "unit", "lu")
 SOLVERS = ("auto", "wavefront", "raster", "reference")
-_SOLVE = {
-    "auto": K_.solve_auto,
-    "wavefront": K_.solve_wavefront,
-    "raster": K_.solve_raster,
-    "reference": K_.solve_reference,
-}
+
+
+def solver_function(method: str) -> Any:
+    """``flownp.kernels.conv.solve_<method>``, looked up at call time (one of :data:`SOLVERS`)."""
+    return getattr(K_, f"solve_{method}")
 
 
 def corner_mask(k: int, C: int, *, full_corner: bool) -> np.ndarray:
@@ -391,7 +390,8 @@ class CInCConv(Layer):
             y = y.astype(dt)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, never silenced
             try:
-                x = _SOLVE[method](y, K, L.astype(dt), U.astype(dt), perm).astype(self.dtype)
+                x = solver_function(method)(y, K, L.astype(dt), U.astype(dt), perm)
+                x = x.astype(self.dtype)
             except ValueError as exc:  # SciPy's finiteness check inside the reference solver
                 if "infs or NaNs" not in str(exc):
                     raise

@@ -68,7 +68,12 @@ import numpy as np
 from flownp.errors import SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
-from flownp.layers.cinc import _SOLVE, SOLVERS, triangular_kernel, triangular_kernel_backward
+from flownp.layers.cinc import (
+    SOLVERS,
+    solver_function,
+    triangular_kernel,
+    triangular_kernel_backward,
+)
 from flownp.layers.guard import check_guard
 
 SIDES = ("bottom_right", "top_left")
@@ -186,9 +191,9 @@ class _MaskedConv(Layer):
         Kt = self.kernel_tl().astype(dt, copy=False)
         y = y.astype(dt, copy=False)
         if self.side == "top_left":
-            return _SOLVE[method](y, Kt, L, U, perm)
+            return solver_function(method)(y, Kt, L, U, perm)
         # the solvers make their input contiguous: pass the flipped view (no extra copy)
-        xt = _SOLVE[method](y[:, ::-1, ::-1, :], Kt, L, U, perm)
+        xt = solver_function(method)(y[:, ::-1, ::-1, :], Kt, L, U, perm)
         return _flip(xt)
 
     # ------------------------------------------------------------------ backward
