@@ -34,10 +34,13 @@ Parameter paths (keys of ``params``/``grads``/``buffers``, also the HDF5 paths):
     level{l}/split/prior/{weight,bias}   (l < L-1)
     prior/{mean,logs}                    (top prior)
 
-Plumbing: the model is a flat list of nodes, :attr:`FlowModel.flow`, run in order by
+Plumbing: the model is a list of :class:`Level` s, :attr:`FlowModel.levels`, run in order by
 :meth:`FlowModel.forward` and in reverse by :meth:`FlowModel.backward` / :meth:`FlowModel.inverse`.
-A node is a plain layer (``x -> (x, logdet)``: squeeze or a :class:`FlowStep`) or a
-:class:`~flownp.layers.split.Split` (``x -> (h, eps, logdet)``).
+A level is a list of flow layers with the :class:`~flownp.layers.base.Layer` contract
+(``x -> (x, logdet)``: the squeeze, then the :class:`FlowStep` s) followed by an optional
+split with the :class:`~flownp.layers.base.FactorOut` contract (``x -> (h, eps, logdet)``);
+each pass handles the split in one place. :attr:`FlowModel.flow` lists every node flat, for
+inspection.
 
 Memory-saving backpropagation (``FlowModel(config, recompute=True)``): invertibility lets the
 backward pass rebuild every node's input from its output instead of storing it. The forward
@@ -59,7 +62,11 @@ from typing import Any
 import numpy as np
 
 from flownp.layers.actnorm import ActNorm
-from flownp.layers.base import Layer, check_dtype
+from flownp.layers.base import Layer, Module, check_dtype
+from flownp.layers.cinc import CInCConv
+from flownp.layers.conv1x1 import Conv1x1
+from flownp.layers.coupling import AffineCoupling, QuadCoupling
+from flownp.layers.emerging import EmergingConv
 from flownp.layers.split import LearnedPrior, Split
 from flownp.layers.squeeze import Squeeze
 
@@ -255,13 +262,10 @@ def _seed(seed: int, index: int) -> int:
 
 def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
     """``actnorm -> conv -> coupling`` for ``channels`` channels, following ``config``."""
-    # Imported here so that a model only imports the layers its configuration uses.
     dt = config.dtype
     k = config.kernel_size
     layers: list[tuple[str, Layer]] = [("actnorm", ActNorm(channels, dtype=dt))]
     if config.conv == "cinc":
-        from flownp.layers.cinc import CInCConv
-
         layers.append(
             (
                 "conv",
@@ -271,23 +275,15 @@ def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
             )
         )
     elif config.conv == "emerging":
-        from flownp.layers.emerging import EmergingConv
-
         layers.append(("conv", EmergingConv(channels, k, seed=seed, dtype=dt, guard=config.guard)))
     else:
-        from flownp.layers.conv1x1 import Conv1x1
-
         conv1 = Conv1x1(channels, lu=config.lu, seed=seed, dtype=dt)
         if config.conv == "1x1":
             layers.append(("conv", conv1))
         else:
-            from flownp.layers.emerging import EmergingConv
-
             layers.append(("conv1x1", conv1))
             emerging = EmergingConv(channels, k, seed=seed + 1, dtype=dt, guard=config.guard)
             layers.append(("conv", emerging))
-    from flownp.layers.coupling import AffineCoupling, QuadCoupling
-
     cls = QuadCoupling if config.coupling == "quad" else AffineCoupling
     layers.append(
         ("coupling", cls(channels, config.width, scale=config.scale, seed=seed + 2, dtype=dt))
@@ -296,6 +292,16 @@ def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
 
 
 # ---------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class Level:
+    """One scale of a :class:`FlowModel`: ``layers`` (path, layer) in forward order (the
+    squeeze, then the steps), then ``split`` (None on the last level)."""
+
+    layers: list[tuple[str, Layer]]
+    split: Split | None
+    split_path: str = ""
+
+
 class FlowModel(Layer):
     """Multi-scale normalizing flow (module docstring): ``x (N, H, W, C) -> z (N, H*W*C)``.
 
@@ -312,8 +318,8 @@ class FlowModel(Layer):
 
     Attributes
     ----------
-    flow : list of (path, layer)
-        The nodes in forward order (squeeze, steps, split per level).
+    levels : list of Level
+        Per level, its layers (squeeze, steps) and its split (module docstring).
     prior : LearnedPrior
         The top prior (path ``prior``).
     """
@@ -325,18 +331,32 @@ class FlowModel(Layer):
         self.config = config
         self.seed = int(seed)
         self.recompute = bool(recompute)
-        self.flow: list[tuple[str, Layer]] = []
+        self.levels: list[Level] = []
         shapes = config.level_shapes()
         dt = config.dtype
         for l, (_, _, c) in enumerate(shapes):
-            level = self.add_layer(f"level{l}", Layer(dt))
-            self.flow.append((f"level{l}/squeeze", level.add_layer("squeeze", Squeeze(dtype=dt))))
+            level = self.add_layer(f"level{l}", Module(dt))
+            layers: list[tuple[str, Layer]] = [
+                (f"level{l}/squeeze", level.add_layer("squeeze", Squeeze(dtype=dt)))
+            ]
             for d in range(config.depth):
                 step = make_step(config, c, _seed(seed, 1000 * l + d))
-                self.flow.append((f"level{l}/step{d}", level.add_layer(f"step{d}", step)))
+                layers.append((f"level{l}/step{d}", level.add_layer(f"step{d}", step)))
+            split = None
             if l < config.levels - 1:
-                self.flow.append((f"level{l}/split", level.add_layer("split", Split(c, dtype=dt))))
-        self.prior: LearnedPrior = self.add_layer("prior", LearnedPrior(shapes[-1], dtype=dt))  # type: ignore[assignment]
+                split = level.add_layer("split", Split(c, dtype=dt))
+            self.levels.append(Level(layers, split, f"level{l}/split"))
+        self.prior = self.add_layer("prior", LearnedPrior(shapes[-1], dtype=dt))
+
+    @property
+    def flow(self) -> list[tuple[str, Module]]:
+        """Every node ``(path, node)`` in forward order (squeeze, steps, split per level)."""
+        out: list[tuple[str, Module]] = []
+        for level in self.levels:
+            out.extend(level.layers)
+            if level.split is not None:
+                out.append((level.split_path, level.split))
+        return out
 
     # ------------------------------------------------------------------ shapes
     def latent_shapes(self) -> list[tuple[int, int, int]]:
@@ -384,16 +404,19 @@ class FlowModel(Layer):
         logdet = np.zeros(N, dtype=np.float64)
         pieces, split_eps = [], []
         self._cache = None
-        for _, layer in self.flow:
-            if isinstance(layer, Split):
-                x, eps, ld = layer.forward(x)
+        for level in self.levels:
+            for _, layer in level.layers:
+                x, ld = layer.forward(x)
+                if self.recompute:
+                    layer.clear_cache()  # rebuilt from the output by backward()
+                logdet += ld
+            if level.split is not None:  # factor out half: x -> (h, eps)
+                x, eps, ld = level.split.forward(x)
+                if self.recompute:
+                    level.split.clear_cache()
+                logdet += ld
                 pieces.append(eps.reshape(N, -1))
                 split_eps.append(eps)
-            else:
-                x, ld = layer.forward(x)
-            if self.recompute:
-                layer.clear_cache()  # rebuilt from the output by backward()
-            logdet += ld
         eps, ld = self.prior.forward(x)
         logdet += ld
         pieces.append(eps.reshape(N, -1))
@@ -407,24 +430,21 @@ class FlowModel(Layer):
         N = dz.shape[0]
         dz = self.check_grad(dz, (N, self.config.num_dims), "dz")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
-        deps = self.split_latent(dz)
+        deps = self.split_latent(dz)  # level l's split latent is deps[l], the top one deps[-1]
         dh = self.prior.backward(deps[-1], dlogdet)
-        level = len(deps) - 2
         recomputed = self._cache is not None  # forward ran with recompute=True
-        if recomputed:
-            out, split_eps = self.pop_cache()
-        for _, layer in reversed(self.flow):
-            if recomputed:  # rebuild this node's input and cache from its output
-                if isinstance(layer, Split):
-                    out = layer.inverse(out, split_eps[level])
-                    layer.forward(out)
-                else:
+        out, split_eps = self.pop_cache() if recomputed else (None, [])
+        for l in reversed(range(len(self.levels))):
+            level = self.levels[l]
+            if level.split is not None:
+                if recomputed:  # rebuild the split's input and cache from its outputs
+                    out = level.split.inverse(out, split_eps[l])
+                    level.split.forward(out)
+                dh = level.split.backward(dh, deps[l], dlogdet)
+            for _, layer in reversed(level.layers):
+                if recomputed:  # rebuild this layer's input and cache from its output
                     out = layer.inverse(out)
                     layer.forward(out)
-            if isinstance(layer, Split):
-                dh = layer.backward(dh, deps[level], dlogdet)
-                level -= 1
-            else:
                 dh = layer.backward(dh, dlogdet)
         return dh
 
@@ -444,12 +464,11 @@ class FlowModel(Layer):
         z = self._check_latent(z)
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
         h = self.prior.inverse(eps[-1])
-        level = len(eps) - 2
-        for _, layer in reversed(self.flow):
-            if isinstance(layer, Split):
-                h = layer.inverse(h, eps[level])
-                level -= 1
-            else:
+        for l in reversed(range(len(self.levels))):
+            level = self.levels[l]
+            if level.split is not None:
+                h = level.split.inverse(h, eps[l])
+            for _, layer in reversed(level.layers):
                 h = layer.inverse(h)
         return h
 

@@ -1,4 +1,4 @@
-r"""Numerical stability of the CInC inverse: measure it, bound it, guard it.
+r"""Numerical stability of the CInC inverse: measure it and bound it.
 
 The inverse of a top-left padded convolution (paper Section 3.1, Lemma 1) is a 2-D causal
 recursion (an IIR filter). Theorem 1 makes ``M`` nonsingular whenever the corner diagonal is
@@ -37,15 +37,8 @@ flip (i, j) -> (H-1-i, W-1-j), ``M^T = F M' F`` where ``M'`` is the top-left pad
 convolution of ``Kt`` (corner block ``A^T``). Hence ``M^{-T} = F M'^{-1} F`` is one more
 substitution with the existing solvers (:func:`solve_transpose`).
 
-Guard (``docs/stability.md#guard``): every tap of output channel ``o`` other than the corner
-diagonal is multiplied by ``h(u_o)`` with ``u_o = s_o / t_o``, ``s_o`` the raw row sum and
-``t_o = rho |d_o|`` the budget::
-
-    "tanh":  h(u) = tanh(u) / u     ->  guarded row sum  t_o tanh(u_o) < rho |d_o|
-    "clip":  h(u) = 1 / max(1, u)   ->  guarded row sum  min(s_o, t_o) <= rho |d_o|
-
-so for any parameter values the layer has dominance ratio ``< rho < 1`` and
-``||M^{-1}||_inf <= 1 / ((1 - rho) min_o |d_o|)`` on every image size.
+Guard: the parameterisation that keeps a layer inside the dominance region for any parameter
+values is :mod:`flownp.layers.guard` (re-exported here: ``guard_kernel``, ``guard_taps``, ...).
 """
 
 from __future__ import annotations
@@ -58,13 +51,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
-from flownp.errors import NonFiniteError, SingularKernelError
+from flownp.errors import NonFiniteError
 from flownp.kernels import conv as K_
+from flownp.layers import _linalg
 from flownp.layers.base import Layer, check_dtype
 
-GUARD_MODES = ("tanh", "clip")
+# The guard is a parameterisation of the layers and lives beside them; re-exported here, where
+# it is measured, under its historical names.
+from flownp.layers.guard import (  # noqa: F401  (public re-exports)
+    GUARD_MODES,
+    corner_inverse_norm,
+    guard_kernel,
+    guard_kernel_backward,
+    guard_taps,
+    guard_taps_backward,
+)
 
 
 class InverseInstabilityWarning(UserWarning):
@@ -173,21 +175,15 @@ def _is_cinc_like(layer: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _plu(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(L, U, perm)`` with ``A = P L U`` in the convention of :mod:`flownp.kernels.conv`."""
-    P, L, U = scipy.linalg.lu(A)
-    if np.any(np.diag(U) == 0):
-        raise SingularKernelError(f"stability: the corner block {A.tolist()} is singular")
-    return L, U, np.argmax(P, axis=0)
-
-
 def solve_padded(y: np.ndarray, K: np.ndarray) -> np.ndarray:
     """Solve the top-left padded convolution ``conv(pad(x), K) = y`` for ``x`` (float64).
 
-    The corner block is taken from ``K`` itself and factorised with partial pivoting.
+    The corner block is taken from ``K`` itself and factorised by
+    :func:`flownp.layers._linalg.plu` with ``check=False`` (a measurement: only an exact zero
+    pivot is refused).
     """
     K = np.ascontiguousarray(K, dtype=np.float64)
-    L, U, perm = _plu(K[-1, -1].T)
+    perm, L, U = _linalg.plu(K[-1, -1].T, who="stability.solve_padded", check=False)
     return K_.solve_wavefront(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
 
 
@@ -346,7 +342,7 @@ class StabilityThresholds:
     """When a layer is reported.
 
     ``max_roundtrip_f32``: relative float32 round-trip error above which the layer is
-    ``"unstable"`` (the default threshold for a model: 1e-4). ``max_condition``: above this value of
+    ``"unstable"`` (the target for a model: 1e-4). ``max_condition``: above this value of
     ``kappa = ||M||_inf ||M^{-1}||_inf`` a layer whose round trip still passes is ``"at-risk"``
     (larger images, other inputs or float32 sampling may fail).
     """
@@ -790,149 +786,3 @@ def solve_precision(root: Layer, precision: str = "float64") -> Iterator[dict[st
     finally:
         for lay in layers.values():
             lay.__dict__.pop("solve_dtype", None)
-
-
-# --------------------------------------------------------------------------------------------
-# Guard: a parameterisation inside the dominance region
-# --------------------------------------------------------------------------------------------
-
-
-def _guard_h(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """``h(u)`` and ``h'(u)`` of the guard (module docstring), elementwise, ``u >= 0``."""
-    if mode == "tanh":
-        small = u < 1e-2
-        us = np.where(small, 1.0, u)  # avoid 0/0 in the unused branch
-        th = np.tanh(us)
-        h = np.where(small, 1 - u**2 / 3 + 2 * u**4 / 15, th / us)
-        # h' = (u sech^2 u - tanh u) / u^2; series -2u/3 + 8u^3/15 - 34u^5/105 near 0
-        dh = np.where(
-            small,
-            -2 * u / 3 + 8 * u**3 / 15 - 34 * u**5 / 105,
-            (us * (1 - th**2) - th) / us**2,
-        )
-        return h, dh
-    if mode == "clip":
-        over = u > 1.0
-        us = np.where(over, u, 1.0)
-        return np.where(over, 1.0 / us, 1.0), np.where(over, -1.0 / us**2, 0.0)
-    raise ValueError(f"guard: mode must be one of {GUARD_MODES}, got {mode!r}")
-
-
-def guard_taps(weight: np.ndarray, budget: np.ndarray, mode: str = "tanh") -> np.ndarray:
-    """Scale output channel ``o`` of ``weight (k, k, C_in, C)`` so its absolute sum is below
-    ``budget[o] > 0``: ``taps[..., o] = weight[..., o] * h(s_o / budget_o)``,
-    ``s_o = sum |weight[..., o]|``."""
-    budget = np.asarray(budget)
-    if np.any(~(budget > 0)):
-        raise SingularKernelError(
-            f"guard: every budget rho*|d_o| must be > 0, got {budget.tolist()} "
-            "(a zero corner diagonal is not invertible, Theorem 1)"
-        )
-    s = np.abs(weight).sum(axis=(0, 1, 2))  # (C,)
-    h, _ = _guard_h(s / budget, mode)
-    return weight * h.astype(weight.dtype)
-
-
-def guard_taps_backward(
-    dtaps: np.ndarray, weight: np.ndarray, budget: np.ndarray, mode: str = "tanh"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact backward of :func:`guard_taps`: ``(dweight, dbudget)`` from ``dtaps``.
-
-    With ``u_o = s_o / t_o`` and ``S_o = sum(dtaps[..., o] * weight[..., o])``::
-
-        dweight[..., o] = dtaps[..., o] h(u_o) + S_o h'(u_o) / t_o * sign(weight[..., o])
-        dbudget[o]      = -S_o h'(u_o) u_o / t_o
-    """
-    t = np.asarray(budget, dtype=weight.dtype)
-    s = np.abs(weight).sum(axis=(0, 1, 2))  # (C,)
-    u = s / t
-    h, dh = _guard_h(u, mode)
-    S = (dtaps * weight).sum(axis=(0, 1, 2))  # (C,)
-    dweight = dtaps * h + (S * dh / t) * np.sign(weight)
-    dbudget = -S * dh * u / t
-    return dweight.astype(weight.dtype), dbudget.astype(weight.dtype)
-
-
-def guard_kernel(
-    weight_masked: np.ndarray, diag: np.ndarray, rho: float, mode: str = "tanh"
-) -> np.ndarray:
-    """Guarded effective kernel of a masked-corner CInC layer (``"triangular"``/``"unit"``).
-
-    Parameters
-    ----------
-    weight_masked : (k, k, C, C) raw taps after the layer's mask (corner: ``c < o`` only; the
-        corner diagonal must be zero: the diagonal is ``diag``).
-    diag : (C,) corner diagonal ``d`` (nonzero).
-    rho : target dominance ratio, ``0 < rho < 1``.
-    mode : ``"tanh"`` (smooth, default) or ``"clip"``.
-
-    Returns
-    -------
-    K_eff : (k, k, C, C) with ``K_eff[k-1, k-1, o, o] = d_o`` and every other tap of output
-        channel ``o`` scaled by ``h(s_o / (rho |d_o|))``, so that its off-diagonal row sum is
-        ``< rho |d_o|`` (``"clip"``: ``<=``) whatever the raw values: ``||M^{-1}||_inf <=
-        1 / ((1 - rho) min|d|)`` for every image size.
-    """
-    k = _check_guard_args(weight_masked, diag, rho)
-    K = guard_taps(weight_masked, rho * np.abs(diag), mode)
-    idx = np.arange(K.shape[3])
-    K[k - 1, k - 1, idx, idx] = diag
-    return K
-
-
-def guard_kernel_backward(
-    dK_eff: np.ndarray,
-    weight_masked: np.ndarray,
-    diag: np.ndarray,
-    rho: float,
-    mode: str = "tanh",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact backward of :func:`guard_kernel`: ``(dweight, ddiag)`` from ``dK_eff``.
-
-    ``ddiag[o] = dK_eff[k-1,k-1,o,o] + rho sign(d_o) dbudget[o]`` (the diagonal enters both
-    directly and through the budget). ``dweight`` is zero on the corner diagonal; the caller
-    multiplies it by its mask, as for the unguarded kernel.
-    """
-    k = _check_guard_args(weight_masked, diag, rho)
-    dK = np.array(dK_eff, dtype=weight_masked.dtype)
-    idx = np.arange(dK.shape[3])
-    direct = dK[k - 1, k - 1, idx, idx].copy()
-    dK[k - 1, k - 1, idx, idx] = 0.0
-    dweight, dbudget = guard_taps_backward(dK, weight_masked, rho * np.abs(diag), mode)
-    dweight[k - 1, k - 1, idx, idx] = 0.0
-    ddiag = direct + rho * np.sign(diag) * dbudget
-    return dweight, ddiag.astype(weight_masked.dtype)
-
-
-def _check_guard_args(weight_masked: np.ndarray, diag: np.ndarray, rho: float) -> int:
-    w = np.asarray(weight_masked)
-    if w.ndim != 4 or w.shape[0] != w.shape[1] or w.shape[2] != w.shape[3]:
-        raise ValueError(f"guard_kernel: weight_masked must be (k, k, C, C), got {w.shape}")
-    k, C = w.shape[0], w.shape[3]
-    if np.shape(diag) != (C,):
-        raise ValueError(f"guard_kernel: diag must have shape ({C},), got {np.shape(diag)}")
-    if not 0.0 < rho < 1.0:
-        raise ValueError(f"guard_kernel: rho must be in (0, 1), got {rho!r}")
-    if np.any(np.diagonal(w[k - 1, k - 1]) != 0):
-        raise ValueError(
-            "guard_kernel: weight_masked has a nonzero corner diagonal "
-            "(apply the layer's mask first; the diagonal is passed as diag)"
-        )
-    if not np.all(np.isfinite(w)):
-        raise ValueError("guard_kernel: weight_masked contains NaN/Inf")
-    return k
-
-
-def corner_inverse_norm(A: np.ndarray) -> tuple[float, np.ndarray]:
-    """``n = ||A^{-1}||_inf`` and ``dn/dA`` (for the block-dominance guard of the ``"lu"``
-    corner: budget ``rho / n`` for the off-corner taps of every output channel).
-
-    With ``B = A^{-1}`` and ``r*`` the row of largest absolute sum,
-    ``dn/dB = e_{r*} sign(B[r*])`` and ``dn/dA = -B^T (dn/dB) B^T``.
-    """
-    B = np.linalg.inv(np.asarray(A, dtype=np.float64))
-    rows = np.abs(B).sum(axis=1)
-    r = int(np.argmax(rows))
-    G = np.zeros_like(B)
-    G[r] = np.sign(B[r])
-    return float(rows[r]), -B.T @ G @ B.T

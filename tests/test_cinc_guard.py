@@ -1,4 +1,4 @@
-"""CInCConv with the stability guard (issue 8): gradients, exact inverse, the bound holds through
+"""CInCConv with the stability guard: gradients, exact inverse, the bound holds through
 optimisation, the model/config plumbing, the float64 substitution."""
 
 import numpy as np

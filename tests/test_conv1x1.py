@@ -6,10 +6,10 @@ import scipy.linalg
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flownp.errors import NonFiniteError, SingularKernelError
+from flownp.errors import SingularKernelError
 from flownp.layers import _linalg
 from flownp.layers.conv1x1 import Conv1x1
-from flownp.testing import check_layer_gradients, dense_jacobian, randomize_params
+from flownp.testing import dense_jacobian, randomize_params
 
 MODES = [False, True]
 
@@ -54,15 +54,6 @@ def test_init_is_the_same_rotation_in_both_modes():
 
 
 # ---------------------------------------------------------------------- round trips, log-det
-@pytest.mark.parametrize("lu", MODES)
-def test_round_trips_float64(lu, rng):
-    layer = make(4, lu, rng)
-    x = rng.standard_normal((3, 4, 5, 4))
-    y, _ = layer.forward(x)
-    assert np.max(np.abs(y - x)) > 0.1  # not trivially the identity
-    assert np.max(np.abs(layer.inverse(y) - x)) < 1e-10
-    z = rng.standard_normal((3, 4, 5, 4))
-    assert np.max(np.abs(layer.forward(layer.inverse(z))[0] - z)) < 1e-10
 
 
 @given(C=st.integers(1, 6), H=st.integers(1, 3), W=st.integers(1, 3), lu=st.booleans())
@@ -98,14 +89,6 @@ def test_logdet_same_for_every_sample_and_scales_with_pixels(rng):
 
 
 # ---------------------------------------------------------------------- backward
-@pytest.mark.parametrize("lu", MODES)
-def test_backward_finite_differences(lu, rng):
-    layer = make(3, lu, rng)
-    x = rng.standard_normal((2, 2, 3, 3))
-    res = check_layer_gradients(layer, x, rng)
-    expected = {"x", "weight"} if not lu else {"x", "lower", "upper", "log_s"}
-    assert set(res.errors) == expected
-    assert res.max_error < 1e-7, str(res)
 
 
 @pytest.mark.parametrize("lu", MODES)
@@ -123,23 +106,6 @@ def test_backward_logdet_term_alone(lu, rng):
     else:
         W = layer.params["weight"]
         np.testing.assert_allclose(layer.grads["weight"], 8.0 * np.linalg.inv(W).T, rtol=1e-12)
-
-
-@pytest.mark.parametrize("lu", MODES)
-def test_backward_accumulates_and_needs_a_forward(lu, rng):
-    layer = make(3, lu, rng)
-    x = rng.standard_normal((1, 2, 2, 3))
-    dy, dl = rng.standard_normal(x.shape), rng.standard_normal(1)
-    layer.zero_grad()
-    layer.forward(x)
-    layer.backward(dy, dl)
-    once = {k: g.copy() for k, g in layer.grads.items()}
-    layer.forward(x)
-    layer.backward(dy, dl)
-    for k, g in layer.grads.items():
-        np.testing.assert_allclose(g, 2 * once[k], rtol=1e-14)
-    with pytest.raises(RuntimeError, match="without a preceding forward"):
-        layer.backward(dy, dl)
 
 
 def test_lu_backward_helper_matches_plain_gradient(rng):
@@ -205,28 +171,6 @@ def test_singular_plain_weight_backward_of_logdet_raises(rng):
     layer.forward(x)
     with pytest.raises(SingularKernelError, match="Conv1x1.backward"):
         layer.backward(np.ones_like(x), np.ones(1))
-
-
-@pytest.mark.parametrize("lu", MODES)
-def test_input_validation(lu):
-    layer = Conv1x1(3, lu)
-    with pytest.raises(ValueError, match="Conv1x1.*rank 4"):
-        layer.forward(np.zeros((2, 3, 3)))
-    with pytest.raises(ValueError, match="Conv1x1.*4 channels.*expected 3"):
-        layer.forward(np.zeros((1, 2, 2, 4)))
-    with pytest.raises(ValueError, match="Conv1x1.*y has 2 channels"):
-        layer.inverse(np.zeros((1, 2, 2, 2)))
-    with pytest.raises(TypeError, match="Conv1x1.*float32"):
-        layer.forward(np.zeros((1, 2, 2, 3), dtype=np.float32))
-    bad = np.zeros((1, 2, 2, 3))
-    bad[0, 1, 0, 2] = np.nan
-    with pytest.raises(NonFiniteError, match="Conv1x1.*1 NaN"):
-        layer.forward(bad)
-    with pytest.raises(NonFiniteError, match="Conv1x1.*y contains"):
-        layer.inverse(bad)
-    layer.forward(np.zeros((1, 2, 2, 3)))
-    with pytest.raises(ValueError, match="Conv1x1.backward: dy"):
-        layer.backward(np.zeros((1, 2, 2, 2)), np.zeros(1))
 
 
 def test_constructor_validation():

@@ -1,4 +1,4 @@
-"""EmergingConv with the stability guard (issue 8): both masked convolutions stay row dominant,
+"""EmergingConv with the stability guard: both masked convolutions stay row dominant,
 exact gradients, exact inverse, bounded amplification through Adam steps, float64 solves."""
 
 import numpy as np

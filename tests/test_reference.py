@@ -81,7 +81,84 @@ def test_layout_is_the_documented_one(committed):
         assert f.attrs["format"] == R.FORMAT and f.attrs["format_version"] == R.FORMAT_VERSION
         assert FlowConfig.from_json(f["cinc_quad"].attrs["config"]).coupling == "quad"
         assert f["cinc_quad/latent/z"].dtype == np.float64
-    assert R.DEFAULT_PATH.stat().st_size < 1_100_000
+    assert R.DEFAULT_PATH.stat().st_size < 2_000_000
+    # the default configuration is covered: LU corner, guard 0.9, exp scale, mixed signs
+    default = R.REFERENCE_MODELS["cinc_default"][0]
+    assert (default.conv, default.cinc_corner, default.guard, default.scale) == (
+        FlowConfig().conv,
+        FlowConfig().cinc_corner,
+        FlowConfig().guard,
+        FlowConfig().scale,
+    )
+    for name in R.MIXED_SIGNS:
+        signs = [a for k, a in committed[name].items() if k.endswith("/sign")]
+        assert signs and all(np.any(a > 0) and np.any(a < 0) for a in signs), name
+
+
+def _port_that_ignores(what: str, name: str) -> dict[str, np.ndarray]:
+    """A simulated port of model ``name``, computed from the file's weights and inputs, that
+    either drops the guard (``"guard"``) or reads every sign buffer as +1 (``"signs"``)."""
+    cfg = R.read_configs(R.DEFAULT_PATH)[name]
+    if what == "guard":
+        cfg = FlowConfig.from_dict({**cfg.to_dict(), "guard": None})
+    ref = R.read(R.DEFAULT_PATH)[name]
+    state = {k[len("model/") :]: a for k, a in ref.items() if k.startswith("model/")}
+    if what == "signs":
+        state = {k: np.ones_like(a) if k.endswith("/sign") else a for k, a in state.items()}
+    model = FlowModel(cfg, seed=5)
+    model.load_state_dict(state)
+    return R.compute(model, {"input/x": ref["input/x"], "sample/z": ref["sample/z"]})
+
+
+@pytest.mark.parametrize(
+    "what, name",
+    [("guard", "cinc_default"), ("signs", "cinc_default"), ("guard", "cinc_unit")]
+    + [("guard", "emerging"), ("signs", "emerging")],
+)
+def test_a_port_that_ignores_the_guard_or_the_signs_fails(what, name, tmp_path, capsys):
+    """The default configuration's guard and sign buffers change the outputs: such a port is
+    NOT OK, and the first mismatch reported is the first convolution, in forward order."""
+    path = R.write(tmp_path / "port.h5", {name: _port_that_ignores(what, name)})
+    assert cli.main(["check-reference", str(path), "--allow-missing"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    bad = [ln for ln in lines if ln.endswith("NOT OK")]
+    assert len(bad) > 50
+    assert bad[0].startswith(f"{name}/forward/level0/step0/conv/output ")
+    assert (
+        f"first mismatch in computation order: {name}/forward/level0/step0/conv/output"
+        in (lines[-2])
+    )
+    # the squeeze and actnorm before the convolution still match
+    ok = [ln.split()[0] for ln in lines if ln.endswith(" OK") and not ln.endswith("NOT OK")]
+    assert f"{name}/forward/level0/step0/actnorm/output" in ok
+
+
+def test_checker_prints_in_forward_order(committed):
+    """Rows follow the computation: forward (layers in forward order, not alphabetical), then
+    latent, loss, gradients, inverse, sample, Adam; models in the file's order."""
+    rows = R.compare(committed, committed, configs=R.read_configs(R.DEFAULT_PATH))
+    names = [r.name for r in rows]
+    assert [n.split("/")[0] for n in names[:: len(names) // 6]][0] == "cinc_quad"
+    model_order = list(dict.fromkeys(n.split("/")[0] for n in names))
+    assert model_order == list(R.REFERENCE_MODELS)
+    quad = [n[len("cinc_quad/") :] for n in names if n.startswith("cinc_quad/")]
+    fwd = [n for n in quad if n.startswith("forward/")]
+    assert fwd[:6] == [
+        "forward/level0/squeeze/output",
+        "forward/level0/squeeze/logdet",
+        "forward/level0/step0/actnorm/output",
+        "forward/level0/step0/actnorm/logdet",
+        "forward/level0/step0/conv/output",
+        "forward/level0/step0/conv/logdet",
+    ]
+    assert fwd.index("forward/level0/step1/conv/output") < fwd.index("forward/level0/split/h")
+    assert fwd.index("forward/level0/split/logdet") < fwd.index("forward/level1/squeeze/output")
+    assert fwd[-1] == "forward/prior/logdet"
+    sections = [R.SECTIONS.index(next(s for s in R.SECTIONS if n.startswith(s))) for n in quad]
+    assert sections == sorted(sections)
+    grads = [n for n in quad if n.startswith("grads/params/")]
+    assert grads[0].startswith("grads/params/level0/step0/actnorm/")
+    assert grads[-1].startswith("grads/params/prior/")
 
 
 def test_checker_flags_a_perturbed_tensor(committed, tmp_path, capsys):

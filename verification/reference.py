@@ -1,10 +1,11 @@
-r"""Reference vectors for ports: every intermediate tensor of two small fixed float64 models.
+r"""Reference vectors for ports: every intermediate tensor of six small fixed float64 models.
 
 A port (PyTorch, JAX, C, ...) loads the weights and the input batch from the file, runs the
 same computation and saves what it gets under the same paths; :func:`check_reference`
-(``flownp check-reference PORT.h5``) then prints one line per tensor with the largest
-absolute difference and OK/NOT OK. The layout of the file (every path, shape and dtype) is in
-``docs/reference-vectors.md``; the porting guide is ``docs/porting.md``.
+(``flownp check-reference PORT.h5``) then prints one line per tensor, in forward (layer)
+order, with the largest absolute difference and OK/NOT OK, and names the first mismatch.
+The layout of the file (every path, shape and dtype) is in ``docs/reference-vectors.md``;
+the porting guide is ``docs/porting.md``.
 
 The models (:data:`REFERENCE_MODELS`), chosen so that together they contain every layer kind::
 
@@ -14,6 +15,18 @@ The models (:data:`REFERENCE_MODELS`), chosen so that together they contain ever
     emerging_affine  8x8x2 image, 2 levels x 2 steps, width 4: squeeze, actnorm,
                      Conv1x1(LU) + EmergingConv(k=3), AffineCoupling(exp scale),
                      split prior, top prior
+    cinc_default     the default FlowConfig on an 8x8x2 image, 2 levels x 2 steps, width 4:
+                     CInCConv(k=3, LU corner, guard 0.9, tanh), AffineCoupling(exp scale);
+                     mixed-sign ``sign`` buffers
+    cinc_unit        2 levels x 1 step: CInCConv(k=3, unit corner, guard 0.9)
+    glow_1x1         2 levels x 1 step: plain Conv1x1 (a free weight, no LU)
+    emerging         2 levels x 1 step: EmergingConv(k=3, guard 0.9) alone; mixed-sign
+                     ``sign`` buffers
+
+The first two use ``guard=None`` (the paper's layers); ``cinc_default``, ``cinc_unit`` and
+``emerging`` the default guard 0.9 that a checkpoint trained with the defaults contains, so a
+port that ignores the guard or the sign buffers fails the check (``glow_1x1`` has no
+substitution to guard).
 
 How each model is made (only needed to *regenerate* the file; a port reads the weights)::
 
@@ -21,6 +34,7 @@ How each model is made (only needed to *regenerate* the file; a port reads the w
     model  = FlowModel(config, seed=model_seed)
     model.initialize(rng.uniform(-0.5, 0.5, (8, H, W, C)))     # actnorm data-dependent init
     randomize_params(model, rng, 0.03)                         # no layer is the identity
+    mixed_signs(model, rng)            # cinc_default, emerging: sign buffers +1 and -1
     x      = rng.uniform(-0.5, 0.5, (2, H, W, C))              # input/x
     z_s    = 0.7 * rng.standard_normal((2, H W C))             # sample/z
 
@@ -48,7 +62,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +71,6 @@ import h5py
 import numpy as np
 
 from flownp import threads
-from flownp.layers.split import Split
 from flownp.model import FlowConfig, FlowModel, FlowStep
 from flownp.optim import Adam
 from flownp.testing import randomize_params
@@ -74,7 +87,9 @@ _COMMON = dict(
     image_shape=(8, 8, 2), levels=2, depth=2, width=4, kernel_size=3, dtype="float64", guard=None
 )
 
-#: name -> (config, model_seed, data_seed)
+_SMALL = dict(image_shape=(8, 8, 2), levels=2, width=4, kernel_size=3, dtype="float64")
+
+#: name -> (config, model_seed, data_seed), in the order of the file
 REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
     "cinc_quad": (
         FlowConfig(
@@ -95,7 +110,15 @@ REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
         21,
         22,
     ),
+    # the defaults of FlowConfig (LU corner, guard 0.9, affine coupling, exp scale)
+    "cinc_default": (FlowConfig(depth=2, **_SMALL), 31, 32),
+    "cinc_unit": (FlowConfig(depth=1, conv="cinc", cinc_corner="unit", **_SMALL), 41, 42),
+    "glow_1x1": (FlowConfig(depth=1, conv="1x1", lu=False, **_SMALL), 51, 52),
+    "emerging": (FlowConfig(depth=1, conv="emerging", **_SMALL), 61, 62),
 }
+
+#: Models whose ``sign`` buffers are set to a random +-1 pattern (half of them -1).
+MIXED_SIGNS = ("cinc_default", "emerging")
 
 BATCH = 2
 INIT_BATCH = 8
@@ -123,9 +146,28 @@ def build(name: str) -> tuple[FlowModel, dict[str, np.ndarray]]:
     model = FlowModel(config, seed=model_seed)
     model.initialize(rng.uniform(-0.5, 0.5, (INIT_BATCH, H, W, C)))
     randomize_params(model, rng, NOISE)
+    if name in MIXED_SIGNS:
+        mixed_signs(model, rng)
     x = rng.uniform(-0.5, 0.5, (BATCH, H, W, C))
     z_s = SAMPLE_STD * rng.standard_normal((BATCH, H * W * C))
     return model, {"input/x": x, "sample/z": z_s}
+
+
+def mixed_signs(model: FlowModel, rng: np.random.Generator) -> None:
+    """Make every ``sign`` buffer of ``model`` mixed (both +1 and -1), so that a port that
+    drops the buffer, or uses ``|d|`` for ``d``, computes something else.
+
+    The sign of an LU-parameterised matrix (a ``sign`` beside a ``perm`` buffer) is the sign of
+    the pivots of the random rotation it was initialised from, already mixed; it is kept (the
+    rotation's conditioning is kept with it). Every other ``sign`` buffer (a triangular
+    corner's diagonal, Emerging's) is set, in ``model.buffers`` order, to ``-1`` where
+    ``rng.permutation(C) % 2 == 1`` and ``+1`` elsewhere (half of each).
+    """
+    buffers = model.buffers
+    for key, buf in buffers.items():
+        parent, _, leaf = key.rpartition("/")
+        if leaf == "sign" and f"{parent}/perm" not in buffers:
+            buf[...] = np.where(rng.permutation(buf.size) % 2 == 1, -1.0, 1.0)
 
 
 # ---------------------------------------------------------------------- the computation
@@ -135,21 +177,22 @@ def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarr
     composes them. Caches are cleared afterwards."""
     out: dict[str, np.ndarray] = {}
     h = x
-    for path, layer in model.flow:
-        if isinstance(layer, Split):
-            h, eps, ld = layer.forward(h)
-            out[f"forward/{path}/h"] = h
-            out[f"forward/{path}/eps"] = eps
-            out[f"forward/{path}/logdet"] = ld
-        elif isinstance(layer, FlowStep):
-            for name, sub in layer._layers.items():  # actnorm, conv (conv1x1, conv), coupling
-                h, ld = sub.forward(h)
-                out[f"forward/{path}/{name}/output"] = h
-                out[f"forward/{path}/{name}/logdet"] = ld
-        else:  # squeeze
-            h, ld = layer.forward(h)
-            out[f"forward/{path}/output"] = h
-            out[f"forward/{path}/logdet"] = ld
+    for level in model.levels:
+        for path, layer in level.layers:
+            if isinstance(layer, FlowStep):  # actnorm, conv (conv1x1, conv), coupling
+                for name, sub in zip(layer._layers, layer.order, strict=True):
+                    h, ld = sub.forward(h)
+                    out[f"forward/{path}/{name}/output"] = h
+                    out[f"forward/{path}/{name}/logdet"] = ld
+            else:  # squeeze
+                h, ld = layer.forward(h)
+                out[f"forward/{path}/output"] = h
+                out[f"forward/{path}/logdet"] = ld
+        if level.split is not None:
+            h, eps, ld = level.split.forward(h)
+            out[f"forward/{level.split_path}/h"] = h
+            out[f"forward/{level.split_path}/eps"] = eps
+            out[f"forward/{level.split_path}/logdet"] = ld
     eps, ld = model.prior.forward(h)
     out["forward/prior/output"] = eps
     out["forward/prior/logdet"] = ld
@@ -236,8 +279,16 @@ def replay(
 
 
 # ---------------------------------------------------------------------- the file
-def write(path: str | os.PathLike, vectors: dict[str, dict[str, np.ndarray]]) -> Path:
-    """Write ``{model: {path: array}}`` to ``path`` (layout: docs/reference-vectors.md)."""
+def write(
+    path: str | os.PathLike,
+    vectors: dict[str, dict[str, np.ndarray]],
+    configs: dict[str, FlowConfig] | None = None,
+) -> Path:
+    """Write ``{model: {path: array}}`` to ``path`` (layout: docs/reference-vectors.md).
+
+    Each group's ``config`` attribute is ``configs[name]`` (a replayed file's own
+    configuration, :func:`read_configs`) or else the registered one of
+    :data:`REFERENCE_MODELS`; the dtype is the one of ``input/x``."""
     from flownp import __version__
 
     path = Path(path)
@@ -256,13 +307,16 @@ def write(path: str | os.PathLike, vectors: dict[str, dict[str, np.ndarray]]) ->
         f.attrs["loss"] = "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2)"
         for name, arrays in vectors.items():
             g = f.create_group(name)
+            config = (configs or {}).get(name)
             if name in REFERENCE_MODELS:
-                config, model_seed, data_seed = REFERENCE_MODELS[name]
+                registered, model_seed, data_seed = REFERENCE_MODELS[name]
+                config = config or registered
+                g.attrs["model_seed"] = model_seed
+                g.attrs["data_seed"] = data_seed
+            if config is not None:
                 g.attrs["config"] = json.dumps(
                     {**config.to_dict(), "dtype": str(arrays["input/x"].dtype)}, sort_keys=True
                 )
-                g.attrs["model_seed"] = model_seed
-                g.attrs["data_seed"] = data_seed
             for key in sorted(arrays):
                 a = np.asarray(arrays[key])
                 # small arrays live in the object header (no separate chunk)
@@ -331,22 +385,83 @@ class CheckRow:
         return f"{self.name:<60s} {d:>10s}  (tol {self.tolerance:.1e})  {self.status}"
 
 
+#: Sections of a model group in the order they are computed (:func:`compute`).
+SECTIONS = (
+    "forward/",
+    "latent/",
+    "loss/",
+    "grads/x",
+    "grads/params/",
+    "inverse/",
+    "sample/",
+    "adam/loss",
+    "adam/params/",
+)
+_LEAVES = {"output": 0, "h": 1, "eps": 2, "logdet": 3}
+
+
+def forward_order(config: FlowConfig) -> Callable[[str], tuple]:
+    """A sort key putting the paths of a model group in computation order: the sections of
+    :data:`SECTIONS`; inside ``forward/`` the layers in forward order (``level0/squeeze``,
+    ``level0/step0/actnorm``, ``.../conv``, ``.../coupling``, ..., ``level0/split``, ...,
+    ``prior``); parameters in :attr:`FlowModel.params` order (forward order too)."""
+    model = FlowModel(config)
+    nodes = []
+    for path, node in model.flow:
+        if isinstance(node, FlowStep):
+            nodes += [f"{path}/{name}" for name in node._layers]
+        else:
+            nodes.append(path)
+    node_rank = {n: i for i, n in enumerate(nodes + ["prior"])}
+    param_rank = {p: i for i, p in enumerate(model.params)}
+    last = len(SECTIONS)
+
+    def key(path: str) -> tuple:
+        sec = next((i for i, s in enumerate(SECTIONS) if path.startswith(s)), last)
+        rest = path[len(SECTIONS[sec]) :] if sec < last else path
+        if sec == 0:
+            node, _, leaf = rest.rpartition("/")
+            return (sec, node_rank.get(node, last), _LEAVES.get(leaf, last), path)
+        if sec < last and SECTIONS[sec].endswith("params/"):
+            return (sec, param_rank.get(rest, len(param_rank)), 0, path)
+        return (sec, 0, 0, path)
+
+    return key
+
+
+def read_configs(path: str | os.PathLike) -> dict[str, FlowConfig]:
+    """``{model: FlowConfig}`` of a reference file, in the order of its ``models`` attribute."""
+    with h5py.File(path, "r") as f:
+        _check_format(f, path)
+        return {
+            name: FlowConfig.from_json(f[name].attrs["config"])
+            for name in json.loads(f.attrs["models"])
+        }
+
+
 def compare(
     port: dict[str, dict[str, np.ndarray]],
     ref: dict[str, dict[str, np.ndarray]],
     rtol: float = RTOL,
     atol: float = ATOL,
     allow_missing: bool = False,
+    configs: dict[str, FlowConfig] | None = None,
 ) -> list[CheckRow]:
     """Compare every computed tensor of ``ref`` (not the inputs) with ``port``.
 
     A tensor is OK when its shape matches and ``max |port - ref| <= atol + rtol * max |ref|``
     (NaN/Inf in the port are NOT OK). A tensor absent from the port is ``MISSING`` (counts as
-    a failure) or, with ``allow_missing``, ``SKIPPED``.
+    a failure) or, with ``allow_missing``, ``SKIPPED``. Rows come model by model (in the order
+    of ``configs``, else of ``ref``), each in computation order (:func:`forward_order`; in
+    alphabetical order for a model without a config).
     """
     rows = []
-    for model, arrays in ref.items():
-        for path in sorted(arrays):
+    configs = configs or {}
+    names = [n for n in configs if n in ref] + [n for n in ref if n not in configs]
+    for model in names:
+        arrays = ref[model]
+        key = forward_order(configs[model]) if model in configs else None
+        for path in sorted(arrays, key=key):
             if is_input(path):
                 continue
             r = np.asarray(arrays[path], dtype=np.float64)
@@ -380,14 +495,16 @@ def check_reference(
     allow_missing: bool = False,
     print_fn=print,
 ) -> int:
-    """Print one line per tensor (name, max abs difference, tolerance, OK/NOT OK) and a
-    summary; return 0 if every tensor is OK (or skipped), else 1."""
-    with h5py.File(ref_path, "r") as f:
-        _check_format(f, ref_path)
-    rows = compare(read(port_path), read(ref_path), rtol, atol, allow_missing)
+    """Print one line per tensor (name, max abs difference, tolerance, OK/NOT OK) in
+    computation order (model by model, the layers in forward order), the first mismatch and
+    a summary; return 0 if every tensor is OK (or skipped), else 1."""
+    configs = read_configs(ref_path)
+    rows = compare(read(port_path), read(ref_path), rtol, atol, allow_missing, configs)
     for r in rows:
         print_fn(str(r))
     bad = failed(rows)
+    if bad:
+        print_fn(f"first mismatch in computation order: {bad[0].name} ({bad[0].status})")
     n_ok = sum(r.status == "OK" for r in rows)
     n_skip = sum(r.status == "SKIPPED" for r in rows)
     print_fn(

@@ -1,10 +1,12 @@
 """Compare a port's tensors with the reference vectors (docs/reference-vectors.md).
 
 PORT.h5 has the layout of the reference file: one group per model (``cinc_quad``,
-``emerging_affine``) holding the tensors the port computed under the same paths
+``cinc_default``, ...) holding the tensors the port computed under the same paths
 (``forward/level0/step0/conv/output``, ``latent/z``, ``grads/params/...``, ...). Every computed
-tensor of the reference is compared (the weights and inputs are not); one line per tensor:
-name, max |port - reference|, the tolerance, OK / NOT OK. A tensor is OK when
+tensor of the reference is compared (the weights and inputs are not); one line per tensor, in
+computation order (the layers in forward order, then latent, loss, gradients, inverse, sample,
+Adam): name, max |port - reference|, the tolerance, OK / NOT OK; a failing check ends by
+naming the first mismatch. A tensor is OK when
 ``max|diff| <= atol + rtol * max|reference|``. Exit status 1 if any tensor is NOT OK or
 missing (--allow-missing: missing ones are skipped, for a port that is not finished).
 

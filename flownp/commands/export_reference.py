@@ -1,11 +1,15 @@
-"""Write the reference vectors for ports (docs/reference-vectors.md): two small fixed float64
-models (CInC + quad coupling; 1x1 LU + Emerging + affine coupling), their weights, an input
-batch, every layer's output and log-det, the latent, the bits/dim loss, every parameter
-gradient, two inverses and the weights after 3 Adam steps, in one HDF5 file.
+"""Write the reference vectors for ports (docs/reference-vectors.md): six small fixed float64
+models (the paper's layers without guard: CInC + quad coupling, 1x1 LU + Emerging + affine
+coupling; the default configuration: LU corner, guard 0.9, exp scale, mixed sign buffers;
+the unit corner, a plain 1x1 convolution and Emerging alone), their weights, an input batch,
+every layer's output and log-det, the latent, the bits/dim loss, every parameter gradient,
+two inverses and the weights after 3 Adam steps, in one HDF5 file.
 
-With --replay REF.h5 the vectors are recomputed from the weights and inputs *stored in REF.h5*
-(a fresh model with another seed, the file's parameters loaded), optionally in float32: this is
-what a port does, and the output is a port file for ``flownp check-reference``.
+With --replay REF.h5 the vectors are recomputed from the configurations, weights and inputs
+*stored in REF.h5* (a fresh model with another seed, the file's parameters loaded),
+optionally in float32: this is what a port does, and the output is a port file for
+``flownp check-reference``. An edited REF.h5 (another guard in a group's config, other
+weights) gives the reference of that edited model (docs/reference-vectors.md, "--replay").
 
 Examples:
   flownp export-reference verification/data/reference_vectors.h5   # regenerate the committed file
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"flownp export-reference: error: no such file {args.replay}")
             return 2
         vectors = R.replay(args.replay, args.dtype)
+        configs = R.read_configs(args.replay)  # an edited configuration is kept as it is
     else:
         if args.dtype != "float64":
             print(
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         vectors = R.generate()
-    path = R.write(args.out, vectors)
+        configs = None
+    path = R.write(args.out, vectors, configs)
     n = sum(len(v) for v in vectors.values())
     size = os.path.getsize(path)
     print(f"wrote {path}: {len(vectors)} models, {n} tensors, {size / 1024:.0f} KiB")

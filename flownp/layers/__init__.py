@@ -1,4 +1,5 @@
-"""Flow layers. Every layer follows the contract in :mod:`flownp.layers.base`."""
+"""Flow layers. Every part follows one of the contracts of :mod:`flownp.layers.base`
+(:class:`Layer`, :class:`FactorOut`, :class:`Network`)."""
 
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer

@@ -1,6 +1,25 @@
 r"""Small dense linear-algebra helpers shared by the layers with a ``C x C`` channel matrix
-(:class:`~flownp.layers.conv1x1.Conv1x1`, the ``corner="lu"`` mode of
-:class:`~flownp.layers.cinc.CInCConv`).
+(:class:`~flownp.layers.conv1x1.Conv1x1`, the ``corner="lu"`` and ``from_kernel(masked=False)``
+modes of :class:`~flownp.layers.cinc.CInCConv`, and the measurements of
+:mod:`flownp.stability`).
+
+One factorisation, one singularity rule (:func:`plu`). A free ``C x C`` matrix ``A`` is
+factorised once, in float64, with partial pivoting, ``A = P L U``. It is treated as singular
+when ``A`` is not finite or when a pivot is indistinguishable from zero::
+
+    min_c |U[c, c]|  <=  C * eps * max_{i,j} |U[i, j]|        (eps of the working dtype)
+
+The computed factors satisfy ``L U = P^T A + E`` with ``|E| <= gamma_C |L| |U|`` and
+``|L| <= 1`` (Higham, Accuracy and Stability of Numerical Algorithms, Thm. 9.3), so a pivot
+below that size may be pure round-off: ``A`` is singular to working precision. A float LU
+of an exactly singular matrix rarely gives an exact zero pivot, hence the threshold. Every
+inverse and every ``log|det|`` of a free channel matrix goes through :func:`plu`, so
+``logdet == -inf`` exactly when ``inverse`` raises :class:`~flownp.errors.SingularKernelError`.
+The measurements of :mod:`flownp.stability` call ``plu(A, check=False)``: their job is to
+quantify how ill-conditioned a matrix is, so they only refuse an exact zero pivot (with which
+no substitution is possible). Triangular corners (CInC ``"triangular"``/``"unit"``, Emerging)
+are not factorised: their pivots are their diagonal entries, exactly, and a zero there is
+Theorem 1's singular case, checked as ``d == 0``.
 
 LU parameterisation (Glow, Kingma & Dhariwal 2018, Section 3.2, Eq. 10-11)::
 
@@ -52,18 +71,54 @@ class LUInit:
     sign: np.ndarray  # (C,) in {-1, +1}
 
 
-def lu_init(M: np.ndarray) -> LUInit:
-    """Factorise a nonsingular ``M = P L U`` (``scipy.linalg.lu``) into LU parameters.
+def plu(
+    A: np.ndarray, *, dtype: Any = None, who: str = "plu", check: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(perm, L, U)`` with ``A = P L U``, ``P = eye(C)[:, perm]``, in float64.
 
-    Raises :class:`SingularKernelError` when a pivot of ``U`` is exactly zero (``log_s``
-    would be ``-inf``).
+    Partial pivoting (``scipy.linalg.lu``) of the float64 copy of ``A``. ``dtype`` is the
+    working precision whose ``eps`` enters the singularity rule (module docstring); default
+    ``A``'s dtype (float64 for a non-float array). Raises :class:`SingularKernelError` naming
+    ``who`` when ``A`` is not finite or singular to working precision (``check=False``: only
+    for an exact zero pivot).
     """
-    P, Lf, Uf = scipy.linalg.lu(np.asarray(M, dtype=np.float64))
+    A = np.asarray(A)
+    dt = np.dtype(dtype) if dtype is not None else A.dtype
+    eps = np.finfo(dt if dt.kind == "f" else np.float64).eps
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{who}: expected a square matrix, got shape {A.shape}")
+    C = A.shape[0]
+    if not np.all(np.isfinite(A)):
+        raise SingularKernelError(f"{who}: the {C}x{C} matrix contains NaN/Inf")
+    P, L, U = scipy.linalg.lu(A.astype(np.float64))
+    u = np.abs(np.diag(U))
+    tol = C * eps * np.abs(U).max() if check else 0.0
+    if u.min() <= tol:
+        raise SingularKernelError(
+            f"{who}: the {C}x{C} matrix is singular to working precision (LU pivots "
+            f"{np.diag(U).tolist()}, rule min|u_cc| <= C eps max|U|): the layer is not invertible"
+        )
+    return np.argmax(P, axis=0).astype(np.int64), L, U
+
+
+def plu_logabsdet(A: np.ndarray, *, dtype: Any = None) -> float:
+    """``log|det A|`` from :func:`plu` (float64); ``-inf`` exactly when :func:`plu` raises."""
+    try:
+        _, _, U = plu(A, dtype=dtype)
+    except SingularKernelError:
+        return -np.inf
+    return float(np.sum(np.log(np.abs(np.diag(U)))))
+
+
+def lu_init(M: np.ndarray) -> LUInit:
+    """Factorise a nonsingular ``M = P L U`` (:func:`plu`) into LU parameters (float64).
+
+    Raises :class:`SingularKernelError` when ``M`` is singular (``log_s`` would be ``-inf``).
+    """
+    perm, Lf, Uf = plu(M, who="lu_init")
     s = np.diag(Uf)
-    if np.any(s == 0):
-        raise SingularKernelError(f"lu_init: the matrix is singular (LU pivots {s.tolist()})")
     return LUInit(
-        perm=np.argmax(P, axis=0).astype(np.int64),
+        perm=perm,
         lower=np.tril(Lf, -1),
         upper=np.triu(Uf, 1),
         log_s=np.log(np.abs(s)),
@@ -110,18 +165,6 @@ def lu_solve_right(y: np.ndarray, perm: np.ndarray, L: np.ndarray, U: np.ndarray
 
 
 def lu_with_check(M: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Partial-pivoting ``M = P L U`` of a free matrix, as ``(perm, L, U)`` in ``M``'s dtype.
-
-    Raises :class:`SingularKernelError` naming ``who`` when ``M`` is singular or numerically
-    singular: a zero pivot, or ``min|u_cc| <= C * eps * max|u_cc|`` (eps of ``M``'s dtype).
-    """
-    C = M.shape[0]
-    P, Lf, Uf = scipy.linalg.lu(np.asarray(M, dtype=np.float64))
-    u = np.abs(np.diag(Uf))
-    eps = np.finfo(M.dtype).eps
-    if not np.all(np.isfinite(M)) or np.any(u == 0) or u.min() <= C * eps * u.max():
-        raise SingularKernelError(
-            f"{who}: the {C}x{C} weight matrix is singular (LU pivots "
-            f"{np.diag(Uf).tolist()}): the layer is not invertible"
-        )
-    return np.argmax(P, axis=0), Lf.astype(M.dtype), Uf.astype(M.dtype)
+    """:func:`plu` of a free matrix with factors cast to ``M``'s dtype: ``(perm, L, U)``."""
+    perm, L, U = plu(M, who=who)
+    return perm, L.astype(M.dtype), U.astype(M.dtype)

@@ -23,7 +23,7 @@ All arrays are NHWC and of the layer's ``dtype`` (float32 or float64).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,15 +40,18 @@ def check_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-class Layer:
-    """Base class: parameter/gradient/buffer registry, sub-layers, input validation."""
+class Module:
+    """Base class of every part of a model: parameter/gradient/buffer registry, sub-modules,
+    input validation and the one-shot activation cache. No forward/inverse contract of its
+    own (see :class:`Layer`, :class:`FactorOut`, :class:`Network`); a plain ``Module`` is a
+    container (a level of a model)."""
 
     def __init__(self, dtype: Any = np.float64) -> None:
         self.dtype = check_dtype(dtype)
         self._params: dict[str, np.ndarray] = {}
         self._grads: dict[str, np.ndarray] = {}
         self._buffers: dict[str, np.ndarray] = {}
-        self._layers: dict[str, Layer] = {}
+        self._layers: dict[str, Module] = {}
         self._cache: Any = None
 
     # ---------------------------------------------------------------- registry
@@ -63,7 +66,8 @@ class Layer:
         self._buffers[name] = arr
         return arr
 
-    def add_layer(self, name: str, layer: Layer) -> Layer:
+    def add_layer(self, name: str, layer: M) -> M:
+        """Register a sub-module under ``name`` (its keys become ``name/<key>``); returns it."""
         self._layers[name] = layer
         return layer
 
@@ -175,7 +179,18 @@ class Layer:
         for layer in self._layers.values():
             layer.clear_cache()
 
-    # ---------------------------------------------------------------- interface
+    def __repr__(self) -> str:
+        n = sum(v.size for v in self.params.values())
+        return f"{type(self).__name__}(params={n}, dtype={self.dtype})"
+
+
+M = TypeVar("M", bound=Module)
+
+
+class Layer(Module):
+    """A flow layer (module docstring): ``forward(x) -> (y, logdet)``, ``inverse(y) -> x``,
+    ``backward(dy, dlogdet) -> dx``."""
+
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -185,6 +200,30 @@ class Layer:
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        n = sum(v.size for v in self.params.values())
-        return f"{type(self).__name__}(params={n}, dtype={self.dtype})"
+
+class FactorOut(Module):
+    """A multi-scale split (module docstring): ``x (N, H, W, C) -> (h, eps, logdet)`` with
+    ``h`` and ``eps`` of ``C/2`` channels each; ``logdet`` of the map ``x -> concat(h, eps)``.
+
+    ``backward(dh, deps, dlogdet)`` takes the upstream gradients of all three outputs and adds
+    parameter gradients into ``grads``, as a layer's does."""
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def inverse(self, h: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dh: np.ndarray, deps: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Network(Module):
+    """A conditioner network (module docstring): ``forward(x) -> h``, ``backward(dh) -> dx``;
+    not invertible, no log-determinant."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dh: np.ndarray) -> np.ndarray:
+        raise NotImplementedError

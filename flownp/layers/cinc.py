@@ -32,6 +32,20 @@ Corner parameterisations (``corner=``):
 
 In every parameterised mode, the corner entries of ``weight`` that the mask removes are
 ignored (their gradient is zero); :attr:`CInCConv.kernel` is the effective kernel.
+
+Stability guard (``guard=rho``, default ``None`` here, 0.9 in :class:`flownp.model.FlowConfig`):
+the effective kernel's taps are rescaled so that the substitution stays diagonally dominant
+for any parameter values (:mod:`flownp.layers.guard`; with :mod:`flownp.layers._linalg` for
+the LU factors, the only modules of the package this file needs besides the compiled
+convolution loops of :mod:`flownp.kernels.conv`)::
+
+    triangular / unit   K = guard_kernel(weight * mask, d, rho)        budget rho |d_o|
+    lu                  K = guard_taps(weight * mask, rho / ||A^{-1}||_inf),  K[k-1,k-1] = A^T
+
+Reading order for a port: :func:`corner_mask`, then per corner one pair of functions, the
+kernel and its backward (:func:`triangular_kernel` / :func:`triangular_kernel_backward`,
+:func:`lu_kernel` / :func:`lu_kernel_backward`), then :class:`CInCConv`, which only selects
+the pair, runs the convolution kernels and adds the log-determinant terms.
 """
 
 from __future__ import annotations
@@ -39,17 +53,27 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
-# Module import (attributes looked up at call time): flownp.stability imports flownp.layers,
-# so ``from flownp.stability import ...`` here would be circular when stability loads first.
-from flownp import stability as _stability
 from flownp.errors import NonFiniteError, SingularKernelError
 from flownp.kernels import conv as K_
+from flownp.layers import _linalg
 from flownp.layers.base import Layer
+from flownp.layers.guard import (
+    check_guard,
+    corner_inverse_norm,
+    guard_kernel,
+    guard_kernel_backward,
+    guard_taps,
+    guard_taps_backward,
+)
 
 CORNERS = ("triangular", "unit", "lu")
 SOLVERS = ("auto", "wavefront", "raster", "reference")
+
+
+def solver_function(method: str) -> Any:
+    """``flownp.kernels.conv.solve_<method>``, looked up at call time (one of :data:`SOLVERS`)."""
+    return getattr(K_, f"solve_{method}")
 
 
 def corner_mask(k: int, C: int, *, full_corner: bool) -> np.ndarray:
@@ -66,6 +90,86 @@ def corner_mask(k: int, C: int, *, full_corner: bool) -> np.ndarray:
     return mask
 
 
+# ---------------------------------------------------------------------- triangular / unit corner
+def triangular_kernel(
+    weight_masked: np.ndarray, d: np.ndarray, guard: float | None, mode: str = "tanh"
+) -> np.ndarray:
+    """Effective kernel of the ``"triangular"`` / ``"unit"`` corner.
+
+    ``weight_masked (k, k, C, C)`` is ``weight * mask`` (corner: ``c < o`` only), ``d (C,)``
+    the corner diagonal (``sign * exp(log_diag)``, or ones). Without guard
+    ``K = weight_masked``, ``K[k-1, k-1, o, o] = d_o``; with guard every tap but ``d_o`` of
+    output channel ``o`` is rescaled to an absolute sum ``< rho |d_o|`` (:func:`guard_kernel`).
+    """
+    if guard is not None:
+        return guard_kernel(weight_masked, d, guard, mode)
+    K = weight_masked.copy()  # (k, k, C, C)
+    idx = np.arange(K.shape[3])
+    K[-1, -1, idx, idx] = d
+    return K
+
+
+def triangular_kernel_backward(
+    dK: np.ndarray, weight_masked: np.ndarray, d: np.ndarray, guard: float | None, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward of :func:`triangular_kernel`: ``(dweight, dd)`` from ``dK = dLoss/dK``.
+
+    Without guard ``dweight = dK`` and ``dd_o = dK[k-1, k-1, o, o]``; with guard the exact
+    chain rule :func:`guard_kernel_backward`. The caller multiplies ``dweight`` by the mask
+    and, for ``"triangular"``, maps ``dd`` to ``d log_diag = dd * d`` (``d = sign exp(log_diag)``).
+    """
+    if guard is not None:
+        return guard_kernel_backward(dK, weight_masked, d, guard, mode)
+    return dK, np.diagonal(dK[-1, -1]).copy()
+
+
+# ---------------------------------------------------------------------- LU corner
+def lu_kernel(
+    weight_masked: np.ndarray, A: np.ndarray, guard: float | None, mode: str = "tanh"
+) -> np.ndarray:
+    """Effective kernel of the ``"lu"`` corner: the taps ``weight_masked`` (corner zero) with
+    the corner block ``K[k-1, k-1] = A^T`` (``A = P L U``, :func:`_linalg.lu_factors`).
+
+    With guard the off-corner taps of every output channel are rescaled to an absolute sum
+    ``< rho / n``, ``n = ||A^{-1}||_inf`` (:func:`guard_taps`; block ratio ``q <= rho``).
+    """
+    K = weight_masked
+    if guard is not None:
+        n, _ = corner_inverse_norm(A)
+        K = guard_taps(weight_masked, np.full(A.shape[0], guard / n), mode)
+    K = K.copy()  # (k, k, C, C)
+    K[-1, -1] = A.T
+    return K
+
+
+def lu_kernel_backward(
+    dK: np.ndarray, weight_masked: np.ndarray, A: np.ndarray, guard: float | None, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward of :func:`lu_kernel`: ``(dweight, dA)`` from ``dK = dLoss/dK``.
+
+    Without guard ``dweight = dK`` (masked by the caller) and ``dA = dK[k-1, k-1]^T``. With
+    guard the budget ``t = rho / n`` depends on ``A``::
+
+        dweight, dt = guard_taps_backward(dK with its corner zeroed, weight_masked, t)
+        dA = dK[k-1, k-1]^T + (-rho / n^2) sum_o dt_o * dn/dA
+
+    ``dA`` then goes through ``A = P L U`` (:func:`flownp.layers._linalg.lu_backward`).
+    """
+    dA = dK[-1, -1].T  # (C, C), gradient w.r.t. A[o, c]
+    if guard is None:
+        return dK, dA
+    C = A.shape[0]
+    n, dn_dA = corner_inverse_norm(A)
+    dK_off = dK.copy()
+    dK_off[-1, -1] = 0.0
+    dweight, dbudget = guard_taps_backward(
+        dK_off, weight_masked, np.full(C, guard / n, dtype=weight_masked.dtype), mode
+    )
+    dn = -guard / n**2 * float(np.sum(dbudget, dtype=np.float64))
+    return dweight, dA + (dn * dn_dA).astype(dK.dtype)
+
+
+# ---------------------------------------------------------------------- the layer
 class CInCConv(Layer):
     """Invertible top-left padded k x k convolution (CInC), NHWC, C -> C channels.
 
@@ -90,7 +194,7 @@ class CInCConv(Layer):
         taps of every output channel ``o`` are rescaled so that their absolute sum stays below
         ``rho |d_o|`` for *any* parameter values, which bounds
         ``||M^{-1}||_inf <= 1 / ((1 - rho) min|d|)`` on every image size
-        (:func:`flownp.stability.guard_kernel`). ``"lu"``: block dominance, the off-corner
+        (:func:`flownp.layers.guard.guard_kernel`). ``"lu"``: block dominance, the off-corner
         taps of every output channel sum to less than ``rho / ||A^{-1}||_inf``, so
         ``||M^{-1}||_inf <= ||A^{-1}||_inf / (1 - rho)`` (``docs/stability.md``).
         ``None``: no guard.
@@ -121,20 +225,6 @@ class CInCConv(Layer):
         guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
-        if guard is not None:
-            if corner not in ("triangular", "unit", "lu"):
-                raise ValueError(
-                    f"CInCConv: guard is available for the triangular, unit and lu corners, "
-                    f"not corner={corner!r}"
-                )
-            if not 0.0 < float(guard) < 1.0:
-                raise ValueError(f"CInCConv: guard (rho) must be in (0, 1), got {guard!r}")
-        if guard_mode not in _stability.GUARD_MODES:
-            raise ValueError(
-                f"CInCConv: guard_mode must be one of {_stability.GUARD_MODES}, got {guard_mode!r}"
-            )
-        self.guard = None if guard is None else float(guard)
-        self.guard_mode = guard_mode
         if not isinstance(channels, (int, np.integer)) or channels < 1:
             raise ValueError(f"CInCConv: channels must be a positive int, got {channels!r}")
         if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
@@ -143,6 +233,12 @@ class CInCConv(Layer):
             raise ValueError(f"CInCConv: corner must be one of {CORNERS}, got {corner!r}")
         if solver not in SOLVERS:
             raise ValueError(f"CInCConv: solver must be one of {SOLVERS}, got {solver!r}")
+        if guard is not None and corner not in CORNERS:
+            raise ValueError(
+                f"CInCConv: guard is available for the corners {CORNERS}, not corner={corner!r}"
+            )
+        self.guard = check_guard(guard, guard_mode, "CInCConv")
+        self.guard_mode = guard_mode
         self.channels = C = int(channels)
         self.kernel_size = k = int(kernel_size)
         self.corner = corner
@@ -156,16 +252,13 @@ class CInCConv(Layer):
         if corner == "triangular":
             self.add_param("log_diag", np.zeros(C))
             self.add_buffer("sign", np.ones(C))
-        elif corner == "lu":
-            # Glow: a random rotation, factorised once; P stays fixed.
-            q = np.linalg.qr(rng.normal(size=(C, C)))[0]
-            P, Lf, Uf = scipy.linalg.lu(q)
-            s = np.diag(Uf)
-            self.add_param("lower", np.tril(Lf, -1))
-            self.add_param("upper", np.triu(Uf, 1))
-            self.add_param("log_s", np.log(np.abs(s)))
-            self.add_buffer("sign", np.sign(s))
-            self.add_buffer("perm", np.argmax(P, axis=0).astype(np.int64))
+        elif corner == "lu":  # Glow: a random rotation, factorised once; P stays fixed
+            f = _linalg.lu_init(_linalg.random_rotation(C, rng))
+            self.add_param("lower", f.lower)
+            self.add_param("upper", f.upper)
+            self.add_param("log_s", f.log_s)
+            self.add_buffer("sign", f.sign)
+            self.add_buffer("perm", f.perm)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -201,18 +294,17 @@ class CInCConv(Layer):
         return layer
 
     # ------------------------------------------------------------------ the effective kernel
+    def _lu_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(L, U, d)`` of the ``"lu"`` corner, ``A = P L U`` (:func:`_linalg.lu_factors`)."""
+        p = self._params
+        return _linalg.lu_factors(p["lower"], p["upper"], p["log_s"], self._buffers["sign"])
+
     def corner_matrix(self) -> np.ndarray:
         """The diagonal block ``A`` of the Jacobian: ``A[o, c] = K[k-1, k-1, c, o]``."""
-        p, C = self._params, self.channels
-        if self.corner == "fixed":
-            return p["kernel"][-1, -1].T.copy()
         if self.corner == "lu":
-            P = np.eye(C, dtype=self.dtype)[:, self._buffers["perm"]]
-            return P @ self._lu_lower() @ self._lu_upper()
-        if self.guard is not None:
-            return self.kernel[-1, -1].T  # the guard rescales the corner's strict lower part
-        A = p["weight"][-1, -1].T * self._mask[-1, -1].T  # strictly lower
-        return A + np.diag(self.diagonal())
+            L, U, _ = self._lu_factors()
+            return _linalg.permutation_matrix(self._buffers["perm"], self.dtype) @ L @ U
+        return self.kernel[-1, -1].T.copy()
 
     def diagonal(self) -> np.ndarray:
         """The corner diagonal ``d`` (masked modes) or ``diag(U)`` (lu)."""
@@ -222,51 +314,36 @@ class CInCConv(Layer):
         if self.corner == "unit":
             return np.ones(self.channels, dtype=self.dtype)
         if self.corner == "lu":
-            return self._buffers["sign"] * np.exp(p["log_s"])
+            return self._lu_factors()[2]
         return np.diag(p["kernel"][-1, -1]).copy()
-
-    def _lu_lower(self) -> np.ndarray:
-        return np.tril(self._params["lower"], -1) + np.eye(self.channels, dtype=self.dtype)
-
-    def _lu_upper(self) -> np.ndarray:
-        return np.triu(self._params["upper"], 1) + np.diag(self.diagonal())
 
     @property
     def kernel(self) -> np.ndarray:
         """The effective ``(k, k, C, C)`` kernel used by :meth:`forward` (a new array)."""
         if self.corner == "fixed":
             return self._params["kernel"] * self._mask
-        K = self._params["weight"] * self._mask
-        if self.guard is not None and self.corner == "lu":  # block dominance, q <= rho
-            A = self.corner_matrix()
-            n, _ = _stability.corner_inverse_norm(A)
-            budget = np.full(self.channels, self.guard / n)
-            K = _stability.guard_taps(K, budget, self.guard_mode)
-            K[-1, -1] = A.T
-            return K
-        if self.guard is not None:
-            return _stability.guard_kernel(K, self.diagonal(), self.guard, self.guard_mode)
-        K[-1, -1] = self.corner_matrix().T
-        return K
+        W = self._params["weight"] * self._mask  # (k, k, C, C), masked taps
+        if self.corner == "lu":
+            return lu_kernel(W, self.corner_matrix(), self.guard, self.guard_mode)
+        return triangular_kernel(W, self.diagonal(), self.guard, self.guard_mode)
 
     def logdet_per_pixel(self) -> float:
         """``log|det A|``, so that ``logdet = H * W * logdet_per_pixel()``."""
-        if self.corner == "fixed" and not self.masked:  # same LU as the inverse: consistent
-            _, _, Uf, singular = self._full_corner_lu()
-            return -np.inf if singular else float(np.sum(np.log(np.abs(np.diag(Uf)))))
         if self.corner == "triangular":
             return float(np.sum(self._params["log_diag"], dtype=np.float64))
         if self.corner == "lu":
             return float(np.sum(self._params["log_s"], dtype=np.float64))
-        with np.errstate(divide="ignore"):
+        if self.corner == "fixed" and not self.masked:  # same PLU and rule as the inverse
+            return _linalg.plu_logabsdet(self.corner_matrix(), dtype=self.dtype)
+        with np.errstate(divide="ignore"):  # unit (0) or a fixed triangular corner
             return float(np.sum(np.log(np.abs(self.diagonal().astype(np.float64)))))
 
     # ------------------------------------------------------------------ forward / inverse
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = self.check_input(x, self.channels)
         N, H, W, _ = x.shape
-        K = self.kernel
-        y = K_.conv_forward(x, K)
+        K = self.kernel  # (k, k, C, C)
+        y = K_.conv_forward(x, K)  # (N, H, W, C)
         logdet = np.full(N, H * W * self.logdet_per_pixel(), dtype=self.dtype)
         self._cache = (x, K)
         return y, logdet
@@ -274,16 +351,16 @@ class CInCConv(Layer):
     def _corner_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(L, U, perm)`` with ``A = P L U``; raises SingularKernelError for a singular A."""
         C = self.channels
-        A = self.corner_matrix()
         if self.corner == "lu":
-            U = self._lu_upper()
-            if np.any(np.diag(U) == 0):  # exp(log_s) underflowed to 0
+            L, U, d = self._lu_factors()
+            if np.any(d == 0):  # exp(log_s) underflowed to 0
                 raise SingularKernelError(
                     "CInCConv.inverse: the LU corner has a zero on the diagonal of U "
                     f"(log_s = {self._params['log_s'].tolist()}): the convolution is not invertible"
                 )
-            return self._lu_lower(), U, np.asarray(self._buffers["perm"])
-        if self.masked:
+            return L, U, np.asarray(self._buffers["perm"])
+        A = self.corner_matrix()
+        if self.masked:  # lower triangular: L = A, U = I, P = I (pivots = diagonal, exactly)
             d = np.diag(A)
             if np.any(d == 0):
                 zero = np.flatnonzero(d == 0).tolist()
@@ -293,30 +370,8 @@ class CInCConv(Layer):
                     "the convolution is not invertible (Theorem 1)"
                 )
             return A, np.eye(C, dtype=self.dtype), np.arange(C)
-        P, Lf, Uf, singular = self._full_corner_lu()
-        if singular:
-            raise SingularKernelError(
-                "CInCConv.inverse: the corner channel block K[k-1,k-1] is singular to working "
-                f"precision (LU pivots {np.diag(Uf).tolist()}): the convolution is not invertible"
-            )
-        return Lf.astype(self.dtype), Uf.astype(self.dtype), np.argmax(P, axis=0)
-
-    def _full_corner_lu(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        """``(P, L, U, singular)``: float64 LU with partial pivoting of the full corner
-        ``A = P L U``; ``singular`` when a pivot is at most ``C eps max|U|`` (``eps`` of the
-        layer dtype): the computed factors satisfy ``L U = P^T A + E`` with
-        ``|E| <= gamma_C |L||U|`` and ``|L| <= 1``, so such a pivot is indistinguishable from
-        zero and ``A`` is singular to working precision. A float LU of an exactly singular
-        matrix rarely gives an exact zero pivot, hence the threshold (the masked corner needs
-        none: its pivots are its diagonal entries, exactly). Used by both the logdet and the
-        inverse, so ``logdet == -inf`` exactly when ``inverse`` raises
-        :class:`SingularKernelError`."""
-        A = self.corner_matrix().astype(np.float64)
-        P, Lf, Uf = scipy.linalg.lu(A)
-        u = np.abs(np.diag(Uf))
-        eps = np.finfo(self.dtype).eps
-        singular = bool(u.min() <= self.channels * eps * np.abs(Uf).max())
-        return P, Lf, Uf, singular
+        perm, L, U = _linalg.plu(A, dtype=self.dtype, who="CInCConv.inverse: the corner block")
+        return L.astype(self.dtype), U.astype(self.dtype), perm
 
     def inverse(self, y: np.ndarray, method: str | None = None) -> np.ndarray:
         """Solve ``forward(x)[0] == y`` for ``x`` by substitution (``method`` overrides
@@ -330,18 +385,13 @@ class CInCConv(Layer):
         K = self.kernel
         if dt != self.dtype:  # solve the layer's own (rounded) kernel in higher precision
             K = K.astype(dt)
-            if self.corner == "lu" or not self.masked:  # refactorise the rounded corner
-                L, U, perm = _stability._plu(K[-1, -1].T)
+            if not self.masked:  # refactorise the rounded full corner
+                perm, L, U = _linalg.plu(K[-1, -1].T, who="CInCConv.inverse: the corner block")
             y = y.astype(dt)
-        fn = {
-            "auto": K_.solve_auto,
-            "wavefront": K_.solve_wavefront,
-            "raster": K_.solve_raster,
-            "reference": K_.solve_reference,
-        }[method]
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, never silenced
             try:
-                x = fn(y, K, L.astype(dt), U.astype(dt), perm).astype(self.dtype)
+                x = solver_function(method)(y, K, L.astype(dt), U.astype(dt), perm)
+                x = x.astype(self.dtype)
             except ValueError as exc:  # SciPy's finiteness check inside the reference solver
                 if "infs or NaNs" not in str(exc):
                     raise
@@ -359,57 +409,54 @@ class CInCConv(Layer):
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        """``dx = M^T dy``; parameter gradients through the corner's kernel construction.
+
+        ``g_ld = H W sum_n dlogdet[n]`` is the gradient w.r.t. ``log|det A|`` (per pixel).
+        """
         x, K = self.pop_cache()
         N, H, W, C = x.shape
         dy = self.check_grad(dy, x.shape, "dy")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
-        k = self.kernel_size
-        dx = K_.conv_backward_input(dy, K)
-        dK = K_.conv_backward_kernel(x, dy, k)  # gradient w.r.t. the effective kernel
-        g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))  # d(sum logdet*dlogdet)/d logdet_pp
-        g = self._grads
+        dx = K_.conv_backward_input(dy, K)  # (N, H, W, C)
+        dK = K_.conv_backward_kernel(x, dy, self.kernel_size)  # w.r.t. the effective kernel
+        g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
         if self.corner == "fixed":
-            g["kernel"] += dK * self._mask
-            corner = self._params["kernel"][-1, -1]
-            if g_ld == 0.0:  # logdet unused: no term (avoids 0 * inf = NaN for a zero corner)
-                pass
-            elif self.masked:  # d log|d_c| / d d_c = 1 / d_c
-                g["kernel"][-1, -1] += np.diag(g_ld / np.diag(corner))
-            else:  # d log|det A| / dA = A^{-T};  K-layout corner is A^T, so dK_corner = A^{-1}
-                g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)
-            return dx
-        d = self.diagonal()
-        if self.guard is not None and self.corner == "lu":  # budget rho / ||A^-1||_inf
-            n, dn_dA = _stability.corner_inverse_norm(self.corner_matrix())
-            dK_off = dK.copy()
-            dK_off[-1, -1] = 0.0
-            W = self._params["weight"] * self._mask
-            dW, dbudget = _stability.guard_taps_backward(
-                dK_off, W, np.full(C, self.guard / n, dtype=self.dtype), self.guard_mode
-            )
-            g["weight"] += dW * self._mask
-            dn = -self.guard / n**2 * float(np.sum(dbudget, dtype=np.float64))
-            dK = dK.copy()
-            dK[-1, -1] += (dn * dn_dA).T.astype(self.dtype)  # total gradient w.r.t. A^T
-        elif self.guard is not None:  # chain rule through the guard's rescaling
-            dW, dd = _stability.guard_kernel_backward(
-                dK, self._params["weight"] * self._mask, d, self.guard, self.guard_mode
-            )
-            g["weight"] += dW * self._mask
-            if self.corner == "triangular":
-                g["log_diag"] += dd * d + g_ld
-            return dx
-        if self.guard is None:
-            g["weight"] += dK * self._mask
-        dA = dK[-1, -1].T  # gradient w.r.t. A[o, c]
-        if self.corner == "triangular":
-            g["log_diag"] += np.diag(dA) * d + g_ld
+            self._fixed_backward(dK, g_ld)
         elif self.corner == "lu":
-            P = np.eye(C, dtype=self.dtype)[:, self._buffers["perm"]]
-            Lf, Uf = self._lu_lower(), self._lu_upper()
-            dL = P.T @ dA @ Uf.T  # A = P L U
-            dU = Lf.T @ P.T @ dA
-            g["lower"] += np.tril(dL, -1)
-            g["upper"] += np.triu(dU, 1)
-            g["log_s"] += np.diag(dU) * d + g_ld
+            self._lu_backward(dK, g_ld)
+        else:
+            self._triangular_backward(dK, g_ld)
         return dx
+
+    def _triangular_backward(self, dK: np.ndarray, g_ld: float) -> None:
+        """``"triangular"`` / ``"unit"``: ``d log_diag = dd * d + g_ld`` (``log|d| = log_diag``)."""
+        g, d = self._grads, self.diagonal()
+        W = self._params["weight"] * self._mask
+        dW, dd = triangular_kernel_backward(dK, W, d, self.guard, self.guard_mode)
+        g["weight"] += dW * self._mask
+        if self.corner == "triangular":
+            g["log_diag"] += dd * d + g_ld
+
+    def _lu_backward(self, dK: np.ndarray, g_ld: float) -> None:
+        """``"lu"``: ``dA`` through ``A = P L U``; ``d log_s += g_ld`` (logdet = sum log_s)."""
+        g = self._grads
+        L, U, d = self._lu_factors()
+        W = self._params["weight"] * self._mask
+        dW, dA = lu_kernel_backward(dK, W, self.corner_matrix(), self.guard, self.guard_mode)
+        g["weight"] += dW * self._mask
+        dlower, dupper, dlog_s = _linalg.lu_backward(dA, self._buffers["perm"], L, U, d)
+        g["lower"] += dlower
+        g["upper"] += dupper
+        g["log_s"] += dlog_s + g_ld
+
+    def _fixed_backward(self, dK: np.ndarray, g_ld: float) -> None:
+        """``"fixed"`` (verification): the kernel is the parameter; d log|det A| / dA = A^{-T}."""
+        g = self._grads
+        g["kernel"] += dK * self._mask
+        if g_ld == 0.0:  # logdet unused: no term (avoids 0 * inf = NaN for a zero corner)
+            return
+        corner = self._params["kernel"][-1, -1]  # A^T
+        if self.masked:  # d log|d_c| / d d_c = 1 / d_c
+            g["kernel"][-1, -1] += np.diag(g_ld / np.diag(corner))
+        else:  # K-layout corner is A^T, so d/d corner = (A^{-T})^T = A^{-1}
+            g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)

@@ -48,7 +48,7 @@ from flownp.kernels.conv_same import (
     conv_same_forward,
 )
 from flownp.layers.actnorm import ActNorm
-from flownp.layers.base import Layer
+from flownp.layers.base import Network
 
 #: Standard deviation of the initial weights of ``conv_in`` and ``conv_mid`` (Glow's default).
 INIT_STD = 0.05
@@ -62,10 +62,10 @@ def _positive_int(value: Any, name: str, owner: str) -> int:
     return int(value)
 
 
-class ConditionerNet(Layer):
+class ConditionerNet(Network):
     """3x3 conv -> actnorm -> ReLU -> 1x1 conv -> actnorm -> ReLU -> zero-init 3x3 conv.
 
-    Interface (not invertible)::
+    Contract :class:`~flownp.layers.base.Network` (not invertible)::
 
         forward(x) -> h          x (N, H, W, in_channels) -> h (N, H, W, out_channels)
         backward(dh) -> dx       adds every parameter gradient into ``grads``
@@ -129,7 +129,7 @@ class ConditionerNet(Layer):
         self.add_param("conv_out/logs", np.zeros(Co))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def forward(self, x: np.ndarray) -> np.ndarray:
         """``h = NN(x)`` (module docstring); remembers the activations for one backward."""
         x = self.check_input(x, self.in_channels)
         p = self._params
@@ -161,11 +161,8 @@ class ConditionerNet(Layer):
         norm._grads["logs"] += dlogs
         return da
 
-    def inverse(self, y: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("ConditionerNet is not invertible (it is a coupling's NN)")
-
     # ------------------------------------------------------------------ backward
-    def backward(self, dh: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def backward(self, dh: np.ndarray) -> np.ndarray:
         """Gradient of ``sum(h * dh)`` w.r.t. the input of the last :meth:`forward`; adds the
         parameter gradients into :attr:`grads` (``+=``)."""
         x, r1, r2, h, out_scale, N = self.pop_cache()

@@ -88,11 +88,12 @@ class Conv1x1(Layer):
         return _linalg.permutation_matrix(self._buffers["perm"], self.dtype) @ L @ U
 
     def logdet_per_pixel(self) -> float:
-        """``log|det W|`` in float64 (``-inf`` for an exactly singular plain weight)."""
+        """``log|det W|`` in float64. Plain weight: from the same PLU factorisation and
+        singularity rule as :meth:`inverse` (:func:`_linalg.plu_logabsdet`), so it is ``-inf``
+        exactly when ``inverse`` raises :class:`SingularKernelError`."""
         if self.lu:
             return float(np.sum(self._params["log_s"], dtype=np.float64))
-        sign, ld = np.linalg.slogdet(self._params["weight"].astype(np.float64))
-        return float(ld) if sign != 0 else -np.inf
+        return _linalg.plu_logabsdet(self._params["weight"])
 
     # ------------------------------------------------------------------ forward / inverse
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,19 +65,18 @@ from typing import Any
 
 import numpy as np
 
-from flownp import stability as _stability  # module import: see flownp/layers/cinc.py
 from flownp.errors import SingularKernelError
 from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
+from flownp.layers.cinc import (
+    SOLVERS,
+    solver_function,
+    triangular_kernel,
+    triangular_kernel_backward,
+)
+from flownp.layers.guard import check_guard
 
-SOLVERS = ("auto", "wavefront", "raster", "reference")
 SIDES = ("bottom_right", "top_left")
-_SOLVE = {
-    "auto": K_.solve_auto,
-    "wavefront": K_.solve_wavefront,
-    "raster": K_.solve_raster,
-    "reference": K_.solve_reference,
-}
 
 
 def _flip(a: np.ndarray) -> np.ndarray:
@@ -134,15 +133,14 @@ class _MaskedConv(Layer):
 
     @property
     def kernel(self) -> np.ndarray:
-        """Effective ``(kk, kk, C, C)`` kernel in this side's own layout (a new array)."""
-        K = self._params["weight"] * self._mask
-        if self.guard is not None:  # the CInC guard, in the top/left frame (docs/stability.md)
-            Kt = _stability.guard_kernel(
-                self._frame_taps(K), self.diagonal(), self.guard, self.guard_mode
-            )
-            return self._frame_taps(Kt)
-        K[self.centre] += np.diag(self.diagonal())
-        return K
+        """Effective ``(kk, kk, C, C)`` kernel in this side's own layout (a new array).
+
+        Built in the top/left frame exactly as a CInC triangular corner
+        (:func:`flownp.layers.cinc.triangular_kernel`, with the optional guard), then mapped back.
+        """
+        Wt = self._frame_taps(self._params["weight"] * self._mask)  # top/left frame
+        Kt = triangular_kernel(Wt, self.diagonal(), self.guard, self.guard_mode)
+        return self._frame_taps(Kt)
 
     def _frame_taps(self, K: np.ndarray) -> np.ndarray:
         """Taps to/from the top/left frame: ``K`` or ``K[::-1, ::-1]`` (contiguous)."""
@@ -175,7 +173,7 @@ class _MaskedConv(Layer):
         self._cache = (xt, Kt)
         return y, logdet
 
-    def inverse(self, y: np.ndarray, method: str, dtype: Any = None) -> np.ndarray:
+    def inverse(self, y: np.ndarray, method: str = "auto", dtype: Any = None) -> np.ndarray:
         """Solve for the input in ``dtype`` (default the layer's; the kernel is cast to it)."""
         d = self.diagonal()
         if not np.all(np.isfinite(d)) or np.any(d == 0):
@@ -193,9 +191,9 @@ class _MaskedConv(Layer):
         Kt = self.kernel_tl().astype(dt, copy=False)
         y = y.astype(dt, copy=False)
         if self.side == "top_left":
-            return _SOLVE[method](y, Kt, L, U, perm)
+            return solver_function(method)(y, Kt, L, U, perm)
         # the solvers make their input contiguous: pass the flipped view (no extra copy)
-        xt = _SOLVE[method](y[:, ::-1, ::-1, :], Kt, L, U, perm)
+        xt = solver_function(method)(y[:, ::-1, ::-1, :], Kt, L, U, perm)
         return _flip(xt)
 
     # ------------------------------------------------------------------ backward
@@ -204,25 +202,14 @@ class _MaskedConv(Layer):
         N, H, W, C = xt.shape
         dyt = self._frame(dy)  # (N, H, W, C), top/left frame
         dx = self._frame(K_.conv_backward_input(dyt, Kt))  # M^T dy = F M'^T F dy
-        dKt = K_.conv_backward_kernel(xt, dyt, self.kk)  # (kk, kk, C, C)
-        dK = dKt if self.side == "top_left" else dKt[::-1, ::-1]
+        dKt = K_.conv_backward_kernel(xt, dyt, self.kk)  # (kk, kk, C, C), top/left frame
         g = self._grads
         g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
-        if self.guard is not None:  # chain rule through the guard (top/left frame)
-            d = self.diagonal()
-            dWt, dd = _stability.guard_kernel_backward(
-                dKt,
-                self._frame_taps(self._params["weight"] * self._mask),
-                d,
-                self.guard,
-                self.guard_mode,
-            )
-            g["weight"] += self._frame_taps(dWt) * self._mask
-            g["log_diag"] += dd * d + g_ld
-            return dx
-        g["weight"] += dK * self._mask
-        dA = dK[self.centre].T  # gradient w.r.t. A[o, c]
-        g["log_diag"] += np.diag(dA) * self.diagonal() + g_ld
+        d = self.diagonal()
+        Wt = self._frame_taps(self._params["weight"] * self._mask)
+        dWt, dd = triangular_kernel_backward(dKt, Wt, d, self.guard, self.guard_mode)
+        g["weight"] += self._frame_taps(dWt) * self._mask
+        g["log_diag"] += dd * d + g_ld  # log|d| = log_diag
         return dx
 
 
@@ -249,7 +236,7 @@ class EmergingConv(Layer):
         Default inverse algorithm (see :mod:`flownp.kernels.conv`; ``"auto"``: by batch size).
     guard : float or None
         Stability guard ``rho`` in (0, 1), applied to both masked convolutions as in
-        :class:`~flownp.layers.cinc.CInCConv` (:func:`flownp.stability.guard_kernel`): each has
+        :class:`~flownp.layers.cinc.CInCConv` (:func:`flownp.layers.guard.guard_kernel`): each has
         dominance ratio ``< rho``, so ``||M^{-1}||_inf <= prod_k 1 / ((1 - rho) min|d_k|)`` on
         every image size (``docs/stability.md``). ``None``: no guard.
     guard_mode : {"tanh", "clip"}
@@ -277,14 +264,7 @@ class EmergingConv(Layer):
         guard_mode: str = "tanh",
     ) -> None:
         super().__init__(dtype)
-        if guard is not None and not 0.0 < float(guard) < 1.0:
-            raise ValueError(f"EmergingConv: guard (rho) must be in (0, 1), got {guard!r}")
-        if guard_mode not in _stability.GUARD_MODES:
-            raise ValueError(
-                f"EmergingConv: guard_mode must be one of {_stability.GUARD_MODES}, "
-                f"got {guard_mode!r}"
-            )
-        self.guard = None if guard is None else float(guard)
+        self.guard = check_guard(guard, guard_mode, "EmergingConv")
         self.guard_mode = guard_mode
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool):
             raise ValueError(f"EmergingConv: channels must be a positive int, got {channels!r}")

@@ -34,7 +34,8 @@ The Jacobian of ``x -> concat(h, eps)`` is block lower triangular
 
 ``LearnedPrior((H, W, C))``: parameters ``mean`` and ``logs`` of shape ``(H, W, C)`` (one
 per latent position), zero initialised; ``forward(z) -> (eps, logdet)`` standardises with
-them. It is an ordinary :class:`~flownp.layers.base.Layer`.
+them. It is an ordinary :class:`~flownp.layers.base.Layer`; :class:`Split` follows the
+:class:`~flownp.layers.base.FactorOut` contract.
 
 Differences from openai/glow (exact reparameterisations, documented for porters):
 Glow's ``conv2d_zeros`` multiplies the conv output by ``exp(3 * logs)``; here that factor is
@@ -50,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from flownp.kernels.conv_same import conv_same_backward, conv_same_forward
-from flownp.layers.base import Layer
+from flownp.layers.base import FactorOut, Layer
 
 PRIOR_KERNEL_SIZE = 3
 
@@ -92,10 +93,10 @@ def standardize_backward(
 
 
 # ---------------------------------------------------------------------- Split
-class Split(Layer):
+class Split(FactorOut):
     """Factor out half of the channels with a learned conditional Gaussian prior (Glow).
 
-    Interface (two outputs, so it differs from a plain layer)::
+    Contract :class:`~flownp.layers.base.FactorOut` (two outputs, so not a plain layer)::
 
         forward(x) -> (h, eps, logdet)     inverse(h, eps) -> x
         backward(dh, deps, dlogdet) -> dx
@@ -125,7 +126,7 @@ class Split(Layer):
         out = conv_same_forward(h, self._params["prior/weight"], self._params["prior/bias"])
         return out[..., 0::2], out[..., 1::2]  # (N, H, W, C1) each, interleaved channels
 
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[override]
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = self.check_input(x, self.channels)
         C1 = self.half
         h = np.ascontiguousarray(x[..., :C1])  # (N, H, W, C1), a copy
@@ -135,7 +136,7 @@ class Split(Layer):
         self._cache = (h, eps, inv_scale)
         return h, eps, logdet
 
-    def inverse(self, h: np.ndarray, eps: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def inverse(self, h: np.ndarray, eps: np.ndarray) -> np.ndarray:
         h = self.check_input(h, self.half, name="h")
         eps = self.check_input(eps, self.half, name="eps")
         if eps.shape != h.shape:
@@ -146,9 +147,7 @@ class Split(Layer):
         z2 = standardize_inverse(eps, mean, logs)
         return np.concatenate([h, z2], axis=-1)  # (N, H, W, C)
 
-    def backward(  # type: ignore[override]
-        self, dh: np.ndarray, deps: np.ndarray, dlogdet: np.ndarray
-    ) -> np.ndarray:
+    def backward(self, dh: np.ndarray, deps: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
         h, eps, inv_scale = self.pop_cache()
         N = h.shape[0]
         dh = self.check_grad(dh, h.shape, "dh")
