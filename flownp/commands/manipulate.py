@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from flownp import latent
+from flownp.commands._common import positive_float, positive_int
 from flownp.errors import DataError
 
 HELP = "edit images along attribute directions of the latent space (paper Figure 5)"
@@ -48,12 +49,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--crop",
-        type=int,
+        type=positive_int,
         default=None,
         help="CelebA: side of the centred square crop before resizing "
         "(default: the largest centred box with the model's aspect ratio)",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="images per model call")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="images per model call"
+    )
     parser.add_argument("--out", default=None, help="output PNG (default: next to the checkpoint)")
 
 
@@ -141,18 +144,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-strength",
-        type=float,
+        type=positive_float,
         default=2.0,
         help="largest |s| of the sweep z + s*direction (regression: attribute units; "
         "MNIST pixel attributes are standardised, so 1 = one standard deviation)",
     )
     parser.add_argument(
-        "--steps", type=int, default=3, help="strengths on each side of the original"
+        "--steps", type=positive_int, default=3, help="strengths on each side of the original"
     )
-    parser.add_argument("--num-images", type=int, default=4, help="held-out images to edit")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=4, help="held-out images to edit"
+    )
     parser.add_argument(
         "--max-images",
-        type=int,
+        type=positive_int,
         default=10000,
         help="labelled images encoded to compute the directions",
     )
