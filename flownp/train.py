@@ -20,8 +20,10 @@ with the EMA weights every ``eval_every`` steps and at the end; atomic checkpoin
 event is reported and counted, and training goes on with the next batch.
 
 Blow-up rule (:class:`LossMonitor`): a step is *bad* when it is rejected, or when its loss is
-more than ``BLOWUP_MARGIN`` = 1 bit/dim above the median of the last ``BLOWUP_WINDOW`` = 50
-accepted, not-bad losses (judged once 10 such losses exist). After ``max_bad_steps`` bad
+more than twice its recent level, ``loss > level + max(BLOWUP_MARGIN, level)`` with
+``BLOWUP_MARGIN`` = 1 bit/dim and ``level`` the median of the last ``BLOWUP_WINDOW`` = 50
+accepted, not-bad losses (judged once 10 such losses exist). Single-batch spikes of small
+batches recover within a step or two; a blow-up does not. After ``max_bad_steps`` bad
 steps in a row, training stops with :class:`TrainingDiverged`, and the current state is *not*
 saved: the run folder keeps its last usable checkpoint, and the message says which step it
 holds and how to go on (``--resume`` with a smaller ``--lr`` and a new ``--warmup-steps``).
@@ -89,7 +91,7 @@ STABILITY_COLUMNS = (
 
 
 BLOWUP_WINDOW = 50  # accepted losses the recent level is the median of
-BLOWUP_MARGIN = 1.0  # bits/dim above that level that make a step bad
+BLOWUP_MARGIN = 1.0  # bad: loss > level + max(BLOWUP_MARGIN, level) (bits/dim)
 BLOWUP_MIN_HISTORY = 10  # losses needed before the rule judges
 CHECK_IMAGES = 16  # held-out images of the usability check before each write
 
@@ -113,8 +115,9 @@ class LossMonitor:
     """The blow-up rule: is a loss far above its recent level?
 
     ``level`` is the median of the last ``window`` accepted losses that were not themselves
-    high; a loss is *high* when ``loss > level + margin`` (bits/dim), once ``min_history``
-    losses exist. A high loss is not added to the window, so a sustained climb stays high.
+    high; a loss is *high* when ``loss > level + max(margin, level)`` (bits/dim: more than
+    twice the level, and at least ``margin`` above it), once ``min_history`` losses exist. A
+    high loss is not added to the window, so a sustained climb stays high.
     """
 
     def __init__(
@@ -135,7 +138,12 @@ class LossMonitor:
 
     def is_high(self, loss: float) -> bool:
         lvl = self.level()
-        return bool(np.isfinite(lvl) and loss > lvl + self.margin)
+        return bool(np.isfinite(lvl) and loss > self.threshold())
+
+    def threshold(self) -> float:
+        """The loss above which a step is high: ``level + max(margin, level)``."""
+        lvl = self.level()
+        return lvl + max(self.margin, lvl)
 
     def add(self, loss: float) -> None:
         if np.isfinite(loss):
@@ -860,11 +868,11 @@ class Trainer:
         if path is not None and self.checkpoint_step is not None:
             msg += (
                 f", the last usable state; to go on from it with a smaller learning rate: "
-                f"flownp train --resume {path} --lr {tc.lr / 10:.3g} --warmup-steps "
+                f"flownp train --resume {path} --lr {min(tc.lr / 10, 1e-3):.3g} --warmup-steps "
                 f"{max(tc.warmup_steps, 100)}"
             )
         else:
-            msg += f"; start again with a smaller learning rate (--lr {tc.lr / 10:.3g})"
+            msg += f"; start again with a smaller learning rate (--lr {min(tc.lr / 10, 1e-3):.3g})"
         exc = TrainingDiverged(msg)
         exc.checkpoint_step = self.checkpoint_step
         raise exc
@@ -952,8 +960,8 @@ class Trainer:
                 if rec["ok"] and self.monitor.is_high(rec["bpd"]):
                     self.consecutive_bad += 1
                     rec["error"] = (
-                        f"loss {rec['bpd']:.4g} bits/dim is more than {self.monitor.margin:g} "
-                        f"above its recent level {self.monitor.level():.4g}"
+                        f"loss {rec['bpd']:.4g} bits/dim is more than twice its recent level "
+                        f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
                     )
                     self.log(
                         f"step {self.step}: LOSS BLOW-UP ({self.consecutive_bad} in a row): "

@@ -9,11 +9,12 @@
 
 Bits/dim = (-log p(x) + D ln 256) / (D ln 2) on uniformly dequantised data; 8.0 is a uniform
 model. A step with a NaN/Inf loss or gradient is rejected (reported, parameters unchanged); a
-step is bad when rejected or when its loss is more than 1 bit/dim above the median of the last
-50 accepted losses. After --max-bad-steps bad steps in a row training stops (exit code 1); the
-checkpoint is only ever written with a usable state, so the run folder keeps the last usable
-one (the message says which step and how to go on). Ctrl-C (or SIGTERM) finishes the current
-step, saves the checkpoint and the curves, and exits with 130 (docs/reliability.md).
+step is bad when rejected or when its loss is more than twice (and at least 1 bit/dim above)
+the median of the last 50 accepted losses. After --max-bad-steps bad steps in a row training
+stops (exit code 1); the checkpoint is only ever written with a usable state, so the run
+folder keeps the last usable one (the message says which step and how to go on). Ctrl-C (or
+SIGTERM) finishes the current step, saves the checkpoint and the curves, and exits with 130
+(docs/reliability.md).
 
 --resume continues a run exactly (same losses as without the interruption) up to the run's own
 --steps; model and training options then come from the checkpoint, only --steps, --lr,
@@ -250,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-bad-steps",
         type=positive_int,
         default=tc.max_bad_steps,
-        help="bad steps in a row (NaN/Inf, or loss more than 1 bit/dim above its recent level) "
+        help="bad steps in a row (NaN/Inf, or loss more than twice its recent level) "
         "before stopping with exit code 1",
     )
     opt.add_argument(
