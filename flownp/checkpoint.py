@@ -145,7 +145,9 @@ def _manifest(f: Any) -> dict[str, str]:
             return
         out[f"attrs:/{name}"] = _digest_attrs(obj)
         if isinstance(obj, h5py.Dataset):
-            out[f"data:/{name}"] = _digest_array(np.asarray(obj[()]))
+            # booleans are HDF5 enums read back as any-nonzero -> True: hash the stored bytes
+            data = obj.astype(np.int8)[()] if obj.dtype == np.bool_ else obj[()]
+            out[f"data:/{name}"] = _digest_array(np.asarray(data))
 
     f.visititems(visit)
     return out

@@ -69,7 +69,14 @@ from typing import Any
 import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-from flownp.errors import DataError, NonFiniteError, SingularKernelError, UsageError, WriteError
+from flownp.errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    SingularKernelError,
+    UsageError,
+    WriteError,
+)
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
 
@@ -543,7 +550,6 @@ class Trainer:
         in the checkpoint's ``history``. ``out_dir`` (default: the checkpoint's folder) must
         not hold another run unless ``overwrite``.
         """
-        from flownp.errors import CheckpointError
 
         ckpt = read_checkpoint(path)
         if ckpt.train_state is None or ckpt.optimizer_state is None or ckpt.train_config is None:
@@ -841,12 +847,19 @@ class Trainer:
             return False
         reason, fatal = self.unusable_reason()
         if reason is None:
-            self.save()
+            self._save_or_explain()
             return True
         if fatal:
             self._diverged(f"the state is not usable: {reason}")
         self.log(f"step {self.step}: checkpoint not written: {reason}; {self._holds()}")
         return False
+
+    def _save_or_explain(self) -> None:
+        """:meth:`save`; a failed write (disk full, ...) says which step the file still holds."""
+        try:
+            self.save()
+        except CheckpointError as exc:
+            raise CheckpointError(f"step {self.step}: {exc}; {self._holds()}") from exc
 
     def _write_curves(self) -> None:
         """metrics.csv and loss_curve.png of the run folder (a failure is logged)."""
@@ -884,7 +897,7 @@ class Trainer:
         if self.out_dir is not None:
             reason, _ = self.unusable_reason()
             if reason is None:
-                self.save()
+                self._save_or_explain()
                 written = True
             else:
                 self.log(f"step {self.step}: checkpoint not written: {reason}")

@@ -363,8 +363,7 @@ def _cifar_from_batches(batches: dict[str, Callable[[], Source]], where: str) ->
     stray = [n for n in train_names if not 1 <= int(n.rsplit("_", 1)[1]) <= 5]
     if stray:
         raise DataError(
-            f"{where}: {stray[0]} is not a CIFAR-10 file (CIFAR-10 has data_batch_1..5); "
-            "remove it"
+            f"{where}: {stray[0]} is not a CIFAR-10 file (CIFAR-10 has data_batch_1..5); remove it"
         )
     train = _concat([batches[n]() for n in train_names], where)
     if "test_batch" not in batches:
