@@ -125,10 +125,10 @@ def _digest_attrs(obj: Any, skip: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
 
-def _digest_array(arr: np.ndarray) -> str:
-    """SHA-256 of an array's dtype, shape and bytes (C order)."""
+def _digest_array(arr: np.ndarray, dtype: np.dtype | None = None) -> str:
+    """SHA-256 of a dtype (default: the array's), the array's shape and its bytes (C order)."""
     arr = np.ascontiguousarray(arr)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h = hashlib.sha256(f"{(dtype or arr.dtype).str}{arr.shape}".encode())
     h.update(arr.tobytes())
     return h.hexdigest()
 
@@ -146,8 +146,9 @@ def _manifest(f: Any) -> dict[str, str]:
         out[f"attrs:/{name}"] = _digest_attrs(obj)
         if isinstance(obj, h5py.Dataset):
             # booleans are HDF5 enums read back as any-nonzero -> True: hash the stored bytes
+            # (with the dtype bool, so that a datatype corrupted to int8 differs too)
             data = obj.astype(np.int8)[()] if obj.dtype == np.bool_ else obj[()]
-            out[f"data:/{name}"] = _digest_array(np.asarray(data))
+            out[f"data:/{name}"] = _digest_array(np.asarray(data), obj.dtype)
 
     f.visititems(visit)
     return out

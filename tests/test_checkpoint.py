@@ -207,6 +207,14 @@ def test_unknown_version_and_missing_parts(tmp_path, rng):
         ck.load_model(path)
 
 
+def _bool_to_int8(f):
+    """The same value 1 with the datatype int8 instead of the boolean enum."""
+    key = "model/buffers/level0/step0/actnorm/initialized"
+    assert f[key].dtype == np.bool_
+    del f[key]
+    f.create_dataset(key, data=np.int8(1))
+
+
 @pytest.mark.parametrize(
     ("edit", "part"),
     [
@@ -217,6 +225,7 @@ def test_unknown_version_and_missing_parts(tmp_path, rng):
         (lambda f: f.attrs.__setitem__("created", "yesterday"), "attributes of /"),
         (lambda f: f.__delitem__("metrics/eval/bpd"), "/metrics/eval/bpd is missing"),
         (lambda f: f.create_dataset("model/params/extra", data=1.0), "not in the checksum"),
+        (_bool_to_int8, "/model/buffers/level0/step0/actnorm/initialized is damaged"),
         (lambda f: f.__delitem__(ck.CHECKSUMS), "checksum table is missing"),
         (lambda f: f.attrs.__setitem__(ck.CHECKSUMS_ATTR, "0" * 64), "checksum table is damaged"),
     ],
