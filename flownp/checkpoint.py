@@ -1,10 +1,12 @@
 """HDF5 checkpoints (h5py): the model, the optimizer, the training position and the metrics.
 
 The exact layout (every path, shape, dtype and attribute) is in ``docs/checkpoint-format.md``;
-in short, format version 1::
+in short, format version 2::
 
-    /                       attrs format="flownp-checkpoint", format_version=1, flownp_version,
-                            created (ISO 8601 UTC)
+    /                       attrs format="flownp-checkpoint", format_version=2, flownp_version,
+                            created (ISO 8601 UTC), checksums_sha256
+    /checksums              uint8 dataset: UTF-8 JSON {object: SHA-256 hex} of every dataset
+                            and every attribute set in the file (below)
     /config                 attrs model (FlowConfig JSON), model_seed, train (TrainConfig JSON
                             or "null")
     /model/params/<path>    every parameter, by its path (e.g. level0/step2/conv/weight)
@@ -12,22 +14,35 @@ in short, format version 1::
     /optimizer              (optional) attrs t, hparams (JSON); groups m/, v/ and ema/ (same
                             paths as the parameters; ema/ only with EMA)
     /state                  (optional) attrs step, epoch, position, rng_state (JSON of numpy's
-                            bit_generator.state), consecutive_bad, rejected_total, elapsed
+                            bit_generator.state), consecutive_bad, rejected_total, elapsed,
+                            history (JSON list of the settings changed at each resume)
     /metrics/<table>/<col>  (optional) 1-D float64 columns of equal length (tables "train",
-                            "eval")
+                            "eval", "stability")
 
-Writes are atomic: the file is written to a temporary file in the same directory, flushed and
-fsync'ed, then moved over the destination with :func:`os.replace` (and the directory is
-fsync'ed). A crash at any point leaves either the old or the new file, never a mix.
+**Writes are checked, then atomic.** Every parameter, optimizer moment and EMA weight must be
+finite (:class:`~flownp.errors.NonFiniteError` otherwise: nothing is written). The whole file
+is built in memory, then its bytes go to a temporary file ``.<name>.<random>.tmp`` in the same
+directory, which is fsync'ed and moved over the destination with :func:`os.replace` (and the
+directory is fsync'ed). Any ``OSError`` on the way (disk full, permissions) becomes a
+:class:`~flownp.errors.CheckpointError` naming the path and the cause; the temporary file is
+removed and the previous checkpoint is untouched. Temporary files left behind by a killed
+writer are removed by the next write to the same path (one writer per path).
 
-Reading a missing, truncated, foreign (any HDF5 file without the format attribute) or
-newer-version file raises :class:`~flownp.errors.CheckpointError` with the reason.
+**Reads verify.** The checksum table covers every dataset (dtype, shape, bytes) and every
+object's attributes; a read recomputes all of them. Any difference, a missing or unexpected
+object, or any error of the HDF5 library while reading, raises :class:`CheckpointError` naming
+the damaged part: a corrupt file never loads. Files of format version 1 (written before
+checksums existed) cannot be verified: :func:`read_checkpoint` refuses them unless called with
+``allow_unverified=True`` (then re-save them to add checksums).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -37,11 +52,13 @@ from typing import Any
 
 import numpy as np
 
-from flownp.errors import CheckpointError
+from flownp.errors import CheckpointError, NonFiniteError
 
 FORMAT = "flownp-checkpoint"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: no checksums, read only with allow_unverified=True
+CHECKSUMS = "checksums"  # the table dataset
+CHECKSUMS_ATTR = "checksums_sha256"  # root attribute: SHA-256 of the table's bytes
 
 
 @dataclass
@@ -59,7 +76,9 @@ class Checkpoint:
         ``Adam.state_dict()`` layout (``hparams``, ``t``, ``m``, ``v``, ``ema``).
     train_state : dict or None
         ``step``, ``epoch``, ``position``, ``rng_state``, ``consecutive_bad``,
-        ``rejected_total``, ``elapsed``.
+        ``rejected_total``, ``elapsed`` and (optional) ``history``: a list of
+        ``{"step", "time", "changes": {setting: [old, new]}}``, one per resume that changed a
+        setting.
     train_config : dict or None
     metrics : dict[str, dict[str, ndarray]]
         ``{table: {column: 1-D array}}``.
@@ -79,6 +98,99 @@ class Checkpoint:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------- checksums
+def _canonical(value: Any) -> Any:
+    """An attribute value as plain JSON-able Python (bytes decoded, NumPy unwrapped)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if isinstance(value, np.ndarray):
+        return [_canonical(v) for v in value.tolist()] if value.ndim else _canonical(value[()])
+    if isinstance(value, np.generic):
+        return _canonical(value.item())
+    if isinstance(value, float) and not np.isfinite(value):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _digest_attrs(obj: Any, skip: tuple[str, ...] = ()) -> str:
+    """SHA-256 of an object's attributes: sorted ``(name, type, value)`` as JSON."""
+    items = []
+    for key in sorted(obj.attrs.keys()):
+        if key in skip:
+            continue
+        val = obj.attrs[key]
+        items.append([key, type(val).__name__, _canonical(val)])
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
+def _digest_array(arr: np.ndarray, dtype: np.dtype | None = None) -> str:
+    """SHA-256 of a dtype (default: the array's), the array's shape and its bytes (C order)."""
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.sha256(f"{(dtype or arr.dtype).str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _manifest(f: Any) -> dict[str, str]:
+    """``{"data:/path": sha256, "attrs:/path": sha256}`` of every dataset and every object's
+    attributes in the open file ``f`` (the checksum table itself excluded)."""
+    import h5py
+
+    out = {"attrs:/": _digest_attrs(f, skip=(CHECKSUMS_ATTR,))}
+
+    def visit(name: str, obj: Any) -> None:
+        if name == CHECKSUMS:
+            return
+        out[f"attrs:/{name}"] = _digest_attrs(obj)
+        if isinstance(obj, h5py.Dataset):
+            # booleans are HDF5 enums read back as any-nonzero -> True: hash the stored bytes
+            # (with the dtype bool, so that a datatype corrupted to int8 differs too)
+            data = obj.astype(np.int8)[()] if obj.dtype == np.bool_ else obj[()]
+            out[f"data:/{name}"] = _digest_array(np.asarray(data), obj.dtype)
+
+    f.visititems(visit)
+    return out
+
+
+def _add_checksums(f: Any) -> None:
+    """Store the checksum table of the (complete) file ``f`` and the table's own digest."""
+    table = json.dumps(_manifest(f), sort_keys=True).encode()
+    f.create_dataset(CHECKSUMS, data=np.frombuffer(table, dtype=np.uint8))
+    f.attrs[CHECKSUMS_ATTR] = hashlib.sha256(table).hexdigest()
+
+
+def _verify(f: Any) -> None:
+    """Recompute every checksum of ``f`` and compare with its table; raise ``ValueError``
+    naming the first damaged part."""
+    if CHECKSUMS not in f or CHECKSUMS_ATTR not in f.attrs:
+        raise ValueError("the checksum table is missing")
+    stored = f.attrs[CHECKSUMS_ATTR]
+    stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+    raw = np.asarray(f[CHECKSUMS][()])
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError("the checksum table is damaged (wrong type)")
+    table_bytes = raw.tobytes()
+    if hashlib.sha256(table_bytes).hexdigest() != stored:
+        raise ValueError("the checksum table is damaged (its own SHA-256 does not match)")
+    expected = json.loads(table_bytes.decode())
+    actual = _manifest(f)
+    for key in sorted(expected):
+        if key not in actual:
+            raise ValueError(f"{_part(key)} is missing")
+        if actual[key] != expected[key]:
+            raise ValueError(f"{_part(key)} is damaged (SHA-256 mismatch)")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise ValueError(f"{_part(extra[0])} is not in the checksum table")
+
+
+def _part(key: str) -> str:
+    kind, _, where = key.partition(":")
+    return f"dataset {where}" if kind == "data" else f"the attributes of {where}"
+
+
 # ---------------------------------------------------------------------- writing
 def _write_group(group: Any, arrays: dict[str, np.ndarray]) -> None:
     """Write ``{path: array}`` as datasets under ``group`` (paths create sub-groups)."""
@@ -87,7 +199,7 @@ def _write_group(group: Any, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _write(f: Any, ckpt: Checkpoint) -> None:
-    """Fill an open, empty h5py file with ``ckpt`` (format version 1)."""
+    """Fill an open, empty h5py file with ``ckpt`` (without the checksums)."""
     from flownp import __version__
 
     f.attrs["format"] = FORMAT
@@ -125,6 +237,7 @@ def _write(f: Any, ckpt: Checkpoint) -> None:
             g.attrs[key] = int(ts[key])
         g.attrs["elapsed"] = float(ts["elapsed"])
         g.attrs["rng_state"] = json.dumps(ts["rng_state"])
+        g.attrs["history"] = json.dumps(list(ts.get("history") or []), sort_keys=True)
     if ckpt.metrics:
         m = f.create_group("metrics")
         for table, cols in ckpt.metrics.items():
@@ -136,6 +249,28 @@ def _write(f: Any, ckpt: Checkpoint) -> None:
                 t.create_dataset(col, data=np.asarray(values, dtype=np.float64))
 
 
+def check_finite_state(ckpt: Checkpoint) -> None:
+    """Raise :class:`NonFiniteError` naming every parameter, buffer, optimizer moment or EMA
+    weight that holds a NaN or Inf (such a state cannot be evaluated, sampled or resumed)."""
+    groups: list[tuple[str, dict[str, Any]]] = [("model", ckpt.model_state)]
+    opt = ckpt.optimizer_state or {}
+    for name in ("m", "v", "ema"):
+        if opt.get(name) is not None:
+            groups.append((f"optimizer/{name}", opt[name]))
+    bad = []
+    for prefix, arrays in groups:
+        for key, arr in arrays.items():
+            a = np.asarray(arr)
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                bad.append(f"{prefix}/{key}")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"the state holds NaN/Inf values in {', '.join(bad[:5])}{more}; it is not usable "
+            "and is not written"
+        )
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every OS/filesystem allows fsync of a directory
         fd = os.open(directory, os.O_RDONLY)
@@ -145,29 +280,79 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` to ``path`` atomically (temp file + fsync + :func:`os.replace`)."""
-    import h5py
-
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the ``.<name>.*.tmp`` files a killed writer of ``path`` left behind; returns
+    them. (Only one process may write a given checkpoint path at a time.)"""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
+    removed = []
+    with contextlib.suppress(OSError):
+        for tmp in directory.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
+    """The complete checkpoint file (with its checksums) as bytes, built in memory."""
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        _write(f, ckpt)
+        _add_checksums(f)
+    return buf.getvalue()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` -> temp file in ``path``'s directory -> fsync -> :func:`os.replace`."""
+    directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with h5py.File(tmp, "w") as f:
-            _write(f, ckpt)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-        _fsync_dir(directory)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    _fsync_dir(directory)
+
+
+def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Check ``ckpt`` (finite state), then write it to ``path`` atomically with checksums.
+
+    Raises
+    ------
+    NonFiniteError
+        The state holds NaN/Inf (nothing is written).
+    CheckpointError
+        The file could not be written (disk full, permissions, ...): the message names the
+        path and the cause; the previous file at ``path`` is untouched, no temporary is left.
+    """
+    path = Path(path)
+    check_finite_state(ckpt)
+    data = checkpoint_bytes(ckpt)
+    try:
+        _write_bytes_atomic(path, data)
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        name = errno.errorcode.get(exc.errno or 0)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {cause}{f' ({name})' if name else ''}; the "
+            "previous checkpoint there (if any) is unchanged; free space or choose another "
+            "folder, then run again"
+        ) from exc
     return path
 
 
@@ -180,7 +365,8 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     metrics: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Save a :class:`~flownp.model.FlowModel` (and optionally the training state) atomically.
+    """Save a :class:`~flownp.model.FlowModel` (and optionally the training state): checked,
+    atomic, with checksums (see :func:`write_checkpoint`).
 
     Parameters
     ----------
@@ -227,19 +413,39 @@ def _attr(obj: Any, key: str, where: str) -> Any:
     return val.decode() if isinstance(val, bytes) else val
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file. Raises :class:`CheckpointError` if it is missing, truncated,
-    not a flownp checkpoint, of an unsupported format version, or incomplete."""
-    import h5py
+def read_checkpoint(path: str | os.PathLike, *, allow_unverified: bool = False) -> Checkpoint:
+    """Read and verify a checkpoint file.
 
+    Raises :class:`CheckpointError` (never an h5py exception) if it is missing, truncated, not
+    a flownp checkpoint, of an unsupported format version, incomplete, or if any checksum
+    differs (the message names the damaged dataset or attribute set). Version-1 files (no
+    checksums) are refused unless ``allow_unverified`` is True.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        f = h5py.File(path, "r")
+        data = path.read_bytes()
     except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return _read(path, data, allow_unverified)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any failure of the HDF5 library on a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {type(exc).__name__}: {exc}; use an intact copy"
+        ) from None
+
+
+def _read(path: Path, data: bytes, allow_unverified: bool) -> Checkpoint:
+    import h5py
+
+    try:
+        f = h5py.File(io.BytesIO(data), "r")
+    except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} cannot be opened as HDF5 (truncated, corrupt or not an HDF5 "
             f"file): {exc}"
@@ -262,8 +468,31 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"{path}: checkpoint format version {version!r} is not supported by this flownp "
                 f"(it reads versions {list(SUPPORTED_VERSIONS)}); upgrade flownp"
             )
+        verified = CHECKSUMS_ATTR in f.attrs or CHECKSUMS in f
+        if verified:
+            try:
+                _verify(f)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: {exc}; it cannot be used (use an intact copy)"
+                ) from None
+        if not verified and version >= 2:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its checksum table is missing; use an intact copy"
+            )
+        if not verified and not allow_unverified:
+            raise CheckpointError(
+                f"checkpoint {path} has format version {version}, written before checksums "
+                "existed, so it cannot be verified; load it explicitly with "
+                "flownp.checkpoint.read_checkpoint(path, allow_unverified=True) and write it "
+                "again with write_checkpoint to add checksums"
+            )
         try:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {
+                k: (v.decode() if isinstance(v, bytes) else v)
+                for k, v in f.attrs.items()
+                if k != CHECKSUMS_ATTR
+            }
             cfg = f["config"]
             model_config = json.loads(_attr(cfg, "model", "/config"))
             model_seed = int(_attr(cfg, "model_seed", "/config"))
@@ -289,11 +518,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 }
                 ts["elapsed"] = float(_attr(g, "elapsed", "/state"))
                 ts["rng_state"] = json.loads(_attr(g, "rng_state", "/state"))
+                ts["history"] = json.loads(g.attrs["history"]) if "history" in g.attrs else []
             metrics: dict[str, dict[str, np.ndarray]] = {}
             if "metrics" in f:
                 for table in f["metrics"]:
                     metrics[table] = _read_group(f["metrics"][table])
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        except (KeyError, ValueError, OSError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"checkpoint {path} is incomplete or damaged: {exc}") from None
     return Checkpoint(
         model_config=model_config,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 import flownp.threads  # noqa: F401  (first: idle-thread env defaults, before NumPy loads)
 from flownp.errors import FlownpError
@@ -29,6 +30,13 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (no usage dump), naming the fix; exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the layout of each command's description (its module docstring) and appends
     ``(default: X)`` to options whose default is meaningful and not already in their help."""
@@ -45,7 +53,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flownp",
         description="flownp: CInC Flow (invertible padded convolutions) in NumPy + Numba.",
     )
@@ -71,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("flownp: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C; training saves first (TrainingInterrupted)
+        print(
+            f"flownp {args.command}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr
+        )
         return 130
     except FlownpError as exc:
+        print(f"flownp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the user's files or disk (permissions, full disk, ...)
         print(f"flownp {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,8 +20,18 @@ class NonFiniteError(FlownpError, FloatingPointError):
 
 
 class CheckpointError(FlownpError, OSError):
-    """A checkpoint or weight file is missing, truncated, foreign or of an unknown version."""
+    """A checkpoint or weight file is missing, truncated, corrupt (a checksum differs), foreign,
+    of an unknown version, or could not be written."""
 
 
 class DataError(FlownpError, ValueError):
     """A dataset file is missing, corrupt or not in the expected format."""
+
+
+class UsageError(FlownpError, ValueError):
+    """A bad option or argument value, or a request that would destroy data (e.g. training
+    into a folder that already holds a checkpoint). The message names the fix."""
+
+
+class WriteError(FlownpError, OSError):
+    """An output file (metrics, figure) could not be written; names the path and the cause."""

@@ -54,13 +54,16 @@ up to the round-off of the inverses (float64: ~1e-12 relative; ``tests/test_mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer, Module, check_dtype
 from flownp.layers.cinc import CInCConv
@@ -239,20 +242,56 @@ class FlowStep(Layer):
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logdet = np.zeros(x.shape[0], dtype=np.float64)
-        for layer in self.order:
-            x, ld = layer.forward(x)
+        for name, layer in self._layers.items():
+            with layer_errors(name, layer):
+                x, ld = layer.forward(x)
             logdet += ld
         return x, logdet  # float64: summed without rounding to float32 in between
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
-        for layer in reversed(self.order):
-            y = layer.inverse(y)
+        for name, layer in reversed(self._layers.items()):
+            with layer_errors(name, layer):
+                y = layer.inverse(y)
         return y
 
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
-        for layer in reversed(self.order):
-            dy = layer.backward(dy, dlogdet)
+        for name, layer in reversed(self._layers.items()):
+            with layer_errors(name, layer):
+                dy = layer.backward(dy, dlogdet)
         return dy
+
+
+@contextlib.contextmanager
+def layer_errors(name: str, layer: Module) -> Iterator[None]:
+    """Name the layer (its parameter path, e.g. ``level0/step1/conv``) in every flownp error
+    raised inside it, and turn NumPy's ``LinAlgError`` into :class:`SingularKernelError`. When
+    the layer's own weights hold NaN/Inf, the error is a :class:`NonFiniteError` naming them
+    (a broken model, not a singular one)."""
+    try:
+        yield
+    except (FlownpError, np.linalg.LinAlgError) as exc:
+        path = f"{name}/{exc.layer_path}" if hasattr(exc, "layer_path") else name
+        message = getattr(exc, "layer_message", str(exc))
+        if isinstance(exc, np.linalg.LinAlgError):
+            message = (
+                f"{type(layer).__name__}: a matrix of this layer is singular (NumPy: {exc}), "
+                "so the layer is not invertible"
+            )
+        cls = SingularKernelError if isinstance(exc, np.linalg.LinAlgError) else type(exc)
+        bad = [k for k, p in layer.params.items() if not np.isfinite(p).all()]
+        if bad and not hasattr(exc, "layer_path"):
+            cls = NonFiniteError
+            message = (
+                f"its parameter(s) {', '.join(bad[:5])} hold NaN/Inf values (the model is broken, "
+                f"not merely singular): {message}"
+            )
+        try:
+            named = cls(f"layer {path}: {message}")
+        except TypeError:  # an error class with another signature: leave it as it is
+            raise exc from None
+        named.layer_path = path  # type: ignore[attr-defined]
+        named.layer_message = message  # type: ignore[attr-defined]
+        raise named from exc
 
 
 def _seed(seed: int, index: int) -> int:
@@ -405,19 +444,22 @@ class FlowModel(Layer):
         pieces, split_eps = [], []
         self._cache = None
         for level in self.levels:
-            for _, layer in level.layers:
-                x, ld = layer.forward(x)
+            for name, layer in level.layers:
+                with layer_errors(name, layer):
+                    x, ld = layer.forward(x)
                 if self.recompute:
                     layer.clear_cache()  # rebuilt from the output by backward()
                 logdet += ld
             if level.split is not None:  # factor out half: x -> (h, eps)
-                x, eps, ld = level.split.forward(x)
+                with layer_errors(level.split_path, level.split):
+                    x, eps, ld = level.split.forward(x)
                 if self.recompute:
                     level.split.clear_cache()
                 logdet += ld
                 pieces.append(eps.reshape(N, -1))
                 split_eps.append(eps)
-        eps, ld = self.prior.forward(x)
+        with layer_errors("prior", self.prior):
+            eps, ld = self.prior.forward(x)
         logdet += ld
         pieces.append(eps.reshape(N, -1))
         if self.recompute:
@@ -431,21 +473,24 @@ class FlowModel(Layer):
         dz = self.check_grad(dz, (N, self.config.num_dims), "dz")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
         deps = self.split_latent(dz)  # level l's split latent is deps[l], the top one deps[-1]
-        dh = self.prior.backward(deps[-1], dlogdet)
+        with layer_errors("prior", self.prior):
+            dh = self.prior.backward(deps[-1], dlogdet)
         recomputed = self._cache is not None  # forward ran with recompute=True
         out, split_eps = self.pop_cache() if recomputed else (None, [])
         for l in reversed(range(len(self.levels))):
             level = self.levels[l]
             if level.split is not None:
-                if recomputed:  # rebuild the split's input and cache from its outputs
-                    out = level.split.inverse(out, split_eps[l])
-                    level.split.forward(out)
-                dh = level.split.backward(dh, deps[l], dlogdet)
-            for _, layer in reversed(level.layers):
-                if recomputed:  # rebuild this layer's input and cache from its output
-                    out = layer.inverse(out)
-                    layer.forward(out)
-                dh = layer.backward(dh, dlogdet)
+                with layer_errors(level.split_path, level.split):
+                    if recomputed:  # rebuild the split's input and cache from its outputs
+                        out = level.split.inverse(out, split_eps[l])
+                        level.split.forward(out)
+                    dh = level.split.backward(dh, deps[l], dlogdet)
+            for name, layer in reversed(level.layers):
+                with layer_errors(name, layer):
+                    if recomputed:  # rebuild this layer's input and cache from its output
+                        out = layer.inverse(out)
+                        layer.forward(out)
+                    dh = layer.backward(dh, dlogdet)
         return dh
 
     def inverse(self, z: np.ndarray, *, solve_precision: str = "model") -> np.ndarray:
@@ -463,13 +508,16 @@ class FlowModel(Layer):
                 return self.inverse(z)
         z = self._check_latent(z)
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
-        h = self.prior.inverse(eps[-1])
+        with layer_errors("prior", self.prior):
+            h = self.prior.inverse(eps[-1])
         for l in reversed(range(len(self.levels))):
             level = self.levels[l]
             if level.split is not None:
-                h = level.split.inverse(h, eps[l])
-            for _, layer in reversed(level.layers):
-                h = layer.inverse(h)
+                with layer_errors(level.split_path, level.split):
+                    h = level.split.inverse(h, eps[l])
+            for name, layer in reversed(level.layers):
+                with layer_errors(name, layer):
+                    h = layer.inverse(h)
         return h
 
     # ------------------------------------------------------------------ density, sampling

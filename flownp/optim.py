@@ -5,7 +5,8 @@ The optimizer keeps, for every parameter path ``k``, the first and second moment
 average ``ema[k]`` of the parameter (Polyak averaging, as in openai/glow). One step ``t``
 (1-based) with gradients ``g``::
 
-    lr_t   = lr * min(1, t / warmup_steps)                    (linear warmup; warmup 0: lr)
+    lr_t   = lr * min(1, (t - t0) / warmup_steps)             (linear warmup from step t0 =
+                                                               warmup_start; warmup 0: lr)
     n      = sqrt(sum_k sum(g[k]^2))                          (global gradient norm, float64)
     g[k]  *= min(1, max_grad_norm / n)                        (clipping; None: no clipping)
     m[k]   = beta1 m[k] + (1 - beta1) g[k]
@@ -58,6 +59,9 @@ class Adam:
         Added to ``sqrt(v_hat)``.
     warmup_steps : int
         Linear warmup length in steps (0 = none).
+    warmup_start : int
+        Optimizer step ``t0`` after which the warmup starts (0 = at the first step; a resumed
+        run restarts its warmup by setting it to the step it resumes from).
     max_grad_norm : float or None
         Clip the global gradient norm to this value (None = no clipping).
     ema_decay : float or None
@@ -72,15 +76,18 @@ class Adam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         warmup_steps: int = 0,
+        warmup_start: int = 0,
         max_grad_norm: float | None = None,
         ema_decay: float | None = None,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"Adam: lr must be > 0, got {lr!r}")
+        if not (lr > 0 and np.isfinite(lr)):
+            raise ValueError(f"Adam: lr must be a finite number > 0, got {lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
         if warmup_steps < 0:
             raise ValueError(f"Adam: warmup_steps must be >= 0, got {warmup_steps!r}")
+        if warmup_start < 0:
+            raise ValueError(f"Adam: warmup_start must be >= 0, got {warmup_start!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Adam: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -90,6 +97,7 @@ class Adam:
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
         self.warmup_steps = int(warmup_steps)
+        self.warmup_start = int(warmup_start)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.t = 0
@@ -101,7 +109,7 @@ class Adam:
         """Learning rate of step ``t`` (1-based), with the linear warmup."""
         if self.warmup_steps == 0:
             return self.lr
-        return self.lr * min(1.0, t / self.warmup_steps)
+        return self.lr * min(1.0, max(t - self.warmup_start, 0) / self.warmup_steps)
 
     def ema_decay_at(self, t: int) -> float:
         """EMA decay used at step ``t`` (1-based): ``min(ema_decay, (1 + t) / (10 + t))``."""
@@ -174,6 +182,7 @@ class Adam:
                 "beta2": self.betas[1],
                 "eps": self.eps,
                 "warmup_steps": self.warmup_steps,
+                "warmup_start": self.warmup_start,
                 "max_grad_norm": self.max_grad_norm,
                 "ema_decay": self.ema_decay,
             },

@@ -17,9 +17,28 @@ batch; Adam (:mod:`flownp.optim`) with warmup, clipping and EMA weights; held-ou
 with the EMA weights every ``eval_every`` steps and at the end; atomic checkpoints every
 ``checkpoint_every`` steps and at the end. A step whose loss or gradient is NaN/Inf is
 *rejected*: the update is not applied (so the parameters stay at the last good state), the
-event is reported and counted, and training goes on with the next batch; after
-``max_bad_steps`` rejections in a row the last good state is saved and
-:class:`TrainingDiverged` is raised.
+event is reported and counted, and training goes on with the next batch.
+
+Blow-up rule (:class:`LossMonitor`): a step is *bad* when it is rejected, or when its loss is
+more than twice its recent level, ``loss > level + max(BLOWUP_MARGIN, level)`` with
+``BLOWUP_MARGIN`` = 1 bit/dim and ``level`` the median of the last ``BLOWUP_WINDOW`` = 50
+accepted, not-bad losses (judged once 10 such losses exist). Single-batch spikes of small
+batches recover within a step or two; a blow-up does not. After ``max_bad_steps`` bad
+steps in a row, training stops with :class:`TrainingDiverged`, and the current state is *not*
+saved: the run folder keeps its last usable checkpoint, and the message says which step it
+holds and how to go on (``--resume`` with a smaller ``--lr`` and a new ``--warmup-steps``).
+
+A state is written only when it is *usable* (:meth:`Trainer.unusable_reason`): the last step
+was not bad, every parameter, Adam moment and EMA weight is finite, and the bits/dim of the
+first 16 held-out images is finite with the raw and with the EMA weights. A fresh run writes
+its initialised state (step 0) first, so the run folder always holds a usable checkpoint. A
+state that is not usable at a periodic checkpoint is not written (the previous file stays);
+a non-finite held-out check stops training as diverged.
+
+Interruption: inside :meth:`Trainer.run` (from the main thread, also from the Python API),
+SIGINT (Ctrl-C) or SIGTERM lets the current step finish, writes the checkpoint (if usable),
+``metrics.csv`` and ``loss_curve.png``, and raises :class:`TrainingInterrupted` (a
+``KeyboardInterrupt``; the command exits with 130). A second signal aborts at once.
 
 Exact resume: the checkpoint holds the dequantisation RNG state (numpy ``bit_generator.state``)
 and the data position (epoch, index in that epoch's permutation; the permutation of epoch
@@ -29,13 +48,17 @@ losses as an uninterrupted one (same machine and thread count).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
+import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,7 +70,14 @@ import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from flownp.data.pixels import dequantize, to_uint8
-from flownp.errors import DataError, NonFiniteError, SingularKernelError
+from flownp.errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    SingularKernelError,
+    UsageError,
+    WriteError,
+)
 from flownp.figures import channel_panels, image_grid
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
@@ -70,8 +100,116 @@ STABILITY_COLUMNS = (
 )
 
 
+BLOWUP_WINDOW = 50  # accepted losses the recent level is the median of
+BLOWUP_MARGIN = 1.0  # bad: loss > level + max(BLOWUP_MARGIN, level) (bits/dim)
+BLOWUP_MIN_HISTORY = 10  # losses needed before the rule judges
+CHECK_IMAGES = 16  # held-out images of the usability check before each write
+
+
 class TrainingDiverged(NonFiniteError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many bad steps in a row (non-finite, or the loss far above its recent level), or a
+    state that gives a non-finite held-out loss. ``checkpoint_step`` is the step the run
+    folder's checkpoint holds (None without one)."""
+
+    checkpoint_step: int | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :meth:`Trainer.run` after a complete step; the checkpoint and
+    the curves were written (``checkpoint_step`` is the step the checkpoint holds)."""
+
+    checkpoint_step: int | None = None
+
+
+class LossMonitor:
+    """The blow-up rule: is a loss far above its recent level?
+
+    ``level`` is the median of the last ``window`` accepted losses that were not themselves
+    high; a loss is *high* when ``loss > level + max(margin, level)`` (bits/dim: more than
+    twice the level, and at least ``margin`` above it), once ``min_history`` losses exist. A
+    high loss is not added to the window, so a sustained climb stays high.
+    """
+
+    def __init__(
+        self,
+        window: int = BLOWUP_WINDOW,
+        margin: float = BLOWUP_MARGIN,
+        min_history: int = BLOWUP_MIN_HISTORY,
+    ) -> None:
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.margin = float(margin)
+        self.min_history = int(min_history)
+
+    def level(self) -> float:
+        """Median of the recent losses (NaN while fewer than ``min_history``)."""
+        if len(self.recent) < self.min_history:
+            return float("nan")
+        return float(np.median(np.asarray(self.recent)))
+
+    def is_high(self, loss: float) -> bool:
+        lvl = self.level()
+        return bool(np.isfinite(lvl) and loss > self.threshold())
+
+    def threshold(self) -> float:
+        """The loss above which a step is high: ``level + max(margin, level)``."""
+        lvl = self.level()
+        return lvl + max(self.margin, lvl)
+
+    def add(self, loss: float) -> None:
+        if np.isfinite(loss):
+            self.recent.append(float(loss))
+
+
+class _StopOnSignal:
+    """Context manager: SIGINT / SIGTERM set ``signum`` instead of interrupting, so the loop can
+    finish its step and save; a second signal raises ``KeyboardInterrupt`` at once. Installed
+    only in the main thread (Python delivers signals there); elsewhere it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                with contextlib.suppress(ValueError, OSError):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted at once")
+        self.signum = signum
+        self.log(
+            f"{signal.Signals(signum).name} received: finishing the current step, then saving "
+            "(send it again to abort at once, without saving)"
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_run_folder(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, resume_from: Any = None
+) -> None:
+    """Refuse a run folder that is a file, or that already holds a checkpoint (unless it is
+    the one being resumed, or ``overwrite``): an existing run is never replaced silently."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run folder {out} exists and is not a folder; give --out a folder")
+    ckpt = out / "checkpoint.h5"
+    if not ckpt.exists() or overwrite:
+        return
+    if resume_from is not None and ckpt.resolve() == Path(resume_from).resolve():
+        return
+    raise UsageError(
+        f"{out} already holds a training run ({ckpt}); continue it with --resume {ckpt}, "
+        "replace it with --overwrite, or choose another --out"
+    )
 
 
 def bits_per_dim(z: np.ndarray, logdet: np.ndarray) -> np.ndarray:
@@ -189,6 +327,9 @@ class TrainConfig:
         Shape, dtype and SHA-256 of the training data (:func:`flownp.data.fingerprint`), set by
         :class:`Trainer` when training starts; data loaded to resume or evaluate the run is
         checked against it.
+    warmup_start : int
+        Optimizer step after which the warmup starts (a resume with a new ``warmup_steps``
+        sets it to the step it resumes from, see :class:`flownp.optim.Adam`).
     """
 
     dataset: str = "mnist"
@@ -209,16 +350,30 @@ class TrainConfig:
     stability_threshold: float = 1e-4
     stability_images: int = 16
     dataset_fingerprint: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
+    warmup_start: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "init_batch_size", "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "warmup_start"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
+        if self.holdout is not None and int(self.holdout) < 1:
+            raise ValueError(f"TrainConfig: holdout must be >= 1 or None, got {self.holdout!r}")
+        if self.max_grad_norm is not None and not (
+            self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)
+        ):
+            raise ValueError(
+                f"TrainConfig: max_grad_norm must be a finite number > 0 or None, got "
+                f"{self.max_grad_norm!r}"
+            )
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(
+                f"TrainConfig: ema_decay must be in [0, 1) or None, got {self.ema_decay!r}"
+            )
         if self.eval_size is not None and self.eval_size < 1:
             raise ValueError(f"TrainConfig: eval_size must be >= 1 or None, got {self.eval_size}")
         if self.time_limit is not None and not self.time_limit > 0:
@@ -279,6 +434,8 @@ class Trainer:
     progress : show progress (:class:`flownp.progress.Progress`: a bar on a terminal, plain
         lines every 2% of the run otherwise).
     log : where messages go (default: stderr, without breaking a bar).
+    overwrite : allow ``out_dir`` to hold a checkpoint already (it is replaced); without it
+        that is a :class:`~flownp.errors.UsageError` (see :func:`check_run_folder`).
     """
 
     def __init__(
@@ -290,10 +447,13 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        overwrite: bool = False,
         _initialize: bool = True,
     ) -> None:
         from flownp.data import absolute_spec, check_fingerprint, fingerprint
 
+        if out_dir is not None and _initialize:
+            check_run_folder(out_dir, overwrite=overwrite)
         self.model_config = model_config
         self.config = tc = dataclasses.replace(
             train_config, dataset=absolute_spec(train_config.dataset)
@@ -316,6 +476,9 @@ class Trainer:
         self.consecutive_bad = 0
         self.rejected_total = 0
         self.elapsed = 0.0
+        self.history: list[dict[str, Any]] = []  # settings changed at each resume
+        self.checkpoint_step: int | None = None  # the step out_dir/checkpoint.h5 holds
+        self.monitor = LossMonitor()
         self.metrics: dict[str, dict[str, list[float]]] = {
             "train": {c: [] for c in TRAIN_COLUMNS},
             "eval": {c: [] for c in EVAL_COLUMNS},
@@ -328,6 +491,7 @@ class Trainer:
             self.model.params,
             lr=tc.lr,
             warmup_steps=tc.warmup_steps,
+            warmup_start=tc.warmup_start,
             max_grad_norm=tc.max_grad_norm,
             ema_decay=tc.ema_decay,
         )
@@ -358,25 +522,44 @@ class Trainer:
         data: Any = None,
         *,
         steps: int | None = None,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
         dataset: str | None = None,
         out_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> Trainer:
-        """Continue the training saved in ``path`` exactly where it stopped (``steps``
-        overrides the total number of steps, e.g. to train longer; ``dataset`` points at the
-        training data when it has moved: it must have the stored fingerprint)."""
+        """Continue the training saved in ``path`` exactly where it stopped.
+
+        ``steps`` overrides the total number of steps (default: the run's own). ``lr`` and
+        ``warmup_steps`` change the learning rate from here on (e.g. after a divergence); a
+        new ``warmup_steps`` restarts the warmup at the resumed step. Every change is recorded
+        in the checkpoint's ``history``. ``dataset`` points at the training data when it has
+        moved (it must have the fingerprint stored at training time). ``out_dir`` (default: the
+        checkpoint's folder) must not hold another run unless ``overwrite``.
+        """
         ckpt = read_checkpoint(path)
         if ckpt.train_state is None or ckpt.optimizer_state is None or ckpt.train_config is None:
-            from flownp.errors import CheckpointError
-
             raise CheckpointError(f"{path} holds a model only, no training state to resume")
-        tc = TrainConfig.from_dict(ckpt.train_config)
-        if steps is not None:
-            tc = dataclasses.replace(tc, steps=int(steps))
-        if dataset is not None:
-            tc = dataclasses.replace(tc, dataset=dataset)
-        mc = FlowConfig.from_dict(ckpt.model_config)
+        try:
+            old = TrainConfig.from_dict(ckpt.train_config)
+            changes: dict[str, Any] = {}
+            if steps is not None:
+                changes["steps"] = int(steps)
+            if lr is not None:
+                changes["lr"] = float(lr)
+            if warmup_steps is not None:
+                changes["warmup_steps"] = int(warmup_steps)
+                changes["warmup_start"] = int(ckpt.optimizer_state["t"])
+            if dataset is not None:
+                changes["dataset"] = dataset
+            tc = dataclasses.replace(old, **changes)
+            mc = FlowConfig.from_dict(ckpt.model_config)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"cannot resume {path}: {exc}") from None
+        if out_dir is not None:
+            check_run_folder(out_dir, overwrite=overwrite, resume_from=path)
         self = cls(
             mc,
             tc,
@@ -387,6 +570,24 @@ class Trainer:
             _initialize=False,
         )
         self._restore(ckpt)
+        diff = {
+            k: [getattr(old, k), v]
+            for k, v in changes.items()
+            if getattr(old, k) != v and k != "warmup_start"
+        }
+        if diff:
+            self.history.append(
+                {
+                    "step": self.step,
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "changes": diff,
+                }
+            )
+        if (
+            self.out_dir is not None
+            and Path(path).resolve() != (self.out_dir / "checkpoint.h5").resolve()
+        ):
+            self.checkpoint_step = None  # a new folder: nothing written there yet
         return self
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -402,10 +603,16 @@ class Trainer:
         self.rejected_total = ts["rejected_total"]
         self.elapsed = ts["elapsed"]
         self.rng.bit_generator.state = ts["rng_state"]
+        self.history = list(ts.get("history") or [])
+        self.checkpoint_step = self.step
         for table, cols in self.metrics.items():
             stored = ckpt.metrics.get(table, {})
             for c in cols:
                 cols[c] = [float(v) for v in stored.get(c, [])]
+        tr = self.metrics["train"]
+        for bpd, rejected in zip(tr["bpd"], tr["rejected"], strict=True):
+            if not rejected:
+                self.monitor.add(bpd)
 
     def data_dependent_init(self) -> None:
         """Initialise every actnorm from ``init_batch_size`` random training images."""
@@ -539,15 +746,20 @@ class Trainer:
             "rejected_total": self.rejected_total,
             "elapsed": self.elapsed,
             "rng_state": self.rng.bit_generator.state,
+            "history": self.history,
         }
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Atomic checkpoint of everything needed to resume (default ``out_dir/checkpoint.h5``)."""
+        """Atomic checkpoint of everything needed to resume (default ``out_dir/checkpoint.h5``).
+
+        The state must be finite (:class:`NonFiniteError` otherwise, nothing written); the
+        training loop also checks :meth:`unusable_reason` first."""
+        default = self.out_dir / "checkpoint.h5" if self.out_dir is not None else None
         if path is None:
-            if self.out_dir is None:
+            if default is None:
                 raise ValueError("Trainer.save: no path and no out_dir")
-            path = self.out_dir / "checkpoint.h5"
-        return save_checkpoint(
+            path = default
+        written = save_checkpoint(
             path,
             self.model,
             optimizer=self.optimizer,
@@ -555,17 +767,167 @@ class Trainer:
             train_config=self.config.to_dict(),
             metrics=self.metrics,
         )
+        if default is not None and Path(path).resolve() == default.resolve():
+            self.checkpoint_step = self.step
+        return written
+
+    def held_out_check(self) -> tuple[float, float]:
+        """Bits/dim of the first ``CHECK_IMAGES`` held-out images (fixed noise) with the raw
+        and with the EMA weights (NaN when non-finite); does not touch the training RNG."""
+        images = self.data.test[:CHECK_IMAGES]
+        seed = self.config.seed + 5
+
+        def bpd() -> float:
+            try:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    return evaluate_bpd(self.model, images, batch_size=CHECK_IMAGES, seed=seed)
+            except (NonFiniteError, FloatingPointError, SingularKernelError):
+                self.model.clear_cache()
+                return float("nan")
+
+        raw = bpd()
+        with self.optimizer.ema_weights():
+            ema = bpd()
+        return raw, ema
+
+    def unusable_reason(self) -> tuple[str | None, bool]:
+        """Why the current state must not be written, or None; and whether that is fatal.
+
+        Not usable: the last step was bad (the state may be the result of a blow-up; not
+        fatal, the next checkpoint may be fine), a NaN/Inf in a parameter, Adam moment or EMA
+        weight (fatal), or a non-finite held-out check (fatal)."""
+        if self.consecutive_bad:
+            return (
+                f"the last {self.consecutive_bad} step(s) were bad (non-finite, or the loss far "
+                "above its recent level)",
+                False,
+            )
+        arrays = {f"params/{k}": p for k, p in self.model.params.items()}
+        for name in ("m", "v", "ema"):
+            for k, a in (getattr(self.optimizer, name) or {}).items():
+                arrays[f"optimizer/{name}/{k}"] = a
+        bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+        if bad:
+            return f"NaN/Inf values in {', '.join(bad[:5])}", True
+        raw, ema = self.held_out_check()
+        if not (math.isfinite(raw) and math.isfinite(ema)):
+            return (
+                f"the held-out check ({CHECK_IMAGES} images) gives bits/dim {raw} with the raw "
+                f"weights and {ema} with the EMA weights",
+                True,
+            )
+        return None, False
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoint.h5"
+
+    def _holds(self) -> str:
+        """``"<path> holds step N"`` (or that there is none)."""
+        path = self._checkpoint_path()
+        if path is None:
+            return "no run folder, nothing was saved"
+        if self.checkpoint_step is None:
+            return f"no checkpoint was written to {path}"
+        return f"{path} holds step {self.checkpoint_step}"
+
+    def save_if_usable(self) -> bool:
+        """Write the checkpoint if :meth:`unusable_reason` allows it; otherwise log why (and
+        raise :class:`TrainingDiverged` when the state is broken). Returns whether written."""
+        if self.out_dir is None:
+            return False
+        reason, fatal = self.unusable_reason()
+        if reason is None:
+            self._save_or_explain()
+            return True
+        if fatal:
+            self._diverged(f"the state is not usable: {reason}")
+        self.log(f"step {self.step}: checkpoint not written: {reason}; {self._holds()}")
+        return False
+
+    def _save_or_explain(self) -> None:
+        """:meth:`save`; a failed write (disk full, ...) says which step the file still holds."""
+        try:
+            self.save()
+        except CheckpointError as exc:
+            raise CheckpointError(f"step {self.step}: {exc}; {self._holds()}") from exc
+
+    def _write_curves(self) -> None:
+        """metrics.csv and loss_curve.png of the run folder (a failure is logged)."""
+        if self.out_dir is None:
+            return
+        try:
+            self.write_metrics_csv()
+            self.plot_loss_curve(self.out_dir / "loss_curve.png")
+        except WriteError as exc:
+            self.log(f"step {self.step}: {exc}")
+
+    def _diverged(self, why: str) -> None:
+        """Write the curves (not the state) and raise :class:`TrainingDiverged` saying which
+        step the run folder's checkpoint holds and how to go on."""
+        tc = self.config
+        self._write_curves()
+        msg = f"training diverged at step {self.step}: {why}; {self._holds()}"
+        path = self._checkpoint_path()
+        if path is not None and self.checkpoint_step is not None:
+            msg += (
+                f", the last usable state; to go on from it with a smaller learning rate: "
+                f"flownp train --resume {path} --lr {min(tc.lr / 10, 1e-3):.3g} --warmup-steps "
+                f"{max(tc.warmup_steps, 100)}"
+            )
+        else:
+            msg += f"; start again with a smaller learning rate (--lr {min(tc.lr / 10, 1e-3):.3g})"
+        exc = TrainingDiverged(msg)
+        exc.checkpoint_step = self.checkpoint_step
+        raise exc
+
+    def _interrupted(self, signum: int) -> None:
+        """Save (if usable) and write the curves, then raise :class:`TrainingInterrupted`."""
+        name = signal.Signals(signum).name
+        written = False
+        if self.out_dir is not None:
+            reason, _ = self.unusable_reason()
+            if reason is None:
+                self._save_or_explain()
+                written = True
+            else:
+                self.log(f"step {self.step}: checkpoint not written: {reason}")
+            self._write_curves()
+        msg = f"{name}: stopped after step {self.step} of {self.config.steps}; {self._holds()}"
+        if self.checkpoint_step is not None:
+            msg += f"; go on with: flownp train --resume {self._checkpoint_path()}"
+        if not written and self.out_dir is not None:
+            msg += " (the state at the interruption was not usable)"
+        exc = TrainingInterrupted(msg)
+        exc.checkpoint_step = self.checkpoint_step
+        raise exc
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        """Train until ``config.steps`` (or ``time_limit``), evaluate, save, plot."""
+        """Train until ``config.steps`` (or ``time_limit``), evaluate, save, plot.
+
+        Raises :class:`TrainingDiverged` (the run folder keeps its last usable checkpoint)
+        or, on SIGINT / SIGTERM, :class:`TrainingInterrupted` after saving (module docstring).
+        """
+        with _StopOnSignal(self.log) as stop:
+            return self._run(stop)
+
+    def _run(self, stop: _StopOnSignal) -> TrainResult:
         tc = self.config
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(
-                json.dumps({"model": self.model_config.to_dict(), "train": tc.to_dict()}, indent=2)
-                + "\n"
-            )
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                (self.out_dir / "config.json").write_text(
+                    json.dumps(
+                        {"model": self.model_config.to_dict(), "train": tc.to_dict()}, indent=2
+                    )
+                    + "\n"
+                )
+            except OSError as exc:
+                raise WriteError(
+                    f"cannot write the run folder {self.out_dir}: {exc.strerror or exc}"
+                ) from None
+            if self.checkpoint_step is None:  # the starting state: always a usable checkpoint
+                self.save_if_usable()
         bar = Progress(tc.steps, min(self.step, tc.steps), desc="train", enabled=self.progress)
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
@@ -588,8 +950,19 @@ class Trainer:
                     if math.isnan(speed)
                     else 0.9 * speed + 0.1 * (tc.batch_size / dt)
                 )
-                if rec["ok"]:
+                if rec["ok"] and self.monitor.is_high(rec["bpd"]):
+                    self.consecutive_bad += 1
+                    rec["error"] = (
+                        f"loss {rec['bpd']:.4g} bits/dim is more than twice its recent level "
+                        f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
+                    )
+                    self.log(
+                        f"step {self.step}: LOSS BLOW-UP ({self.consecutive_bad} in a row): "
+                        f"{rec['error']}"
+                    )
+                elif rec["ok"]:
                     self.consecutive_bad = 0
+                    self.monitor.add(rec["bpd"])
                     smooth = rec["bpd"] if math.isnan(smooth) else 0.98 * smooth + 0.02 * rec["bpd"]
                 else:
                     self.consecutive_bad += 1
@@ -601,14 +974,11 @@ class Trainer:
                 self._record_train(rec, speed)
                 bar.update(1, bpd=smooth, img_s=speed)
                 if self.consecutive_bad >= tc.max_bad_steps:
-                    msg = (
-                        f"training diverged: {self.consecutive_bad} consecutive steps with a "
-                        f"non-finite loss or gradient (last: {rec['error']}) at step {self.step}"
+                    self._diverged(
+                        f"{self.consecutive_bad} bad steps in a row (last: {rec['error']})"
                     )
-                    if self.out_dir is not None:
-                        path = self.save()
-                        msg += f"; last good state saved to {path} (resume with a lower --lr)"
-                    raise TrainingDiverged(msg)
+                if stop.signum is not None:
+                    self._interrupted(stop.signum)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     bpd = self.evaluate(tc.eval_size)
                     self._record_eval(bpd)
@@ -624,8 +994,8 @@ class Trainer:
                     and self.step < tc.steps
                 ):
                     self.check_stability()
-                    self.save()
-                    self.write_metrics_csv()
+                    self.save_if_usable()
+                    self._write_curves()
         finally:
             bar.close()
         final = self.evaluate(None)
@@ -633,13 +1003,15 @@ class Trainer:
         self._record_eval(final)
         self.check_stability()
         if self.out_dir is not None:
-            self.save()
-            self.write_metrics_csv()
-            self.plot_loss_curve(self.out_dir / "loss_curve.png")
+            if not self.save_if_usable():
+                self._diverged("the final state is not usable")
+            self._write_curves()
             try:
                 self.save_samples(self.out_dir / "samples.png")
-            except (NonFiniteError, SingularKernelError) as exc:  # reported, not hidden
-                self.log(f"samples.png not written: sampling failed: {exc}")
+            except (NonFiniteError, SingularKernelError, WriteError) as exc:  # reported
+                self.log(f"samples.png not written: {exc}")
+        if stop.signum is not None:  # arrived during the final evaluation: all is written
+            self._interrupted(stop.signum)
         train_bpd = [v for v in self.metrics["train"]["bpd"][-100:] if np.isfinite(v)]
         return TrainResult(
             steps=self.step,
@@ -676,23 +1048,35 @@ class Trainer:
         tr, ev = self.metrics["train"], self.metrics["eval"]
         held = {int(s): b for s, b in zip(ev["step"], ev["bpd"], strict=True)}
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(list(TRAIN_COLUMNS) + ["heldout_bpd"])
-            for i in range(len(tr["step"])):
-                step = int(tr["step"][i])
-                row = [step, int(tr["epoch"][i])] + [repr(tr[c][i]) for c in TRAIN_COLUMNS[2:]]
-                w.writerow(row + [repr(held[step]) if step in held else ""])
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(list(TRAIN_COLUMNS) + ["heldout_bpd"])
+                for i in range(len(tr["step"])):
+                    step = int(tr["step"][i])
+                    row = [step, int(tr["epoch"][i])]
+                    row += [repr(tr[c][i]) for c in TRAIN_COLUMNS[2:]]
+                    w.writerow(row + [repr(held[step]) if step in held else ""])
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
     def plot_loss_curve(self, path: str | os.PathLike) -> Path:
-        return plot_loss_curve(self.metrics, path)
+        try:
+            return plot_loss_curve(self.metrics, path)
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def save_samples(self, path: str | os.PathLike, n: int = 64, temperature: float = 0.8) -> Path:
         with self.optimizer.ema_weights():
             x = self.model.sample(n, temperature=temperature, seed=self.config.seed)
-        return save_grid(x, path, title=f"samples, T = {temperature:g}, step {self.step}")
+        try:
+            return save_grid(x, path, title=f"samples, T = {temperature:g}, step {self.step}")
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _default_log(msg: str) -> None:
@@ -752,17 +1136,26 @@ def plot_loss_curve(metrics: dict[str, dict[str, list[float]]], path: str | os.P
         sm = np.convolve(bpd[ok], np.ones(k) / k, mode="valid")
         ax.plot(steps[ok][k - 1 :], sm, lw=1.5, color="C0", label=f"train ({k}-step mean)")
         lo = np.nanpercentile(bpd[ok], 1)
-        hi = np.nanpercentile(bpd[ok][len(bpd[ok]) // 20 :], 99) if ok.sum() > 20 else bpd.max()
+        hi = np.percentile(bpd[ok][len(bpd[ok]) // 20 :], 99) if ok.sum() > 20 else bpd[ok].max()
         ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
-    if ev["step"]:
-        ax.plot(ev["step"], ev["bpd"], "o-", color="C3", label="held-out (EMA weights)")
+    ev_bpd = np.asarray(ev["bpd"], dtype=np.float64)
+    if np.isfinite(ev_bpd).any():
+        fin = np.isfinite(ev_bpd)
+        ax.plot(
+            np.asarray(ev["step"])[fin],
+            ev_bpd[fin],
+            "o-",
+            color="C3",
+            label="held-out (EMA weights)",
+        )
     bad = steps[np.asarray(tr["rejected"]) > 0] if tr["rejected"] else []
     for s in bad:
         ax.axvline(s, color="k", lw=0.5, ls=":")
     ax.set_xlabel("step")
     ax.set_ylabel("bits / dim")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every step was rejected
+        ax.legend()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

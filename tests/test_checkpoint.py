@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import h5py
@@ -35,6 +36,7 @@ def trained_state(rng, dtype="float32"):
         "rejected_total": 2,
         "elapsed": 1.5,
         "rng_state": gen.bit_generator.state,
+        "history": [{"step": 2, "time": "t", "changes": {"lr": [1e-3, 1e-4]}}],
     }
     metrics = {
         "train": {"step": [1.0, 2.0, 3.0], "bpd": [8.1, 7.9, np.nan]},
@@ -169,28 +171,91 @@ def test_foreign_files(tmp_path):
         ck.read_checkpoint(tmp_path)
 
 
+@contextlib.contextmanager
+def edited(path, resign=True):
+    """Open ``path`` for editing; afterwards store fresh checksums (a deliberate, consistent
+    edit, to reach the checks behind the checksum verification) unless ``resign`` is False."""
+    with h5py.File(path, "r+") as f:
+        yield f
+        if resign:
+            del f[ck.CHECKSUMS]
+            del f.attrs[ck.CHECKSUMS_ATTR]
+            ck._add_checksums(f)
+
+
 def test_unknown_version_and_missing_parts(tmp_path, rng):
     path = tmp_path / "c.h5"
     save(path, rng)
-    with h5py.File(path, "r+") as f:
+    with edited(path) as f:
         f.attrs["format_version"] = 99
     with pytest.raises(CheckpointError, match="format version 99 is not supported"):
         ck.read_checkpoint(path)
     save(path, rng)
-    with h5py.File(path, "r+") as f:
+    with edited(path) as f:
         del f["model/buffers"]
     with pytest.raises(CheckpointError, match="incomplete"):
         ck.read_checkpoint(path)
     save(path, rng)
-    with h5py.File(path, "r+") as f:
+    with edited(path) as f:
         del f["model/params/prior/mean"]
     with pytest.raises(CheckpointError, match="does not match"):
         ck.load_model(path)
     save(path, rng)
-    with h5py.File(path, "r+") as f:
+    with edited(path) as f:
         f["config"].attrs["model"] = '{"levels": 0}'
     with pytest.raises(CheckpointError, match="invalid model configuration"):
         ck.load_model(path)
+
+
+def _bool_to_int8(f):
+    """The same value 1 with the datatype int8 instead of the boolean enum."""
+    key = "model/buffers/level0/step0/actnorm/initialized"
+    assert f[key].dtype == np.bool_
+    del f[key]
+    f.create_dataset(key, data=np.int8(1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "part"),
+    [
+        (lambda f: f["model/params/prior/mean"].__setitem__((), 0.5), "/model/params/prior/mean"),
+        (lambda f: f["optimizer/v/prior/mean"].__setitem__((), 0.5), "/optimizer/v/prior/mean"),
+        (lambda f: f["config"].attrs.__setitem__("model_seed", 6), "attributes of /config"),
+        (lambda f: f["state"].attrs.__setitem__("step", 4), "attributes of /state"),
+        (lambda f: f.attrs.__setitem__("created", "yesterday"), "attributes of /"),
+        (lambda f: f.__delitem__("metrics/eval/bpd"), "/metrics/eval/bpd is missing"),
+        (lambda f: f.create_dataset("model/params/extra", data=1.0), "not in the checksum"),
+        (_bool_to_int8, "/model/buffers/level0/step0/actnorm/initialized is damaged"),
+        (lambda f: f.__delitem__(ck.CHECKSUMS), "checksum table is missing"),
+        (lambda f: f.attrs.__setitem__(ck.CHECKSUMS_ATTR, "0" * 64), "checksum table is damaged"),
+    ],
+)
+def test_any_edit_without_new_checksums_is_refused_naming_the_part(tmp_path, rng, edit, part):
+    path = tmp_path / "c.h5"
+    save(path, rng)
+    with edited(path, resign=False) as f:
+        edit(f)
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        ck.read_checkpoint(path)
+    assert part in str(info.value)
+
+
+def test_version_1_files_load_only_when_asked(tmp_path, rng):
+    path = tmp_path / "old.h5"
+    model, *_ = save(path, rng)
+    with edited(path, resign=False) as f:  # what a version-1 writer produced: no checksums
+        del f[ck.CHECKSUMS]
+        del f.attrs[ck.CHECKSUMS_ATTR]
+        f.attrs["format_version"] = 1
+    with pytest.raises(CheckpointError, match="cannot be verified.*allow_unverified=True"):
+        ck.read_checkpoint(path)
+    old = ck.read_checkpoint(path, allow_unverified=True)
+    assert old.format_version == 1
+    ck.write_checkpoint(tmp_path / "new.h5", old)  # re-saved: verified from now on
+    new = ck.read_checkpoint(tmp_path / "new.h5")
+    assert new.format_version == ck.FORMAT_VERSION
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(new.model_state[k], v)
 
 
 def test_file_permissions_are_normal(tmp_path, rng):

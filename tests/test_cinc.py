@@ -249,7 +249,9 @@ def test_singular_kernels_raise(k, rng):
     K = rng.standard_normal((k, k, C, C))
     K[k - 1, k - 1] = np.triu(K[k - 1, k - 1])
     K[k - 1, k - 1, 1, 1] = 0.0  # a zero on the corner diagonal
-    layer = CInCConv.from_kernel(K)
+    with pytest.raises(SingularKernelError, match=r"channel\(s\) \[1\].*allow_singular"):
+        CInCConv.from_kernel(K)
+    layer = CInCConv.from_kernel(K, allow_singular=True)
     y, logdet = layer.forward(x)  # the forward always works
     assert np.all(np.isfinite(y)) and np.all(logdet == -np.inf)
     for method in METHODS:
@@ -287,7 +289,7 @@ def test_zero_corner_backward_without_logdet_is_finite(rng):
     K = rng.standard_normal((2, 2, 2, 2))
     K[1, 1] = np.triu(K[1, 1])
     K[1, 1, 0, 0] = 0.0
-    layer = CInCConv.from_kernel(K)
+    layer = CInCConv.from_kernel(K, allow_singular=True)
     y, _ = layer.forward(rng.standard_normal((1, 3, 3, 2)))
     layer.backward(np.ones_like(y), np.zeros(1))
     assert np.all(np.isfinite(layer.grads["kernel"]))
@@ -382,7 +384,7 @@ def test_property_masked_invertible_iff_corner_diagonal_nonzero(problem):
     K, H, W, N, seed, singular, tiny = problem
     k, C = K.shape[0], K.shape[2]
     rng = np.random.default_rng(seed)
-    layer = CInCConv.from_kernel(K, masked=True)
+    layer = CInCConv.from_kernel(K, masked=True, allow_singular=True)
     M, _ = dense(layer, H, W)
     d = np.diag(K[k - 1, k - 1])
     # the matrix side of the claim (Lemma 1 / Theorem 1): det M = prod(d)^(HW), triangular

@@ -208,13 +208,34 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
         return (loss if tr.step < good_steps else float("inf")), dz, dld
 
     monkeypatch.setattr(T, "bpd_loss", diverging_loss)
-    with pytest.raises(T.TrainingDiverged, match="3 consecutive steps") as info:
+    with pytest.raises(T.TrainingDiverged, match="3 bad steps in a row") as info:
         tr.run()
-    assert "last good state saved" in str(info.value)
+    # the bad state is not written: the folder keeps the last usable checkpoint (the initial
+    # state; the periodic one at step 3 came after a bad step and was skipped)
+    assert "holds step 0, the last usable state" in str(info.value)
+    assert info.value.checkpoint_step == 0
     ck = read_checkpoint(tmp_path / "checkpoint.h5")
-    assert ck.train_state["step"] == 5 and ck.optimizer_state["t"] == 2
-    for k, p in tr.model.params.items():
-        np.testing.assert_array_equal(ck.model_state[f"params/{k}"], p)
+    assert ck.train_state["step"] == 0 and ck.optimizer_state["t"] == 0
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "loss_curve.png").exists()
+    # the advice printed works: resume with a smaller lr and a new warmup
+    advice = str(info.value).split("flownp train ")[1].split()
+    assert advice[:2] == ["--resume", str(tmp_path / "checkpoint.h5")]
+    lr, warmup = float(advice[advice.index("--lr") + 1]), int(advice[-1])
+    monkeypatch.setattr(T, "bpd_loss", real_loss)
+    resumed = T.Trainer.from_checkpoint(
+        tmp_path / "checkpoint.h5", make_data(), lr=lr, warmup_steps=warmup, steps=4
+    )
+    resumed.log = lambda m: None
+    assert resumed.run().steps == 4
+    ck = read_checkpoint(tmp_path / "checkpoint.h5")
+    assert ck.train_state["step"] == 4 and ck.train_config["lr"] == lr
+    (entry,) = ck.train_state["history"]
+    assert entry["step"] == 0
+    assert entry["changes"] == {
+        "lr": [3e-3, lr],
+        "warmup_steps": [2, warmup],
+        "steps": [20, 4],
+    }
 
 
 # ---------------------------------------------------------------------- the commands

@@ -1,13 +1,83 @@
-"""Options and plumbing shared by several subcommands."""
+"""Options and plumbing shared by several subcommands.
+
+Option values are validated when they are parsed, by the ``type=`` functions below: a bad
+value is a one-line error naming the option, the rule and the value (exit code 2), before any
+work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
-from flownp.errors import DataError
+from flownp.errors import UsageError
 
 
+# ---------------------------------------------------------------------- option value types
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """argparse ``type``: an int ``>= lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if val < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {val}")
+        return val
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def finite_float(
+    *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], float]:
+    """argparse ``type``: a finite float in the interval ``[lo, hi]`` (ends open on request)."""
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    interval = f"{left}{lo:g}, {hi:g}{right}" if math.isfinite(hi) else None
+    rule = interval and f"in {interval}" or (f"> {lo:g}" if lo_open else f">= {lo:g}")
+
+    def parse(text: str) -> float:
+        try:
+            val = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(val) and (val > lo if lo_open else val >= lo)
+        ok = ok and (val < hi if hi_open else val <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number {rule}, got {text}")
+        return val
+
+    parse.__name__ = f"number {rule}"
+    return parse
+
+
+positive_float = finite_float(lo=0.0, lo_open=True)
+nonnegative_float = finite_float(lo=0.0)
+decay_float = finite_float(lo=0.0, hi=1.0, hi_open=True)
+
+
+def thread_count(text: str) -> int:
+    """argparse ``type``: a number of threads in ``1 .. the threads Numba can use``."""
+    import numba
+
+    n = positive_int(text)
+    most = int(numba.config.NUMBA_NUM_THREADS)
+    if n > most:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {most} (the CPU threads available here), got {n}"
+        )
+    return n
+
+
+# ---------------------------------------------------------------------- shared options
 def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
     """``--threads N`` (Numba and BLAS) and ``--no-ema`` for commands that run a checkpoint."""
     parser.add_argument(
@@ -15,7 +85,7 @@ def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=1,
         help="threads of the Numba kernels and of BLAS (1 is fastest on 2 shared cores, "
         "docs/training.md)",
@@ -23,10 +93,10 @@ def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
 
 
 def run_with_threads(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
-    """Validate ``--threads`` and run ``body(args)`` with both thread pools limited to it."""
+    """Run ``body(args)`` with both thread pools limited to ``--threads``."""
     from flownp.train import thread_limits
 
     if args.threads < 1:
-        raise DataError(f"--threads must be >= 1, got {args.threads}")
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     with thread_limits(args.threads, args.threads):
         return body(args)

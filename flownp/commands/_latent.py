@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from flownp import latent
+from flownp.commands._common import positive_int
 from flownp.data import attributes
 from flownp.errors import DataError
 
@@ -31,12 +32,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--crop",
-        type=int,
+        type=positive_int,
         default=None,
         help="CelebA: side of the centred square crop before resizing "
         "(default: the largest centred box with the model's aspect ratio)",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="images per model call")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="images per model call"
+    )
     parser.add_argument("--out", default=None, help="output PNG (default: next to the checkpoint)")
 
 

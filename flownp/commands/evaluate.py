@@ -18,7 +18,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from flownp.commands._common import add_threads_and_ema, run_with_threads
+from flownp.commands._common import (
+    add_threads_and_ema,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_with_threads,
+)
 from flownp.errors import DataError
 
 HELP = "print held-out bits/dim of a checkpoint"
@@ -40,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--holdout",
-        type=int,
+        type=positive_int,
         default=None,
         help="held-out images (default: the checkpoint's training setting)",
     )
@@ -50,19 +56,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="test",
         help="evaluate the held-out (test) or the training images",
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first LIMIT images")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the dequantisation noise")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first LIMIT images"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=500, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=1234, help="seed of the dequantisation noise"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--stability-images",
-        type=int,
+        type=nonnegative_int,
         default=64,
         help="held-out images of the stability report (0 = no report)",
     )
     parser.add_argument(
         "--stability-threshold",
-        type=float,
+        type=positive_float,
         default=1e-4,
         help="float32 reconstruction error above which the inverse is reported unstable",
     )

@@ -14,6 +14,7 @@ import numpy as np
 
 from flownp import figures, latent
 from flownp.commands import _latent as common
+from flownp.commands._common import int_at_least, positive_int
 from flownp.data import pixels
 from flownp.errors import DataError
 
@@ -28,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated index pairs into the held-out images, e.g. 0:1,2:3 "
         "(default: 0:1, 2:3, ... for --num-pairs pairs)",
     )
-    parser.add_argument("--num-pairs", type=int, default=4, help="pairs when --pairs is absent")
     parser.add_argument(
-        "--steps", type=int, default=9, help="points on each path, endpoints included"
+        "--num-pairs", type=positive_int, default=4, help="pairs when --pairs is absent"
+    )
+    parser.add_argument(
+        "--steps", type=int_at_least(2), default=9, help="points on each path, endpoints included"
     )
     parser.add_argument("--method", choices=latent.INTERPOLATIONS, default="linear")
 

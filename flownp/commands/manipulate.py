@@ -24,6 +24,7 @@ import numpy as np
 
 from flownp import figures, latent
 from flownp.commands import _latent as common
+from flownp.commands._common import positive_float, positive_int
 from flownp.data import attributes, pixels
 from flownp.errors import DataError
 
@@ -58,18 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-strength",
-        type=float,
+        type=positive_float,
         default=2.0,
         help="largest |s| of the sweep z + s*direction (regression: attribute units; "
         "MNIST pixel attributes are standardised, so 1 = one standard deviation)",
     )
     parser.add_argument(
-        "--steps", type=int, default=3, help="strengths on each side of the original"
+        "--steps", type=positive_int, default=3, help="strengths on each side of the original"
     )
-    parser.add_argument("--num-images", type=int, default=4, help="held-out images to edit")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=4, help="held-out images to edit"
+    )
     parser.add_argument(
         "--max-images",
-        type=int,
+        type=positive_int,
         default=10000,
         help="labelled images encoded to compute the directions",
     )

@@ -14,6 +14,7 @@ import numpy as np
 
 from flownp import figures, latent
 from flownp.commands import _latent as common
+from flownp.commands._common import positive_float, positive_int
 from flownp.data import pixels
 from flownp.errors import DataError
 
@@ -22,9 +23,11 @@ HELP = "report the reconstruction error f^-1(f(x)) - x on held-out images"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_data_arguments(parser)
-    parser.add_argument("--num-images", type=int, default=256, help="held-out images to use")
     parser.add_argument(
-        "--tol", type=float, default=1.0 / 512, help="fail (exit 1) above this max |error|"
+        "--num-images", type=positive_int, default=256, help="held-out images to use"
+    )
+    parser.add_argument(
+        "--tol", type=positive_float, default=1.0 / 512, help="fail (exit 1) above this max |error|"
     )
     parser.add_argument(
         "--figure",

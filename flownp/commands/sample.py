@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flownp.commands._common import add_threads_and_ema, run_with_threads
+from flownp.commands._common import (
+    add_threads_and_ema,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    run_with_threads,
+)
 from flownp.errors import DataError
 
 HELP = "write a PNG grid of samples from a checkpoint"
@@ -24,16 +30,18 @@ HELP = "write a PNG grid of samples from a checkpoint"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file (checkpoint.h5 of a run folder)")
-    parser.add_argument("-n", "--num", type=int, default=64, help="number of samples")
+    parser.add_argument("-n", "--num", type=positive_int, default=64, help="number of samples")
     parser.add_argument(
         "-t",
         "--temperature",
-        type=float,
+        type=nonnegative_float,
         default=0.8,
         help="latent temperature T (standard deviation of the latent)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent draw")
-    parser.add_argument("--ncols", type=int, default=None, help="grid columns (default: square)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the latent draw")
+    parser.add_argument(
+        "--ncols", type=positive_int, default=None, help="grid columns (default: square)"
+    )
     parser.add_argument(
         "--out",
         default=None,

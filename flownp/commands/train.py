@@ -8,14 +8,23 @@
   config.json     the model and training configuration
 
 Bits/dim = (-log p(x) + D ln 256) / (D ln 2) on uniformly dequantised data; 8.0 is a uniform
-model. A step with a NaN/Inf loss or gradient is rejected (reported, parameters unchanged);
-after --max-bad-steps in a row training stops (exit code 1) with the last good state saved.
---resume continues a run exactly (same losses as without the interruption); model and training
-options then come from the checkpoint, only --steps, --time-limit, --out and --dataset (the
-training data's new place, checked against the fingerprint stored at training time) may be
-given. The dataset path is stored absolute, so commands work from any folder.
+model. A step with a NaN/Inf loss or gradient is rejected (reported, parameters unchanged); a
+step is bad when rejected or when its loss is more than twice (and at least 1 bit/dim above)
+the median of the last 50 accepted losses. After --max-bad-steps bad steps in a row training
+stops (exit code 1); the checkpoint is only ever written with a usable state, so the run
+folder keeps the last usable one (the message says which step and how to go on). Ctrl-C (or
+SIGTERM) finishes the current step, saves the checkpoint and the curves, and exits with 130
+(docs/reliability.md).
 
-Exit codes: 0 done, 1 diverged, 2 bad input (options, data, checkpoint).
+--resume continues a run exactly (same losses as without the interruption) up to the run's own
+--steps; model and training options then come from the checkpoint, only --steps, --lr,
+--warmup-steps (restarts the warmup; both recorded in the checkpoint's history), --time-limit,
+--out and --dataset (the training data's new place, checked against the fingerprint stored at
+training time) may be given. The dataset path is stored absolute, so commands work from any
+folder. A folder that already holds a checkpoint is never trained into unless
+resuming it or with --overwrite.
+
+Exit codes: 0 done, 1 diverged, 2 bad input (options, data, checkpoint, disk), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,6 +35,14 @@ import sys
 import time
 from pathlib import Path
 
+from flownp.commands._common import (
+    decay_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    thread_count,
+)
 from flownp.errors import DataError
 
 HELP = "train a flow (default: small CInC flow on bundled MNIST, a few minutes)"
@@ -70,7 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--out",
         default=None,
-        help="run folder (default: runs/<timestamp>; with --resume: the checkpoint's folder)",
+        help="run folder (default: runs/<timestamp>; with --resume: the checkpoint's folder); "
+        "it must not hold a checkpoint already, unless --overwrite",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into --out even if it holds a checkpoint (which is replaced)",
     )
     run.add_argument(
         "--resume",
@@ -80,13 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--steps",
-        type=int,
-        default=tc.steps,
-        help="total training steps (batches), including those already done when resuming",
+        type=positive_int,
+        default=None,
+        help=f"total training steps (batches), including those already done when resuming "
+        f"(default: {tc.steps}; with --resume: the run's own)",
     )
     run.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_float,
         default=None,
         metavar="SECONDS",
         help="stop cleanly (final evaluation, checkpoint, figures) after this many "
@@ -94,13 +118,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=1,
         help="threads of the Numba kernels (measured on 2 shared cores: 1 is fastest for the "
         "default model, see docs/training.md)",
     )
     run.add_argument(
-        "--blas-threads", type=int, default=1, help="threads of BLAS (the conditioner convs)"
+        "--blas-threads",
+        type=thread_count,
+        default=1,
+        help="threads of BLAS (the conditioner convs)",
     )
     run.add_argument(
         "--no-progress",
@@ -120,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--holdout",
-        type=int,
+        type=positive_int,
         default=tc.holdout,
         help="number of held-out images (default: the dataset's own split)",
     )
@@ -177,59 +204,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     opt = parser.add_argument_group("optimisation (docs/training.md)")
-    opt.add_argument("--batch-size", type=int, default=tc.batch_size, help="images per step")
-    opt.add_argument("--lr", type=float, default=tc.lr, help="Adam peak learning rate")
+    opt.add_argument(
+        "--batch-size", type=positive_int, default=tc.batch_size, help="images per step"
+    )
+    opt.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"Adam peak learning rate (default: {tc.lr:g}; with --resume: the run's own)",
+    )
     opt.add_argument(
         "--warmup-steps",
-        type=int,
-        default=tc.warmup_steps,
-        help="linear learning-rate warmup (steps)",
+        type=nonnegative_int,
+        default=None,
+        help=f"linear learning-rate warmup in steps (default: {tc.warmup_steps}; with "
+        "--resume: restarts the warmup at the resumed step)",
     )
     opt.add_argument(
         "--max-grad-norm",
-        type=float,
+        type=nonnegative_float,
         default=tc.max_grad_norm,
         help="clip the global gradient norm to this (0 = no clipping)",
     )
     opt.add_argument(
         "--ema-decay",
-        type=float,
+        type=decay_float,
         default=tc.ema_decay,
         help="Polyak/EMA decay of the weights used for evaluation and samples (0 = off)",
     )
     opt.add_argument(
         "--init-batch-size",
-        type=int,
+        type=positive_int,
         default=tc.init_batch_size,
         help="images for the data-dependent actnorm initialisation",
     )
     opt.add_argument(
         "--eval-every",
-        type=int,
+        type=nonnegative_int,
         default=tc.eval_every,
         help="held-out evaluation period in steps (0 = only at the end)",
     )
     opt.add_argument(
         "--eval-size",
-        type=int,
+        type=positive_int,
         default=tc.eval_size,
         help="held-out images used by the periodic evaluations (the final one uses all)",
     )
     opt.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=nonnegative_int,
         default=tc.checkpoint_every,
         help="checkpoint period in steps (0 = only at the end)",
     )
     opt.add_argument(
         "--max-bad-steps",
-        type=int,
+        type=positive_int,
         default=tc.max_bad_steps,
-        help="consecutive rejected (NaN/Inf) steps before stopping with exit code 1",
+        help="bad steps in a row (NaN/Inf, or loss more than twice its recent level) "
+        "before stopping with exit code 1",
     )
     opt.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=tc.seed,
         help="seed of the initialisation, data order and dequantisation noise",
     )
@@ -261,10 +297,14 @@ def _configs(args: argparse.Namespace):
     except ValueError as exc:
         raise DataError(str(exc)) from None
     kw = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    defaults = TrainConfig()
+    kw["lr"] = defaults.lr if args.lr is None else args.lr
+    kw["warmup_steps"] = defaults.warmup_steps if args.warmup_steps is None else args.warmup_steps
     kw["max_grad_norm"] = kw["max_grad_norm"] or None
     kw["ema_decay"] = kw["ema_decay"] or None
     try:
-        tc = TrainConfig(steps=args.steps, time_limit=args.time_limit, **kw)
+        steps = defaults.steps if args.steps is None else args.steps
+        tc = TrainConfig(steps=steps, time_limit=args.time_limit, **kw)
     except ValueError as exc:
         raise DataError(str(exc)) from None
     return mc, tc
@@ -283,7 +323,13 @@ def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from flownp.model import FlowConfig
-    from flownp.train import Trainer, TrainingDiverged, load_data
+    from flownp.train import (
+        Trainer,
+        TrainingDiverged,
+        TrainingInterrupted,
+        check_run_folder,
+        load_data,
+    )
 
     progress = not args.no_progress
     if args.threads < 1 or args.blas_threads < 1:
@@ -292,33 +338,43 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         parser = argparse.ArgumentParser(add_help=False)
         add_arguments(parser)
-        resume_options = ("dataset",)  # may point at training data that has moved
+        resumable = ("lr", "warmup_steps", "dataset")  # dataset: the data's new place
         given = [
             k
             for k in MODEL_OPTIONS + TRAIN_OPTIONS
-            if getattr(args, k) != parser.get_default(k) and k not in resume_options
+            if k not in resumable and getattr(args, k) != parser.get_default(k)
         ]
         if given:
             raise DataError(
                 f"--resume takes the model and training options from the checkpoint; do not "
-                f"give {', '.join('--' + k.replace('_', '-') for k in given)}"
+                f"give {', '.join('--' + k.replace('_', '-') for k in given)} (only --steps, "
+                "--lr, --warmup-steps, --time-limit, --out and --dataset may change)"
             )
         moved = args.dataset if args.dataset != parser.get_default("dataset") else None
         trainer = Trainer.from_checkpoint(
-            args.resume, steps=args.steps, dataset=moved, out_dir=args.out, progress=progress
+            args.resume,
+            steps=args.steps,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            dataset=moved,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            progress=progress,
         )
         if args.time_limit is not None:
             trainer.config = dataclasses.replace(trainer.config, time_limit=args.time_limit)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.config.steps}")
     else:
         mc, tc = _configs(args)
+        if args.out is not None:
+            check_run_folder(args.out, overwrite=args.overwrite)  # before loading any data
         data = load_data(tc.dataset, tc.holdout)
         try:
             mc = FlowConfig.from_dict({**mc.to_dict(), "image_shape": list(data.shape)})
         except ValueError as exc:
             raise DataError(f"dataset {tc.dataset!r}: {exc}") from None
         out = args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        trainer = Trainer(mc, tc, data, out_dir=out, progress=progress)
+        trainer = Trainer(mc, tc, data, out_dir=out, progress=progress, overwrite=args.overwrite)
         print(f"{trainer.model}")
         print(
             f"data: {getattr(data, 'name', tc.dataset)}: {len(data.train)} training, "
@@ -330,6 +386,9 @@ def _run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"flownp train: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(f"flownp train: interrupted: {exc}", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - t0
     print(
         f"done: {result.steps} steps, {result.wall_time:.1f} s of training "

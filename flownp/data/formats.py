@@ -350,6 +350,10 @@ def cifar_batch(f: BinaryIO, where: str) -> Source:
     images = chw_rows_to_nhwc(d["data"], 32, where)  # (N, 32, 32, 3)
     labels = d.get("labels", d.get("fine_labels"))
     y = None if labels is None else _check_labels(labels, len(images), where)
+    classes = 10 if "labels" in d else 100  # CIFAR-10 'labels', CIFAR-100 'fine_labels'
+    if y is not None and len(y) and not (0 <= y.min() and y.max() < classes):
+        bad = int(y[(y < 0) | (y >= classes)][0])
+        raise DataError(f"{where}: label {bad} is outside 0..{classes - 1}; the file is corrupt")
     return Source(images, y)
 
 
@@ -361,6 +365,11 @@ def _cifar_from_batches(batches: dict[str, Callable[[], Source]], where: str) ->
     )
     if not train_names:
         raise DataError(f"{where}: no CIFAR-10 data_batch_* files found")
+    stray = [n for n in train_names if not 1 <= int(n.rsplit("_", 1)[1]) <= 5]
+    if stray:
+        raise DataError(
+            f"{where}: {stray[0]} is not a CIFAR-10 file (CIFAR-10 has data_batch_1..5); remove it"
+        )
     train = _concat([batches[n]() for n in train_names], where)
     if "test_batch" not in batches:
         return train

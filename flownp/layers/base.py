@@ -162,7 +162,13 @@ class Module:
             raise ValueError(
                 f"{type(self).__name__}.backward: {name} has shape {g.shape}, expected {shape}"
             )
-        return np.ascontiguousarray(g, dtype=self.dtype)
+        g = np.ascontiguousarray(g, dtype=self.dtype)
+        if not np.isfinite(g).all():  # never propagate a NaN gradient silently
+            bad = int(g.size - np.count_nonzero(np.isfinite(g)))
+            raise NonFiniteError(
+                f"{type(self).__name__}.backward: {name} has {bad} NaN/Inf value(s)"
+            )
+        return g
 
     def pop_cache(self) -> Any:
         if self._cache is None:

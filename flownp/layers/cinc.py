@@ -262,13 +262,17 @@ class CInCConv(Layer):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_kernel(cls, kernel: np.ndarray, masked: bool = True, **kw: Any) -> CInCConv:
+    def from_kernel(
+        cls, kernel: np.ndarray, masked: bool = True, *, allow_singular: bool = False, **kw: Any
+    ) -> CInCConv:
         """A layer whose effective kernel is exactly ``kernel`` (k, k, C, C).
 
         ``masked=True``: the corner must be triangular (``kernel[k-1,k-1,c,o] == 0`` for
         ``c > o``), else ``ValueError``. ``masked=False``: the corner block is full. The kernel
         is stored as the parameter ``kernel``; ``inverse`` raises :class:`SingularKernelError`
         when the corner is singular. The dtype is the kernel's unless ``dtype=`` is given.
+        A masked corner with a zero diagonal entry (not invertible, Theorem 1) raises
+        :class:`SingularKernelError` unless ``allow_singular`` (to study such a layer).
         """
         kernel = np.asarray(kernel)
         sh = kernel.shape
@@ -286,6 +290,12 @@ class CInCConv(Layer):
             )
         if not np.all(np.isfinite(kernel)):
             raise ValueError("CInCConv.from_kernel: kernel contains NaN/Inf")
+        if masked and not allow_singular and np.any(np.diag(corner) == 0):
+            raise SingularKernelError(
+                f"CInCConv.from_kernel: the corner diagonal kernel[{k - 1},{k - 1},c,c] is zero "
+                f"for channel(s) {np.flatnonzero(np.diag(corner) == 0).tolist()}: the "
+                "convolution is not invertible (Theorem 1); pass allow_singular=True to build it"
+            )
         layer.masked = bool(masked)
         layer._mask = np.ones(kernel.shape, dtype=layer.dtype)
         if masked:
