@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from flownp.digits import report_training as report_digits
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
@@ -658,6 +659,7 @@ class Trainer:
         self.elapsed = elapsed0 + (time.perf_counter() - t_start)
         self._record_eval(final)
         self.check_stability()
+        report_digits(self)  # MNIST-shaped models: share of legible samples (flownp.digits)
         if self.out_dir is not None:
             self.save()
             self.write_metrics_csv()

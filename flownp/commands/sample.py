@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flownp.commands._common import add_threads_and_ema, run_with_threads
+from flownp.digits import report_samples
 from flownp.errors import DataError
 
 HELP = "write a PNG grid of samples from a checkpoint"
@@ -80,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     save_grid(x, out, ncols=args.ncols, title=f"{args.num} samples, T = {args.temperature:g}")
     print(f"{args.num} samples ({model.config.image_shape}, T = {args.temperature:g}): {out}")
+    report_samples(x)  # MNIST-shaped: share of samples a digit classifier is sure of
     if args.npz:
         np.savez_compressed(args.npz, images=to_uint8(x))
         print(f"uint8 samples: {args.npz}")
