@@ -496,7 +496,12 @@ def _result_line(r: dict[str, Any]) -> str:
         return f"{r['status']} at step {r['steps']}"
     text = (
         f"held-out {r['heldout_bpd']:.4f} bits/dim after {r['steps']} steps, "
-        f"{r['train_seconds']:.0f} s; {r['sample_images']} samples in {r['sample_seconds']:.2f} s"
+        f"{r['train_seconds']:.0f} s; {r['sample_images']} samples in "
+        + (
+            f"{r['sample_seconds']:.2f} s"
+            if math.isfinite(r["sample_seconds"])
+            else "- (sampling failed, see train.log)"
+        )
     )
     if r.get("digit_share") is not None:
         text += f"; {r['digit_share']:.0%} legible digits"
@@ -573,6 +578,15 @@ def summarize(grid: GridConfig, results: Sequence[dict[str, Any]]) -> list[dict[
     return rows
 
 
+def _sampling_cell(seconds: Sequence[float]) -> str:
+    """Mean ± std of the sampling times that were measured; failed samplings (non-finite
+    values in the inverse) are counted, not averaged."""
+    ok = [s for s in seconds if math.isfinite(s)]
+    cell = format_mean_std(ok, 2)
+    failed = len(seconds) - len(ok)
+    return cell if not failed else f"{cell} ({failed} failed)"
+
+
 def format_table(rows: Sequence[dict[str, Any]], budget: str) -> str:
     """The Markdown table of one budget."""
     lines = ["| " + " | ".join(REPORT_COLUMNS[1:]) + " |", "|" + "---|" * (len(REPORT_COLUMNS) - 1)]
@@ -588,8 +602,8 @@ def format_table(rows: Sequence[dict[str, Any]], budget: str) -> str:
             format_mean_std(row["bpd"], 3),
             format_mean_std(row["steps"], 0),
             format_mean_std(row["train_seconds"], 0),
-            format_mean_std(row["sample_seconds"], 2),
-            format_mean_std(row["digit_share"], 0, scale=100.0) if row["digit_share"] else "–",
+            _sampling_cell(row["sample_seconds"]),
+            format_mean_std(row["digit_share"], 1, scale=100.0) if row["digit_share"] else "–",
             str(row["failed"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -614,7 +628,8 @@ def write_report(
         "Held-out bits/dim (all held-out images, EMA weights), training steps, training time "
         "(seconds, including the periodic evaluations and checkpoints), time to sample "
         f"{grid.sample_images} images at temperature {grid.temperature:g} (inverses included, "
-        "after training): mean ± standard deviation over the seeds (ddof = 1). "
+        "after training; a sampling that fails on a non-finite value is counted, not timed): "
+        "mean ± standard deviation over the seeds (ddof = 1). "
         "Failed: runs that diverged or ended with a non-finite held-out value (not averaged).",
     ]
     reals = [v for row in rows for v in row["digit_real_share"]]
@@ -625,12 +640,14 @@ def write_report(
             f"one digit with probability >= 0.9; the same share for the real held-out images is "
             f"{100 * float(np.mean(reals)):.0f} %.",
         ]
-    model = {k: v for k, v in grid.model.items()}
-    train = {k: v for k, v in grid.train.items()}
+
+    def options(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in d.items()) or "defaults"
+
     parts += [
         "",
-        f"Model options: {model or 'FlowConfig defaults'}; training options: "
-        f"{train or 'TrainConfig defaults'}.",
+        f"Model: {options(grid.model)}. Training: {options(grid.train)}. "
+        f"Seeds per depth: {', '.join(f'D={d}: {n}' for d, n in grid.seeds)}.",
     ]
     for budget in grid.budgets:
         if not any(r["budget"] == budget for r in rows):

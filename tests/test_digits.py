@@ -131,3 +131,24 @@ def test_report_training_and_temperature_sweep(mnist):
     assert trainer.metrics["digits"]["step"] == [7.0]
     assert trainer.metrics["digits"]["share"] == [score.share]
     assert "step 7: digit classifier" in logs[0]
+
+
+def test_training_run_reports_the_share(tmp_path, mnist):
+    """A real (tiny) training run on MNIST-shaped data logs the line and stores the row."""
+    from flownp.checkpoint import read_checkpoint
+    from flownp.model import FlowConfig
+    from flownp.train import TrainConfig, Trainer
+
+    data = SimpleNamespace(train=mnist.train[:64], test=mnist.test[:32], shape=(28, 28, 1))
+    mc = FlowConfig(levels=1, depth=1, width=4)
+    tc = TrainConfig(steps=2, batch_size=16, init_batch_size=32, eval_every=0, stability_images=0)
+    logs: list[str] = []
+    Trainer(mc, tc, data, out_dir=tmp_path, log=logs.append).run()
+    line = [m for m in logs if "digit classifier" in m]
+    assert len(line) == 1 and line[0].startswith("step 2: digit classifier:")
+    assert "of 100 samples" in line[0] and "of 32)" in line[0]  # the run's own held-out images
+    table = read_checkpoint(tmp_path / "checkpoint.h5").metrics["digits"]
+    assert list(table["step"]) == [2.0] and list(table["samples"]) == [100.0]
+    assert 0.0 <= table["share"][0] <= 1.0
+    clf = G.bundled_classifier()
+    assert table["real_share"][0] == clf.confident_share(data.test)

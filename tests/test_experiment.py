@@ -260,3 +260,8 @@ def test_command_bad_input(tmp_path, fake_dataset, capsys):
     assert "each depth" in capsys.readouterr().err
     assert cli.main(["experiment", "--out", out, "--temperature-sweep", "0.7"]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_failed_sampling_is_counted_not_averaged():
+    assert E._sampling_cell([0.5, 0.7]) == "0.60 ± 0.14"
+    assert E._sampling_cell([0.5, float("nan")]) == "0.50 (1 failed)"

@@ -281,7 +281,8 @@ def _sweep(args: argparse.Namespace) -> int:
         model = load_model(path)
         rows = temperature_sweep(model, args.temperature_sweep, n=args.sweep_images)
         print(f"{path}:\n{format_sweep(rows)}\n")
-        variant = path.parent.parent.name if not args.checkpoint else str(path)
+        run = path.parent  # <out>/runs/<budget>/<variant>/seed<k>
+        variant = str(path) if args.checkpoint else f"{run.parent.parent.name} {run.parent.name}"
         for t, score in rows:
             by_variant.setdefault(variant, {}).setdefault(t, []).append(score.share)
     if len(paths) > 1:
@@ -293,6 +294,6 @@ def _sweep(args: argparse.Namespace) -> int:
             cells = []
             for t in temps:
                 m, s, n = mean_std(shares[t])
-                cells.append(f"{100 * m:.0f}" + (f" ± {100 * s:.0f}" if n > 1 else ""))
+                cells.append(f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if n > 1 else ""))
             print(f"| {variant} | " + " | ".join(cells) + " |")
     return 0
