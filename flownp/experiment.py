@@ -24,9 +24,10 @@ After training, each run measures the time to sample ``sample_images`` images at
 ``temperature`` (EMA weights; the inverse of every layer included, kernels already compiled)
 and, for MNIST-shaped data, the share of those samples that the digit classifier of
 :mod:`flownp.digits` assigns to one digit with probability >= 0.9. Training time is the
-trainer's clock: it includes the periodic held-out evaluations and checkpoints, the same
-schedule (in steps) for every variant. Before the first run, every layer of the grid is
-compiled on a tiny model, so that no run's clock includes Numba compilation.
+trainer's clock: it includes the periodic held-out evaluations and checkpoints (the same
+schedule in steps for every variant) and the final evaluation on all held-out images; the
+seconds budget stops the steps, the final evaluation follows. Before the first run, every layer
+of the grid is compiled on a tiny model, so that no run's clock includes Numba compilation.
 
 The report (``<out>/report/``, rewritten after every run): ``report.md`` (one table per budget),
 ``results.csv`` (one row per run) and ``curves_<budget>.png`` (held-out bits/dim against steps
@@ -626,7 +627,7 @@ def write_report(
         "in total.",
         "",
         "Held-out bits/dim (all held-out images, EMA weights), training steps, training time "
-        "(seconds, including the periodic evaluations and checkpoints), time to sample "
+        "(seconds, including the held-out evaluations and checkpoints), time to sample "
         f"{grid.sample_images} images at temperature {grid.temperature:g} (inverses included, "
         "after training; a sampling that fails on a non-finite value is counted, not timed): "
         "mean ± standard deviation over the seeds (ddof = 1). "
