@@ -25,9 +25,9 @@ def clf():
 
 def test_accuracy_on_real_heldout_digits(clf, mnist):
     acc = clf.accuracy(mnist.test, mnist.test_labels)
-    assert acc >= 0.88  # measured 0.899; a broken feature map or label order gives ~0.1
+    assert acc >= 0.88  # measured 0.896; a broken feature map or label order gives ~0.1
     share = clf.confident_share(mnist.test)
-    assert 0.4 <= share <= 0.8  # measured 0.55
+    assert 0.35 <= share <= 0.7  # measured 0.452
 
 
 def test_structureless_images_are_not_confident(clf, mnist):
