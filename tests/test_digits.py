@@ -152,3 +152,11 @@ def test_training_run_reports_the_share(tmp_path, mnist):
     assert 0.0 <= table["share"][0] <= 1.0
     clf = G.bundled_classifier()
     assert table["real_share"][0] == clf.confident_share(data.test)
+
+
+def test_dimmer_digits_are_judged_by_shape(clf, mnist):
+    """Halving every intensity (a dim sample) leaves the class probabilities unchanged."""
+    x = mnist.test[:100].astype(np.float64) / 256 - 0.5  # model space, intensities u / 256
+    dim = 0.5 * (x + 0.5) - 0.5
+    np.testing.assert_allclose(clf.predict_proba(dim), clf.predict_proba(x), atol=1e-12)
+    assert clf.confident_share(dim) == clf.confident_share(x) > 0.2
