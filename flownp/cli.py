@@ -24,6 +24,7 @@ COMMANDS = {
     "export-reference": "flownp.commands.export_reference",
     "check-reference": "flownp.commands.check_reference",
     "bench": "flownp.commands.bench",
+    "experiment": "flownp.commands.experiment",
     "reconstruct": "flownp.commands.reconstruct",
     "interpolate": "flownp.commands.interpolate",
     "manipulate": "flownp.commands.manipulate",

@@ -70,6 +70,7 @@ import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from flownp.data.pixels import dequantize, to_uint8
+from flownp.digits import report_training as report_digits
 from flownp.errors import (
     CheckpointError,
     DataError,
@@ -98,6 +99,8 @@ STABILITY_COLUMNS = (
     "max_block_ratio",
     "layers_not_ok",
 )
+# the end-of-training digit-classifier report of MNIST-shaped models (flownp.digits)
+DIGITS_COLUMNS = ("step", "temperature", "samples", "share", "real_share")
 
 
 BLOWUP_WINDOW = 50  # accepted losses the recent level is the median of
@@ -483,6 +486,7 @@ class Trainer:
             "train": {c: [] for c in TRAIN_COLUMNS},
             "eval": {c: [] for c in EVAL_COLUMNS},
             "stability": {c: [] for c in STABILITY_COLUMNS},
+            "digits": {c: [] for c in DIGITS_COLUMNS},
         }
         self._perm_cache: tuple[int, np.ndarray] | None = None
         if _initialize:
@@ -1002,6 +1006,7 @@ class Trainer:
         self.elapsed = elapsed0 + (time.perf_counter() - t_start)
         self._record_eval(final)
         self.check_stability()
+        report_digits(self)  # MNIST-shaped models: share of legible samples (flownp.digits)
         if self.out_dir is not None:
             if not self.save_if_usable():
                 self._diverged("the final state is not usable")

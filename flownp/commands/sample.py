@@ -23,6 +23,7 @@ from flownp.commands._common import (
     positive_int,
     run_with_threads,
 )
+from flownp.digits import report_samples
 from flownp.errors import DataError
 
 HELP = "write a PNG grid of samples from a checkpoint"
@@ -88,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     out = _output_path(args)
     save_grid(x, out, ncols=args.ncols, title=f"{args.num} samples, T = {args.temperature:g}")
     print(f"{args.num} samples ({model.config.image_shape}, T = {args.temperature:g}): {out}")
+    report_samples(x)  # MNIST-shaped: share of samples a digit classifier is sure of
     if args.npz:
         np.savez_compressed(args.npz, images=to_uint8(x))
         print(f"uint8 samples: {args.npz}")

@@ -1,0 +1,162 @@
+"""The digit classifier: accuracy on real held-out MNIST, no confidence on structureless
+images, its gradient, determinism, and the reports of samples."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flownp import digits as G
+from flownp.data import load_dataset
+from flownp.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return G.bundled_classifier()
+
+
+def test_accuracy_on_real_heldout_digits(clf, mnist):
+    acc = clf.accuracy(mnist.test, mnist.test_labels)
+    assert acc >= 0.88  # measured 0.896; a broken feature map or label order gives ~0.1
+    share = clf.confident_share(mnist.test)
+    assert 0.35 <= share <= 0.7  # measured 0.452
+
+
+def test_structureless_images_are_not_confident(clf, mnist):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (500, 28, 28, 1)).astype(np.uint8)
+    assert clf.confident_share(noise) <= 0.02
+    shuffled = np.array([rng.permutation(x.ravel()).reshape(x.shape) for x in mnist.test[:500]])
+    assert clf.confident_share(shuffled) <= 0.02  # same intensities, no stroke structure
+    blank = np.zeros((4, 28, 28, 1), np.uint8)
+    assert clf.confident_share(blank) == 0.0
+
+
+def test_model_space_floats_match_uint8_bin_centres(clf, mnist):
+    u = mnist.test[:50]
+    x = u.astype(np.float64) / 256 - 0.5 + 1 / 512  # the bin centres in model space
+    np.testing.assert_allclose(clf.predict_proba(x), clf.predict_proba(u), atol=1e-12)
+
+
+def test_nonfinite_samples_count_as_not_confident(clf, mnist):
+    x = mnist.test[:10].astype(np.float64) / 256 - 0.5
+    assert clf.confident(x).sum() > 0
+    x[:] = np.nan
+    assert clf.confident(x).sum() == 0
+    score = G.score_samples(x, mnist.test)
+    assert score.num_nonfinite == 10 and score.num_confident == 0
+    assert "non-finite" in score.format()
+
+
+def test_loss_gradient_by_finite_differences(mnist):
+    from flownp.testing import dense_jacobian
+
+    rng = np.random.default_rng(0)
+    F = G.features(mnist.train[:30])
+    Y = np.eye(10)[mnist.train_labels[:30]]
+    w = 0.1 * rng.standard_normal(F.shape[1] * 10 + 10)  # (1970,), loss ~ 5: small round-off
+    _, grad = G.classifier_loss(w, F, Y, 0.3)
+    numeric = dense_jacobian(lambda v: np.array([G.classifier_loss(v[0], F, Y, 0.3)[0]]), w[None])
+    np.testing.assert_allclose(grad, numeric[0], rtol=1e-6, atol=1e-8)
+
+
+def test_training_is_deterministic(mnist):
+    images, labels = mnist.train[:200], mnist.train_labels[:200]
+    a = G.train_classifier(images, labels, max_iter=30)
+    b = G.train_classifier(images, labels, max_iter=30)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.bias, b.bias)
+    assert np.abs(a.weights).max() > 0  # it moved from the zero start
+
+
+def test_score_samples_shapes_and_report(mnist, capsys):
+    assert G.score_samples(np.zeros((3, 8, 8, 1), np.uint8)) is None
+    G.report_samples(np.zeros((3, 8, 8, 1), np.uint8))
+    assert capsys.readouterr().out == ""
+    score = G.score_samples(mnist.test[:100], mnist.test)
+    assert score.num_samples == 100 and score.num_real == len(mnist.test)
+    assert score.share == score.num_confident / 100
+    G.report_samples(mnist.test[:20])
+    assert "of 20 samples classified with probability >= 0.9" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"\(N, 28, 28, 1\)"):
+        G.features(np.zeros((2, 28, 28, 3), np.uint8))
+
+
+def test_report_training_and_temperature_sweep(mnist):
+    """A stand-in model whose samples are real digits at T <= 0.5 and noise above."""
+
+    class Fake:
+        config = SimpleNamespace(image_shape=(28, 28, 1), num_dims=784, seed=0)
+        dtype = np.float64
+
+        def inverse(self, z, solve_precision="model"):
+            t = np.abs(z).mean() / 0.8  # E|eps| = 0.8
+            digits = mnist.test[: len(z)].astype(np.float64) / 256 - 0.5
+            if t <= 0.5:
+                return digits
+            return np.random.default_rng(0).uniform(-0.5, 0.5, digits.shape)
+
+        def sample(self, n, temperature=1.0, seed=0):
+            eps = np.random.default_rng(seed).standard_normal((n, 784))
+            return self.inverse(temperature * eps)
+
+    rows = G.temperature_sweep(Fake(), [0.3, 1.0], n=100)
+    assert rows[0][1].share > 0.3 and rows[1][1].share == 0.0
+    assert "| 0.3 |" in G.format_sweep(rows)
+    with pytest.raises(DataError, match="temperatures"):
+        G.temperature_sweep(Fake(), [-1.0])
+
+    import contextlib
+
+    logs = []
+    trainer = SimpleNamespace(
+        model=Fake(),
+        optimizer=SimpleNamespace(ema_weights=contextlib.nullcontext),
+        config=SimpleNamespace(seed=0),
+        data=SimpleNamespace(test=mnist.test),
+        log=logs.append,
+        step=7,
+        metrics={},
+    )
+    score = G.report_training(trainer, n=50, temperature=0.4)
+    assert score.num_samples == 50 and score.num_confident > 0
+    assert trainer.metrics["digits"]["step"] == [7.0]
+    assert trainer.metrics["digits"]["share"] == [score.share]
+    assert "step 7: digit classifier" in logs[0]
+
+
+def test_training_run_reports_the_share(tmp_path, mnist):
+    """A real (tiny) training run on MNIST-shaped data logs the line and stores the row."""
+    from flownp.checkpoint import read_checkpoint
+    from flownp.model import FlowConfig
+    from flownp.train import TrainConfig, Trainer
+
+    data = SimpleNamespace(train=mnist.train[:64], test=mnist.test[:32], shape=(28, 28, 1))
+    mc = FlowConfig(levels=1, depth=1, width=4)
+    tc = TrainConfig(steps=2, batch_size=16, init_batch_size=32, eval_every=0, stability_images=0)
+    logs: list[str] = []
+    Trainer(mc, tc, data, out_dir=tmp_path, log=logs.append).run()
+    line = [m for m in logs if "digit classifier" in m]
+    assert len(line) == 1 and line[0].startswith("step 2: digit classifier:")
+    assert "of 100 samples" in line[0] and "of 32)" in line[0]  # the run's own held-out images
+    table = read_checkpoint(tmp_path / "checkpoint.h5").metrics["digits"]
+    assert list(table["step"]) == [2.0] and list(table["samples"]) == [100.0]
+    assert 0.0 <= table["share"][0] <= 1.0
+    clf = G.bundled_classifier()
+    assert table["real_share"][0] == clf.confident_share(data.test)
+
+
+def test_dimmer_digits_are_judged_by_shape(clf, mnist):
+    """Halving every intensity (a dim sample) leaves the class probabilities unchanged."""
+    x = mnist.test[:100].astype(np.float64) / 256 - 0.5  # model space, intensities u / 256
+    dim = 0.5 * (x + 0.5) - 0.5
+    np.testing.assert_allclose(clf.predict_proba(dim), clf.predict_proba(x), atol=1e-12)
+    assert clf.confident_share(dim) == clf.confident_share(x) > 0.2

@@ -1,0 +1,267 @@
+"""The experiment grid: end to end on a tiny grid, resuming after a kill, the statistics of
+the report, and bad declarations."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flownp import cli
+from flownp import experiment as E
+from flownp import train as T
+
+SHAPE = (8, 8, 1)
+
+
+def make_data(n_train=64, n_test=16, seed=0):
+    """Bright squares on a dark background."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    img = rng.integers(0, 30, (n, *SHAPE)).astype(np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, 4, 2)
+        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
+    return SimpleNamespace(name="squares", train=img[:n_train], test=img[n_train:], shape=SHAPE)
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    data = make_data()
+    monkeypatch.setattr(T, "load_data", lambda spec, holdout=None: data)
+    return data
+
+
+TINY = [
+    "--conv",
+    "cinc,1x1",
+    "--coupling",
+    "affine",
+    "--depth",
+    "1",
+    "--seeds",
+    "2",
+    "--levels",
+    "1",
+    "--width",
+    "8",
+    "--batch-size",
+    "16",
+    "--init-batch-size",
+    "32",
+    "--eval-every",
+    "2",
+    "--eval-size",
+    "16",
+    "--sample-images",
+    "10",
+]
+
+
+def tiny_grid(**kw):
+    kw = {
+        "convs": ("cinc", "1x1"),
+        "couplings": ("affine",),
+        "depths": (1,),
+        "seeds": ((1, 2),),
+        "budgets": ("steps",),
+        "steps": 4,
+        "model": {"levels": 1, "width": 8},
+        "train": {
+            "batch_size": 16,
+            "init_batch_size": 32,
+            "eval_every": 2,
+            "eval_size": 16,
+            "checkpoint_every": 2,
+        },
+        "sample_images": 10,
+        **kw,
+    }
+    return E.GridConfig(**kw)
+
+
+# ---------------------------------------------------------------------- end to end
+def test_tiny_grid_end_to_end(tmp_path, fake_dataset, capsys):
+    out = tmp_path / "exp"
+    args = ["experiment", "--out", str(out), *TINY, "--steps", "4", "--seconds", "0.5"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "8 of 8 runs finished (0 failed)" in printed
+    report = (out / "report" / "report.md").read_text()
+    assert "## Equal steps: 4 steps per run" in report
+    assert "## Equal wall-clock time: 0.5 s of training per run" in report
+    for conv in ("cinc", "1x1"):
+        rows = [line for line in report.splitlines() if line.startswith(f"| {conv} | affine | 1 |")]
+        assert len(rows) == 2  # one per budget
+        assert all(" ± " in row for row in rows)  # two seeds: mean ± std
+    for budget in ("steps", "seconds"):
+        assert (out / "report" / f"curves_{budget}.png").stat().st_size > 0
+    lines = (out / "report" / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8
+    for path in out.glob("runs/steps4/*/seed*/result.json"):
+        r = json.loads(path.read_text())
+        assert r["status"] == "done" and r["steps"] == 4 and math.isfinite(r["heldout_bpd"])
+        assert r["curve"]["step"] == [2.0, 4.0]  # a periodic evaluation, then the final one
+        assert r["parameters"] > 0 and r["sample_seconds"] > 0
+        assert r["digit_share"] is None  # 8x8 images: no digit classifier
+    for path in out.glob("runs/seconds0.5/*/seed*/result.json"):
+        r = json.loads(path.read_text())
+        assert r["stopped_by_time"] and r["train_seconds"] >= 0.5  # the clock decided, not steps
+    # the table's numbers are the runs' numbers
+    finals = [
+        json.loads(p.read_text())["heldout_bpd"]
+        for p in sorted(out.glob("runs/steps4/cinc-affine-d1/seed*/result.json"))
+    ]
+    assert E.format_mean_std(finals, 3) in report
+    # nothing left to do: a second invocation trains nothing
+    assert cli.main(args) == 0
+    assert "training" not in capsys.readouterr().out
+    # a different configuration in the same folder is refused, nothing overwritten
+    bad = [a if a != "8" else "16" for a in args]  # --width 16
+    assert cli.main(bad) == 2
+    assert "another configuration" in capsys.readouterr().err
+    # status and report-only
+    assert cli.main([*args, "--status"]) == 0
+    assert capsys.readouterr().out.count("done") == 8
+    (out / "report" / "report.md").unlink()
+    assert cli.main([*args, "--report-only"]) == 0
+    assert (out / "report" / "report.md").read_text() == report
+
+
+def test_killed_grid_resumes_only_the_missing_runs(tmp_path, fake_dataset, monkeypatch):
+    grid = tiny_grid()
+    runs = grid.runs()
+    target = runs[2].folder(grid)  # the third run is killed after its checkpoint at step 2
+    real_save = T.Trainer.save
+
+    def killing_save(self, path=None):
+        saved = real_save(self, path)
+        if self.step == 2 and self.out_dir == tmp_path / target:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(T.Trainer, "save", killing_save)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_grid(grid, tmp_path, fake_dataset, log=lambda m: None)
+    monkeypatch.setattr(T.Trainer, "save", real_save)
+    states = [state for _, state in E.grid_status(grid, tmp_path)]
+    assert states == ["done", "done", "partial", "todo"]
+    first = json.loads((tmp_path / runs[0].folder(grid) / "result.json").read_text())
+
+    # a finished run whose completion marker is lost resumes from its final checkpoint
+    (tmp_path / runs[1].folder(grid) / "result.json").unlink()
+    logs: list[str] = []
+    results = E.run_grid(grid, tmp_path, fake_dataset, log=logs.append)
+    started = [m for m in logs if "training" in m or "resuming" in m]
+    assert len(started) == 3
+    assert "seed 0: resuming at step 4" in started[0] and runs[1].conv in started[0]
+    assert "seed 1: resuming at step 2" in started[1] and runs[2].conv in started[1]
+    assert started[2].endswith(f"seed 1: training ({results[3]['parameters']} parameters)")
+    assert [r["skipped"] for r in results] == [True, False, False, False]
+    assert results[0]["heldout_bpd"] == first["heldout_bpd"]
+    assert all(r["steps"] == 4 for r in results)
+
+    # the killed-and-resumed run equals an uninterrupted one (exact resume)
+    fresh = E.run_one(grid, runs[2], fake_dataset, tmp_path / "fresh", log=lambda m: None)
+    assert fresh["heldout_bpd"] == results[2]["heldout_bpd"]
+    assert fresh["curve"]["bpd"] == results[2]["curve"]["bpd"]
+
+
+# ---------------------------------------------------------------------- statistics
+def test_mean_std_by_hand():
+    mean, std, n = E.mean_std([2.0, 2.2, 2.4])
+    assert n == 3 and mean == pytest.approx(2.2) and std == pytest.approx(0.2)  # ddof = 1
+    mean, std, n = E.mean_std([1.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2.0))  # not 1.0 (ddof = 0)
+    assert E.format_mean_std([2.0, 2.2, 2.4]) == "2.200 ± 0.200"
+    assert E.format_mean_std([2.1345]) == "2.135"
+    assert E.format_mean_std([]) == "–"
+    assert E.format_mean_std([0.25, 0.35], 0, scale=100.0) == "30 ± 7"
+
+
+def _result(seed, bpd, status="done", conv="cinc"):
+    return {
+        "budget": "steps",
+        "conv": conv,
+        "coupling": "affine",
+        "depth": 1,
+        "seed": seed,
+        "status": status,
+        "heldout_bpd": bpd,
+        "steps": 4,
+        "train_seconds": 10.0 + seed,
+        "parameters": 1234,
+        "sample_seconds": 0.5,
+        "digit_share": None,
+        "digit_real_share": None,
+        "curve": {"step": [2.0, 4.0], "seconds": [5.0, 10.0], "bpd": [3.0, bpd]},
+    }
+
+
+def test_report_table_by_hand(tmp_path):
+    grid = tiny_grid(convs=("cinc",), seeds=((1, 4),))
+    results = [
+        _result(0, 2.0),
+        _result(1, 2.2),
+        _result(2, 2.4),
+        _result(3, float("nan"), "diverged"),
+    ]
+    (row,) = E.summarize(grid, results)
+    assert row["bpd"] == [2.0, 2.2, 2.4] and row["failed"] == 1
+    table = E.format_table([row], "steps")
+    assert (
+        "| cinc | affine | 1 | 3 | 1,234 | 2.200 ± 0.200 | 4 ± 0 | 11 ± 1 | 0.50 ± 0.00 | – | 1 |"
+        in (table)
+    )
+    path = E.write_report(grid, results, tmp_path)
+    assert "2.200 ± 0.200" in path.read_text()
+
+
+def test_seed_band_by_hand():
+    a = ([0.0, 10.0], [4.0, 2.0])
+    b = ([0.0, 5.0, 12.0], [6.0, 4.0, 0.0])
+    x, mean, low, high = E.seed_band([a, b], points=3)
+    np.testing.assert_allclose(x, [0.0, 5.0, 10.0])  # the range both curves cover
+    # a at 0, 5, 10: 4, 3, 2; b: 6, 4, and 4 - 4 * (10 - 5) / (12 - 5) = 8/7
+    np.testing.assert_allclose(mean, [5.0, 3.5, (2.0 + 8 / 7) / 2])
+    np.testing.assert_allclose(low, [4.0, 3.0, 8 / 7])
+    np.testing.assert_allclose(high, [6.0, 4.0, 2.0])
+
+
+# ---------------------------------------------------------------------- declarations
+def test_grid_declaration():
+    grid = E.GridConfig(seeds=E.parse_seeds("4:3,8:2", (4, 8)))
+    runs = grid.runs()
+    assert len(runs) == 2 * (6 * 3 + 6 * 2)
+    assert {r.seed for r in runs if r.depth == 8} == {0, 1}
+    assert runs[0] == E.RunSpec("steps", "1x1", "affine", 4, 0)
+    assert [r.seed for r in runs[:24]] == [0] * 24  # seed-major: whole comparisons first
+    assert E.parse_seeds("3", (4, 8)) == ((4, 3), (8, 3))
+    with pytest.raises(E.ExperimentError, match="each depth"):
+        E.parse_seeds("4:3", (4, 8))
+    with pytest.raises(E.ExperimentError, match="count"):
+        E.parse_seeds("three", (4,))
+    with pytest.raises(E.ExperimentError, match="convs"):
+        E.GridConfig(convs=("3x3",))
+    with pytest.raises(E.ExperimentError, match="grid axis"):
+        E.GridConfig(model={"depth": 2})
+    with pytest.raises(E.ExperimentError, match="width"):
+        E.GridConfig(model={"width": 0})
+
+
+def test_command_bad_input(tmp_path, fake_dataset, capsys):
+    out = str(tmp_path / "x")
+    assert cli.main(["experiment", "--out", out, "--conv", "3x3"]) == 2
+    assert "convs" in capsys.readouterr().err
+    assert cli.main(["experiment", "--out", out, "--depth", "4,8", "--seeds", "4:3"]) == 2
+    assert "each depth" in capsys.readouterr().err
+    assert cli.main(["experiment", "--out", out, "--temperature-sweep", "0.7"]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_failed_sampling_is_counted_not_averaged():
+    assert E._sampling_cell([0.5, 0.7]) == "0.60 ± 0.14"
+    assert E._sampling_cell([0.5, float("nan")]) == "0.50 (1 failed)"
