@@ -1,6 +1,7 @@
-"""Pictures of images: tiling a batch into one grid, and showing any channel count.
+"""Every figure flownp draws: grids of images (samples, latent-space edits) and the loss curve.
 
-Used by training (``samples.png``), ``flownp sample`` and the latent-space figures. Images are
+Used by training (``samples.png``, ``loss_curve.png``), ``flownp sample`` and the latent-space
+commands; all with matplotlib's Agg canvas, never pyplot state. Images are
 uint8 ``(N, H, W, C)``. C = 1 is drawn in grey and C = 3 as RGB; no colour mapping fits other
 channel counts, so they are drawn as C grayscale panels side by side (channel 0 first).
 """
@@ -14,9 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from flownp.data.pixels import model_to_images
+from flownp.data.pixels import model_to_images, to_uint8
 
-__all__ = ["image_grid", "channel_panels", "displayable", "save_image_grid"]
+__all__ = [
+    "image_grid",
+    "channel_panels",
+    "displayable",
+    "save_grid",
+    "save_image_grid",
+    "plot_loss_curve",
+]
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -114,6 +122,82 @@ def save_image_grid(
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=9, y=1.0 - 0.05 / H_in, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def save_grid(
+    x: np.ndarray, path: str | os.PathLike, *, ncols: int | None = None, title: str | None = None
+) -> Path:
+    """Save model-space images ``x`` (or uint8 images) as one PNG grid (matplotlib Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pix = x if x.dtype == np.uint8 else to_uint8(x)
+    grid = image_grid(pix, ncols)
+    channels = grid.shape[2]
+    if channels not in (1, 3):
+        # No colour mapping fits 2 or 4+ channels: show each channel as its own grayscale
+        # grid, side by side (channel 0 on the left), and say so in the title.
+        grid = channel_panels(grid)
+        note = f"{channels} channels, each a grayscale panel (left: channel 0)"
+        title = f"{title}; {note}" if title else note
+    fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1 - (0.4 / fig.get_size_inches()[1] if title else 0)))
+    if grid.shape[2] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_loss_curve(metrics: dict[str, dict[str, list[float]]], path: str | os.PathLike) -> Path:
+    """Training bits/dim per step (raw and smoothed) and the held-out evaluations."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tr, ev = metrics["train"], metrics["eval"]
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = np.asarray(tr["step"])
+    bpd = np.asarray(tr["bpd"], dtype=np.float64)
+    ok = np.isfinite(bpd)
+    if ok.any():
+        ax.plot(steps[ok], bpd[ok], lw=0.5, alpha=0.35, color="C0", label="train (batch)")
+        k = min(50, int(ok.sum()))
+        sm = np.convolve(bpd[ok], np.ones(k) / k, mode="valid")
+        ax.plot(steps[ok][k - 1 :], sm, lw=1.5, color="C0", label=f"train ({k}-step mean)")
+        lo = np.nanpercentile(bpd[ok], 1)
+        hi = np.percentile(bpd[ok][len(bpd[ok]) // 20 :], 99) if ok.sum() > 20 else bpd[ok].max()
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
+    ev_bpd = np.asarray(ev["bpd"], dtype=np.float64)
+    if np.isfinite(ev_bpd).any():
+        fin = np.isfinite(ev_bpd)
+        ax.plot(
+            np.asarray(ev["step"])[fin],
+            ev_bpd[fin],
+            "o-",
+            color="C3",
+            label="held-out (EMA weights)",
+        )
+    bad = steps[np.asarray(tr["rejected"]) > 0] if tr["rejected"] else []
+    for s in bad:
+        ax.axvline(s, color="k", lw=0.5, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits / dim")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every step was rejected
+        ax.legend()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-from flownp.data.pixels import dequantize, to_uint8
+from flownp.data.pixels import dequantize
 from flownp.digits import report_training as report_digits
 from flownp.errors import (
     CheckpointError,
@@ -79,7 +79,7 @@ from flownp.errors import (
     UsageError,
     WriteError,
 )
-from flownp.figures import channel_panels, image_grid
+from flownp.figures import plot_loss_curve, save_grid
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
 from flownp.progress import Progress
@@ -1088,80 +1088,3 @@ def _default_log(msg: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(msg, file=sys.stderr)
-
-
-# ---------------------------------------------------------------------- figures
-def save_grid(
-    x: np.ndarray, path: str | os.PathLike, *, ncols: int | None = None, title: str | None = None
-) -> Path:
-    """Save model-space images ``x`` (or uint8 images) as one PNG grid (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pix = x if x.dtype == np.uint8 else to_uint8(x)
-    grid = image_grid(pix, ncols)
-    channels = grid.shape[2]
-    if channels not in (1, 3):
-        # No colour mapping fits 2 or 4+ channels: show each channel as its own grayscale
-        # grid, side by side (channel 0 on the left), and say so in the title.
-        grid = channel_panels(grid)
-        note = f"{channels} channels, each a grayscale panel (left: channel 0)"
-        title = f"{title}; {note}" if title else note
-    fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 1 - (0.4 / fig.get_size_inches()[1] if title else 0)))
-    if grid.shape[2] == 1:
-        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        ax.imshow(grid, interpolation="nearest")
-    ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def plot_loss_curve(metrics: dict[str, dict[str, list[float]]], path: str | os.PathLike) -> Path:
-    """Training bits/dim per step (raw and smoothed) and the held-out evaluations."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tr, ev = metrics["train"], metrics["eval"]
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    steps = np.asarray(tr["step"])
-    bpd = np.asarray(tr["bpd"], dtype=np.float64)
-    ok = np.isfinite(bpd)
-    if ok.any():
-        ax.plot(steps[ok], bpd[ok], lw=0.5, alpha=0.35, color="C0", label="train (batch)")
-        k = min(50, int(ok.sum()))
-        sm = np.convolve(bpd[ok], np.ones(k) / k, mode="valid")
-        ax.plot(steps[ok][k - 1 :], sm, lw=1.5, color="C0", label=f"train ({k}-step mean)")
-        lo = np.nanpercentile(bpd[ok], 1)
-        hi = np.percentile(bpd[ok][len(bpd[ok]) // 20 :], 99) if ok.sum() > 20 else bpd[ok].max()
-        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
-    ev_bpd = np.asarray(ev["bpd"], dtype=np.float64)
-    if np.isfinite(ev_bpd).any():
-        fin = np.isfinite(ev_bpd)
-        ax.plot(
-            np.asarray(ev["step"])[fin],
-            ev_bpd[fin],
-            "o-",
-            color="C3",
-            label="held-out (EMA weights)",
-        )
-    bad = steps[np.asarray(tr["rejected"]) > 0] if tr["rejected"] else []
-    for s in bad:
-        ax.axvline(s, color="k", lw=0.5, ls=":")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits / dim")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing to label when every step was rejected
-        ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from flownp import checkpoint as ck
-from flownp import cli
+from flownp import cli, figures
 from flownp import train as T
 from flownp.errors import CheckpointError, DataError, NonFiniteError, SingularKernelError
 from flownp.model import FlowConfig, FlowModel
@@ -561,10 +561,10 @@ def test_plot_with_only_rejected_steps_and_nan_evaluation(tmp_path):
         "train": {"step": [1.0, 2.0], "bpd": [float("nan"), float("inf")], "rejected": [1, 1]},
         "eval": {"step": [2.0], "bpd": [float("nan")], "elapsed": [0.1]},
     }
-    assert T.plot_loss_curve(metrics, tmp_path / "c.png").stat().st_size > 0
+    assert figures.plot_loss_curve(metrics, tmp_path / "c.png").stat().st_size > 0
     metrics["train"]["bpd"] = [7.0, float("nan")]
     metrics["train"]["rejected"] = [0, 1]
-    assert T.plot_loss_curve(metrics, tmp_path / "d.png").stat().st_size > 0
+    assert figures.plot_loss_curve(metrics, tmp_path / "d.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------- data files

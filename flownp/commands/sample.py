@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from flownp.checkpoint import load_model
-    from flownp.train import save_grid, to_uint8
+    from flownp.data.pixels import to_uint8
+    from flownp.figures import save_grid
 
     if args.num < 1:
         raise DataError(f"--num must be >= 1, got {args.num}")
