@@ -13,6 +13,7 @@ from flownp.layers import CInCConv
 from verification import claims as V
 from verification import dense as D
 from verification.__main__ import SECTIONS, run_verification
+from verification.claims import layers as VL
 from verification.result import ClaimResult
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_every_layer_class_is_registered():
 def test_model_claim_covers_every_conv_and_coupling(quick_results):
     from flownp.model import CONVS, COUPLINGS
 
-    cases = {(c, cp) for c, cp, _ in V._model_cases(quick=False)}
+    cases = {(c, cp) for c, cp, _ in VL._model_cases(quick=False)}
     assert cases >= {(c, cp) for c in CONVS for cp in COUPLINGS}
     res = {r.name: r for r in quick_results[1]}["models"]
     assert len(res.numbers) >= 2 and res.figures
@@ -325,7 +326,7 @@ def test_wrong_model_logdet_fails_model_claim(monkeypatch):
         return eps, logdet + 1e-3
 
     monkeypatch.setattr(LearnedPrior, "forward", bad)
-    monkeypatch.setattr(V, "_model_cases", lambda quick: [("cinc", "affine", {})])
+    monkeypatch.setattr(VL, "_model_cases", lambda quick: [("cinc", "affine", {})])
     res = V.claim_models(verbose=False, out_dir=None)
     assert not res.passed and res.numbers[0]["max |logdet - slogdet(J)|"] > 9e-4
 
@@ -353,7 +354,9 @@ def test_report_command_writes_report(tmp_path, capsys, monkeypatch, quick_resul
         dataclasses.replace(r, figures=[str(tmp_path / os.path.basename(f)) for f in r.figures])
         for r in results
     ]
-    monkeypatch.setattr(V, "run_claims", lambda out_dir, quick: moved)
+    from verification.claims import cinc as VC
+
+    monkeypatch.setattr(VC, "run", lambda out_dir, quick: moved)
     status = cli.main(["verify", "--quick", "--out", str(tmp_path), "--section", "cinc"])
     assert status == 0
     text = (tmp_path / "report.md").read_text()

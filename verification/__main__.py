@@ -36,15 +36,15 @@ from verification.result import ClaimResult
 SECTIONS: dict[str, tuple[str, str]] = {
     "cinc": (
         "The invertible padded convolution (paper Section 3.1, Lemma 1, Theorem 1, Figure 1)",
-        "verification.claims:run_claims",
+        "verification.claims.cinc:run",
     ),
     "layers": (
         "Every layer and the whole model: log-determinants, inverses, gradients",
-        "verification.claims:run_layer_claims",
+        "verification.claims.layers:run",
     ),
     "beyond": (
         "What the paper states without proof, and what the public code gets wrong",
-        "verification.claims:run_beyond_claims",
+        "verification.claims.beyond:run",
     ),
     "stability": (
         "Numerical stability of the inverse",
