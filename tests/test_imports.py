@@ -48,3 +48,84 @@ def test_layer_module_imports_nothing_above_the_layers(module):
         and not any(m == a or m.startswith(a + ".") for a in ALLOWED)
     ]
     assert not above, f"{module} loads {above}"
+
+
+# -------------------------------------------------------------------- the whole package
+#: The layers of docs/architecture.md, bottom first. A module may import modules of a lower
+#: rank, and modules of its own group (e.g. one layer another); nothing else.
+RANKS: list[tuple[str, tuple[str, ...]]] = [
+    ("leaves", ("flownp", "flownp.errors", "flownp._numba", "flownp.threads",
+                "flownp.progress", "flownp.testing")),
+    ("kernels", ("flownp.kernels",)),
+    ("layers", ("flownp.layers",)),
+    ("data", ("flownp.data",)),
+    ("optim", ("flownp.optim",)),
+    ("model", ("flownp.model",)),
+    ("stability", ("flownp.stability",)),
+    ("figures", ("flownp.figures",)),
+    ("checkpoint", ("flownp.checkpoint",)),
+    ("digits", ("flownp.digits",)),
+    ("train / latent", ("flownp.train", "flownp.latent")),
+    ("experiment", ("flownp.experiment",)),
+    ("verification", ("verification",)),
+    ("commands", ("flownp.commands", "flownp.cli", "flownp.__main__")),
+]  # fmt: skip
+#: Imports against the ranks, each with its reason.
+EXCEPTIONS = {
+    # FlowModel.inverse(solve_precision="auto") asks the stability measurement which layers
+    # need float64 substitutions (imported lazily, only when that option is used).
+    ("flownp.model", "flownp.stability"),
+}
+
+
+def _group(module: str) -> tuple[int, str]:
+    best = None
+    for rank, (name, prefixes) in enumerate(RANKS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[2]):
+                best = (rank, name, len(p))
+    assert best is not None, f"{module} is in no rank of RANKS"
+    return best[0], best[1]
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in ("flownp", "verification")}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for top in ("flownp", "verification"):
+        for p in sorted((ROOT / top).rglob("*.py")):
+            parts = p.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def test_every_import_points_down():
+    modules = _modules()
+    bad = []
+    for module, path in modules.items():
+        rank, name = _group(module)
+        for dep in _imports(path):
+            if dep not in modules:  # ``from pkg import name`` of a non-module name
+                continue
+            dep_rank, dep_name = _group(dep)
+            if dep_rank < rank or dep_name == name or (module, dep) in EXCEPTIONS:
+                continue
+            bad.append(f"{module} ({name}) imports {dep} ({dep_name})")
+    assert not bad, "imports that point up or sideways:\n" + "\n".join(sorted(bad))
+
+
+def test_the_rank_check_can_fail():
+    assert _group("flownp.layers.cinc")[0] < _group("flownp.model")[0]
+    assert _group("flownp.stability")[0] > _group("flownp.layers.guard")[0]
+    assert _group("flownp.commands.train")[1] == "commands"
