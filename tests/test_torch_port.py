@@ -90,3 +90,14 @@ def test_reference_vectors_pass_check_reference(tmp_path) -> None:
     lines: list[str] = []
     assert reference.check_reference(out, print_fn=lines.append) == 0, "\n".join(lines)
     assert lines[-1].startswith("502/502 tensors OK")
+
+
+def test_bad_shapes_are_named() -> None:
+    model, _ = _model(CONFIGS["glow-plain"])
+    tm = torch_port.from_flownp(model, "float64")
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2, 8, 8\)"):
+        tm(torch.zeros(1, 8, 8, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"z must have shape \(N, 128\)"):
+        tm.inverse(torch.zeros(1, 127, dtype=torch.float64))
+    with pytest.raises(ValueError, match="names differ"):
+        torch_port.load_flownp_state(tm, {"level0/step0/actnorm/bias": np.zeros(8)}, {})

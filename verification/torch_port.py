@@ -524,6 +524,8 @@ class Step(nn.Module):
 
 
 class Level(nn.Module):
+    """The ``depth`` steps of one level (``step0`` ...) and, below the top, its ``split``."""
+
     def __init__(self, cfg: FlowConfig, C: int, split: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.depth = cfg.depth
@@ -553,6 +555,14 @@ class TorchFlow(nn.Module):
         return [(h, w, c // 2) for (h, w, c) in shapes[:-1]] + [shapes[-1]]
 
     def forward(self, x: torch.Tensor, record: dict | None = None):
+        """``x (N, C, H, W) -> (z (N, H W C), logdet (N,) float64)``. ``record``: a dict that
+        receives every node's output and log-det under the reference-vector names
+        (``forward/level0/step0/conv/output``, ...; tensors in this port's layout)."""
+        H, W, C = self.config.image_shape
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
+            raise ValueError(
+                f"TorchFlow: x must have shape (N, {C}, {H}, {W}), got {tuple(x.shape)}"
+            )
         N = x.shape[0]
         logdet = x.new_zeros(N, dtype=torch.float64)
         pieces = []
@@ -589,6 +599,10 @@ class TorchFlow(nn.Module):
     @torch.no_grad()
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """``z (N, D) -> x (N, C, H, W)``, the exact inverse of :meth:`forward`."""
+        if z.ndim != 2 or z.shape[1] != self.config.num_dims:
+            raise ValueError(
+                f"TorchFlow: z must have shape (N, {self.config.num_dims}), got {tuple(z.shape)}"
+            )
         N = z.shape[0]
         eps, start = [], 0
         for h, w, c in self.latent_shapes():
@@ -605,7 +619,10 @@ class TorchFlow(nn.Module):
             x = F.pixel_shuffle(x, 2)
         return x
 
-    def sample(self, n: int, temperature: float = 1.0, generator=None) -> torch.Tensor:
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` images ``inverse(T * eps)``, ``eps ~ N(0, I)``, NCHW."""
         z = temperature * torch.randn(n, self.config.num_dims, generator=generator)
         return self.inverse(z.to(self.dtype))
 
@@ -668,6 +685,7 @@ def flownp_grads(model: TorchFlow) -> dict[str, np.ndarray]:
 
 
 def flownp_params(model: TorchFlow) -> dict[str, np.ndarray]:
+    """Every parameter keyed by flownp path, in flownp's layout (copies)."""
     return {
         name.replace(".", "/"): np.array(to_flownp_layout(name, p.detach().numpy()))
         for name, p in model.named_parameters()
@@ -750,6 +768,7 @@ def port_reference(
 
 
 def write_port_file(path: str, vectors: dict[str, dict[str, np.ndarray]]) -> None:
+    """Write ``{model: {path: array}}`` as a port file for ``flownp check-reference``."""
     import h5py
 
     with h5py.File(path, "w") as f:
