@@ -16,15 +16,18 @@ that and returns.
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from typing import Any
+# isort: off
+import flownp.threads as threads  # first: sets the idle-thread defaults before NumPy loads
 
-import numpy as np
+# isort: on
+import os  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
-from flownp import threads
-from flownp.model import FlowConfig
+import numpy as np  # noqa: E402
+
+from flownp.model import FlowConfig  # noqa: E402
 
 TARGET_RATIO = 1.5
 BATCH = 64
@@ -185,8 +188,14 @@ def _profile_flownp(model, x: np.ndarray, n_threads: int) -> list[dict[str, Any]
     ]
 
 
-def bench_torch(quick: bool) -> dict[str, Any]:
-    """The section (module docstring). Returns rows, checks and the profiles."""
+def bench_torch(
+    quick: bool, models: list[str] | None = None, tasks: tuple[str, ...] = ("train", "sample")
+) -> dict[str, Any]:
+    """The section (module docstring). Returns rows, checks and the profiles.
+
+    ``models``: only the models whose name contains one of these strings (default all);
+    ``tasks``: a subset of ``("train", "sample")``.
+    """
     if not torch_available():
         msg = (
             "PyTorch is not installed: the torch section needs it "
@@ -200,10 +209,14 @@ def bench_torch(quick: bool) -> dict[str, Any]:
     from verification.torch_port import from_flownp
 
     uptime_before = _uptime()
-    models = QUICK_MODELS if quick else MODELS
+    chosen = QUICK_MODELS if quick else MODELS
+    if models:
+        chosen = {k: v for k, v in chosen.items() if any(m in k for m in models)}
+        if not chosen:
+            raise ValueError(f"bench_torch: no model name contains any of {models}")
     batch = 4 if quick else BATCH
     rows, profiles = [], {}
-    for name, cfg in models.items():
+    for name, cfg in chosen.items():
         t0 = time.perf_counter()
         model = _init_model(cfg, n=16)
         tmodel = from_flownp(model)
@@ -213,7 +226,7 @@ def bench_torch(quick: bool) -> dict[str, Any]:
         cases_np = _flownp_cases(model, x)
         cases_t = _torch_cases(tmodel, x)
         row: dict[str, Any] = {"model": name, "loss diff": loss_diff}
-        for task in ("train", "sample"):
+        for task in tasks:
             big = cfg.image_shape[0] >= 32
             rounds = 1 if quick else (3 if big else 7)
             cases = {}
@@ -231,12 +244,9 @@ def bench_torch(quick: bool) -> dict[str, Any]:
                 row[f"{task} {side} best T"] = n_best
             row[f"{task} torch/flownp"] = best["torch"] / best["flownp"]
         rows.append(row)
-        print(
-            f"[bench] torch: {name}: train {row['train torch/flownp']:.2f}x, "
-            f"sample {row['sample torch/flownp']:.2f}x ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-        if not quick:
+        ratios = ", ".join(f"{t} {row[f'{t} torch/flownp']:.2f}x" for t in tasks)
+        print(f"[bench] torch: {name}: {ratios} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if not quick and "train" in tasks:
             nt, nf = row["train torch best T"], row["train flownp best T"]
             profiles[name] = {
                 f"flownp, {nf} thread(s)": _profile_flownp(model, x, nf),
@@ -251,7 +261,7 @@ def bench_torch(quick: bool) -> dict[str, Any]:
             "met": r[f"{task} torch/flownp"] >= TARGET_RATIO,
         }
         for r in rows
-        for task in ("train", "sample")
+        for task in tasks
     ]
     return {
         "torch_version": torch.__version__,
@@ -259,6 +269,7 @@ def bench_torch(quick: bool) -> dict[str, Any]:
         "uptime_before": uptime_before,
         "uptime_after": _uptime(),
         "batch": batch,
+        "tasks": list(tasks),
         "samples": N_SAMPLES,
         "rows": rows,
         "profiles": profiles,
@@ -282,7 +293,7 @@ def render(s: dict[str, Any]) -> list[str]:
     ]
     table = []
     for r in s["rows"]:
-        for task in ("train", "sample"):
+        for task in s.get("tasks", ["train", "sample"]):
             t = {"model": r["model"], "task": "training step" if task == "train" else "sampling"}
             for side in ("flownp", "torch"):
                 for n in THREAD_COUNTS:
@@ -304,3 +315,25 @@ def render(s: dict[str, Any]) -> list[str]:
             L += ["", f"Profile of one training step of {name}, {who} (self CPU time):", ""]
             L += md_table(prof)
     return L
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m verification.bench_torch [--model NAME ...] [--task train|sample]``: the
+    section alone, for some models or one task; prints the Markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m verification.bench_torch", description=main.__doc__
+    )
+    parser.add_argument("--model", action="append", help="a substring of a model name (repeatable)")
+    parser.add_argument("--task", choices=("train", "sample"), action="append")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    threads.configure()
+    res = bench_torch(args.quick, args.model, tuple(args.task or ("train", "sample")))
+    print("\n".join(render(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
