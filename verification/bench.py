@@ -26,6 +26,9 @@ Sections (each writes its part of ``DIR/report.md`` and ``DIR/results.json``):
                recomputation by the inverse, against depth; the two gradients compared.
                Target 6.
 ``startup``    first-run compile time on an empty Numba cache, second-run overhead. Target 5.
+``torch``      flownp against the PyTorch port of the same models (training step, sampling),
+               each at its best thread count (:mod:`verification.bench_torch`; skipped with a
+               message where torch is not installed).
 
 FLOP convention: a multiply-add is 2 FLOP. A training step costs 3x the forward
 multiply-adds of all convolutions (forward, input gradient, weight gradient); model FLOP
@@ -957,10 +960,14 @@ def render_report(res: dict[str, Any]) -> str:
             L += md_table(s["rows"])
         else:
             L += [str(s)]
+    if "torch" in sec:
+        from verification.bench_torch import render
+
+        L += render(sec["torch"])
     return "\n".join(L) + "\n"
 
 
-SECTION_NAMES = ("layers", "size", "sampling", "training", "memory", "startup")
+SECTION_NAMES = ("layers", "size", "sampling", "training", "memory", "startup", "torch")
 
 
 def run_bench(
@@ -998,6 +1005,10 @@ def run_bench(
             r = bench_training(quick)
         elif name == "memory":
             r = bench_memory(quick)
+        elif name == "torch":
+            from verification.bench_torch import bench_torch
+
+            r = bench_torch(quick)
         else:
             r = bench_startup(quick)
         r["section_s"] = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Run the benchmark suite: per-layer times of the invertible convolutions and
 couplings, inverse time against image size, the paper's sampling tables, training throughput
-and model FLOP utilisation, peak memory, start-up time. Writes ``OUT/report.md``,
+and model FLOP utilisation, peak memory, start-up time, and (``--section torch``, where
+PyTorch is installed) flownp against a PyTorch port of the same models. Writes ``OUT/report.md``,
 ``OUT/results.json`` and ``OUT/inverse_vs_size.png``. Same as ``python -m verification.bench``."""
 
 from __future__ import annotations
