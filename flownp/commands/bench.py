@@ -24,4 +24,6 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--section", s]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
+    if args.compete:
+        argv += ["--compete"]
     return main(argv)
