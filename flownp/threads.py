@@ -72,6 +72,11 @@ def _set_env_defaults() -> dict[str, str]:
 _ENV_SET = _set_env_defaults()  # at import: before NumPy when flownp.threads comes first
 
 
+def default_threads() -> int:
+    """The default thread count of flownp (library and commands): every usable CPU."""
+    return usable_cpus()
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (scheduler affinity), at least 1."""
     try:
@@ -241,7 +246,7 @@ def _check_n(n: Any, where: str) -> int:
 
 
 def configure(n: int | None = None) -> dict[str, Any]:
-    """Use ``n`` threads (default :func:`usable_cpus`) for flownp's kernels; BLAS gets one
+    """Use ``n`` threads (None: :func:`default_threads`) for flownp's kernels; BLAS gets one
     thread (flownp splits matrix products into blocks itself).
 
     Also sets Numba's own thread count (used only by the ``wavefront`` inverse), capped at
@@ -251,7 +256,7 @@ def configure(n: int | None = None) -> dict[str, Any]:
     import numba
     import threadpoolctl
 
-    n = usable_cpus() if n is None else _check_n(n, "threads.configure")
+    n = default_threads() if n is None else _check_n(n, "threads.configure")
     _load_blas()
     _THREADS = n
     numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))
@@ -260,10 +265,11 @@ def configure(n: int | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def limit(n: int) -> Iterator[None]:
-    """Temporarily use ``n`` threads (restored on exit); BLAS keeps one thread."""
+def limit(n: int | None) -> Iterator[None]:
+    """Temporarily use ``n`` threads (None: :func:`default_threads`), restored on exit; BLAS
+    keeps one thread. The commands' ``--threads`` option goes through here."""
     global _THREADS
-    n = _check_n(n, "threads.limit")
+    n = default_threads() if n is None else _check_n(n, "threads.limit")
     import numba
 
     old = get_threads()  # configures the defaults (and BLAS) on first use

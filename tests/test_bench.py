@@ -18,6 +18,10 @@ def test_quick_bench_writes_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for heading in ("## Machine", "## Targets", "## Per layer", "## Sampling", "## Training"):
         assert heading in report
+    assert "## 1 thread against" in report
+    rows = res["sections"]["threads"]["rows"]
+    assert {(r["op"], r["machine"]) for r in rows} >= {("step", "idle"), ("sample 8", "idle")}
+    assert all(r["1 thread s"] > 0 and r["speed-up"] > 0 for r in rows)
     assert (tmp_path / "inverse_vs_size.png").stat().st_size > 0
     # every layer/op was timed, with positive finite times
     ops = {(r["layer"], r["op"]) for r in res["sections"]["layers"]["rows"]}
@@ -79,38 +83,8 @@ def test_fused_actnorm_relu_matches_numpy_and_its_gradient(rng):
     assert not actnorm_relu_forward(a, bias, logs)[1]
 
 
-def test_numba_kernels_are_bitwise_identical_for_any_thread_count(rng):
-    """flownp.threads' promise: the Numba kernels (disjoint writes, fixed-chunk gradient sums)
-    give the same bits with 1 thread and with all of them."""
-    import numba
-
-    from flownp import threads
-    from flownp.kernels import conv as K_
-    from flownp.kernels.conv_same import actnorm_relu_backward
-
-    x = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
-    dy = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
-    K = (0.1 * rng.standard_normal((3, 3, 12, 12))).astype(np.float32)
-    L = (np.tril(0.1 * rng.standard_normal((12, 12)), -1) + np.eye(12)).astype(np.float32)
-    U, perm = np.eye(12, dtype=np.float32), np.arange(12)
-
-    big = rng.standard_normal((3000, 7)).astype(np.float32)  # > 1 chunk of rows
-    logs = (0.1 * rng.standard_normal(7)).astype(np.float32)
-
-    def run():
-        return [
-            K_.conv_forward(x, K),
-            K_.conv_backward_input(dy, K),
-            K_.conv_backward_kernel(x, dy, 3),
-            K_.solve_raster(dy, K, L, U, perm),
-            K_.solve_wavefront(dy, K, L, U, perm),
-            *actnorm_relu_backward(big[::-1].copy(), np.maximum(big, 0), logs),
-        ]
-
-    threads.configure()
-    many = run()
-    with threads.limit(1):
-        assert numba.get_num_threads() == 1
-        one = run()
-    for a, b in zip(many, one, strict=True):
-        assert np.array_equal(a, b)
+def test_competitor_is_started_and_stopped():
+    """--compete's competing process runs inside the context and is gone after it."""
+    with bench.Competitor() as comp:
+        assert comp.proc.poll() is None
+    assert comp.proc.poll() is not None

@@ -9,24 +9,24 @@ from flownp.errors import DataError
 
 
 def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
-    """``--threads N`` (Numba and BLAS) and ``--no-ema`` for commands that run a checkpoint."""
+    """``--threads N`` and ``--no-ema`` for commands that run a checkpoint."""
     parser.add_argument(
         "--no-ema", action="store_true", help="use the raw parameters instead of the EMA weights"
     )
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="threads of the Numba kernels and of BLAS (1 is fastest on 2 shared cores, "
-        "docs/training.md)",
+        default=None,
+        help="threads of the kernels (default: all usable CPUs; docs/performance.md)",
     )
 
 
 def run_with_threads(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
-    """Validate ``--threads`` and run ``body(args)`` with both thread pools limited to it."""
-    from flownp.train import thread_limits
+    """Validate ``--threads`` and run ``body(args)`` with that many threads (None: all usable
+    CPUs, :func:`flownp.threads.default_threads`)."""
+    from flownp import threads
 
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise DataError(f"--threads must be >= 1, got {args.threads}")
-    with thread_limits(args.threads, args.threads):
+    with threads.limit(args.threads):
         return body(args)
