@@ -726,14 +726,19 @@ def _thread_cases(model, x, n_sample: int, n_all: int):
     return cases
 
 
-def bench_threads(quick: bool, compete: bool = False) -> dict[str, Any]:
+def bench_threads(
+    quick: bool, compete: bool = False, only: list[str] | None = None
+) -> dict[str, Any]:
     """Training step and sampling with 1 thread and with every usable CPU, interleaved;
-    without and (``compete``) with one competing CPU-bound process."""
+    without and (``compete``) with one competing CPU-bound process. ``only``: run the models
+    whose name contains one of these strings."""
     n_all = threads.usable_cpus()
     n_sample = 8 if quick else 100
     conditions = ["idle"] + (["competing process"] if compete else [])
     rows, checks = [], []
     for name, (cfg, batch) in thread_models(quick).items():
+        if only and not any(o in name for o in only):
+            continue
         model = _init_model(cfg, n=min(batch, 16))
         x = (np.random.default_rng(0).random((batch,) + cfg.image_shape) - 0.5).astype(F32)
         cases = _thread_cases(model, x, n_sample, n_all)
@@ -742,6 +747,7 @@ def bench_threads(quick: bool, compete: bool = False) -> dict[str, Any]:
             ctx = Competitor() if cond != "idle" else contextlib.nullcontext()
             with ctx:
                 res = interleaved(cases, rounds, warmup=1)
+            print(f"[bench] threads: {name}, {cond} done", flush=True)
             for op in dict.fromkeys(k[0] for k in cases):
                 t1, tn = res[(op, 1)]["median"], res[(op, n_all)]["median"]
                 rows.append(
@@ -1111,6 +1117,7 @@ def run_bench(
     sections=None,
     n_threads: int | None = None,
     compete: bool = False,
+    models: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the suite, write ``out/report.md``, ``out/results.json`` and the figure; return
     the results. ``sections``: a subset of :data:`SECTION_NAMES` (default all)."""
@@ -1143,7 +1150,7 @@ def run_bench(
         elif name == "training":
             r = bench_training(quick)
         elif name == "threads":
-            r = bench_threads(quick, compete)
+            r = bench_threads(quick, compete, models)
         elif name == "memory":
             r = bench_memory(quick)
         else:
@@ -1197,6 +1204,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads section: also measure while one competing CPU-bound process runs "
         "(started and stopped by the benchmark)",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="threads section: only the models whose name contains this (repeatable), "
+        "e.g. 'mnist', 'cifar d4'",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1209,6 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
         sections=args.section,
         n_threads=args.threads,
         compete=args.compete,
+        models=args.model,
     )
     checks = [c for s in res["sections"].values() for c in s.get("checks", [])]
     for c in checks:

@@ -26,4 +26,6 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--threads", str(args.threads)]
     if args.compete:
         argv += ["--compete"]
+    for m in args.model or []:
+        argv += ["--model", m]
     return main(argv)
