@@ -1,4 +1,4 @@
-r"""The benchmark suite (issue 5): ``python -m verification.bench [--quick] [--out DIR]``,
+r"""The benchmark suite: ``python -m verification.bench [--quick] [--out DIR]``,
 also ``flownp bench``.
 
 Every number comes from one run on one machine and is reported with the machine, the thread
@@ -22,6 +22,11 @@ Sections (each writes its part of ``DIR/report.md`` and ``DIR/results.json``):
                paper's. Target 4.
 ``training``   images/s and model FLOP utilisation of a training step (forward, backward,
                Adam) for "cifar-d4" and the default MNIST model, with a profile. Target 3.
+``threads``    training step and sampling 100 images with 1 thread and with every usable CPU,
+               interleaved, for the default MNIST model, MNIST quad width 128, and CIFAR-shaped
+               depth 4 and 8 with CInC, Glow (1x1) and Emerging; ``--compete`` adds the same
+               with one competing CPU-bound process (started and stopped here); ``--model``
+               selects models by name.
 ``memory``     peak memory of a training step (tracemalloc) with stored activations and with
                recomputation by the inverse, against depth; the two gradients compared.
                Target 6.
@@ -56,7 +61,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 F32 = np.float32
-#: The CIFAR level shapes of the issue (after the squeezes of a 32x32x3 image).
+#: The CIFAR level shapes (after the squeezes of a 32x32x3 image).
 LEVEL_SHAPES = [(16, 16, 12), (8, 8, 24), (4, 4, 48)]
 #: Paper Table 3 (depth 4 and 8) and Table 4 (depth 32), CIFAR-10, seconds for 100 samples.
 PAPER_SAMPLING = {
@@ -542,7 +547,7 @@ def training_configs(quick: bool):
             "tiny-mnist": (FlowConfig((8, 8, 1), 2, 1, 8, dtype="float32"), 8),
         }
     return {
-        # "cifar-d4" of the issue: 32x32x3, L=3, D=4, width 512, cinc + quad, batch 64
+        # "cifar-d4": 32x32x3, L=3, D=4, width 512, cinc + quad, batch 64
         "cifar-d4": (
             FlowConfig((32, 32, 3), 3, 4, 512, "cinc", "quad", dtype="float32"),
             64,
@@ -641,7 +646,7 @@ def _training_thread_counts(quick: bool) -> list[dict[str, Any]]:
     model = _init_model(cfg, n=min(batch, 16))
     x = (np.random.default_rng(0).random((batch,) + cfg.image_shape) - 0.5).astype(F32)
     step = train_step_fn(model, x)
-    n_all = threads.info()["numba_threads"]
+    n_all = threads.get_threads()
 
     def one_thread():
         with threads.limit(1):
@@ -653,7 +658,7 @@ def _training_thread_counts(quick: bool) -> list[dict[str, Any]]:
     return [
         {
             "model": name,
-            "threads (Numba = BLAS)": int(k),
+            "threads": int(k),
             "step_s": v["min"],
             "median_step_s": v["median"],
             "images/s": batch / v["min"],
@@ -1000,8 +1005,9 @@ def render_report(res: dict[str, Any]) -> str:
         f"- CPU: {m['cpu']}; {m['logical_cpus']} logical CPUs, {m['usable_cpus']} usable; "
         f"SIMD {', '.join(m['simd'])}; caches {m['caches']}",
         f"- Python {m['python']}, NumPy {m['numpy']}, SciPy {m['scipy']}, Numba {m['numba']}",
-        f"- Threads: Numba {m['threads']['numba_threads']} "
-        f"({m['threads']['numba_threading_layer']}); BLAS "
+        f"- Threads: flownp {m['threads']['flownp_threads']} (`flownp.threads`); Numba "
+        f"{m['threads']['numba_threads']} ({m['threads']['numba_threading_layer']}, used only "
+        "by the wavefront inverse); BLAS "
         + "; ".join(
             f"{b['library']} {b['version']} ({b['architecture']}, {b['num_threads']} threads)"
             for b in m["threads"]["blas"]

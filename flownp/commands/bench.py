@@ -1,4 +1,4 @@
-"""Run the benchmark suite (issue 5): per-layer times of the invertible convolutions and
+"""Run the benchmark suite: per-layer times of the invertible convolutions and
 couplings, inverse time against image size, the paper's sampling tables, training throughput
 and model FLOP utilisation, peak memory, start-up time. Writes ``OUT/report.md``,
 ``OUT/results.json`` and ``OUT/inverse_vs_size.png``. Same as ``python -m verification.bench``."""
