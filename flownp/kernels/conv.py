@@ -54,12 +54,14 @@ only their nonzero taps).
   :func:`solve_pixelwise`.) Rounding: ``x = fl(A^{-1}) r`` differs from substitution by
   O(cond(A) eps), far below the float32 round-off of a training step for the well
   conditioned corners flows use.
-* Parallelism (``prange``) is over independent work only: (sample block, output row) for the
-  convolutions, sample blocks for the raster solve, (sample block, pixel) on one
-  anti-diagonal for the wavefront solve. Every task writes disjoint outputs. The kernel
-  gradient is summed per fixed chunk of samples (the chunking does not depend on the thread
-  count) and the partial sums are added in chunk order: results are bitwise reproducible for
-  any number of threads.
+* Parallelism is over independent work only, one region per call on the thread pool of
+  :mod:`flownp.threads` (fixed chunks of (sample block, output row) tasks for the
+  convolutions, of sample blocks for the raster solve, of batch chunks for the kernel
+  gradient); the compiled loops are serial over a chunk range. Only the wavefront solve,
+  available on request, uses Numba's ``prange`` (one region per anti-diagonal). Every
+  chunk writes disjoint outputs. The kernel gradient is summed per fixed chunk of samples
+  (the chunking does not depend on the thread count) and the partial sums are added in chunk
+  order: results are bitwise reproducible for any number of threads.
 """
 
 from __future__ import annotations

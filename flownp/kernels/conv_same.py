@@ -29,9 +29,10 @@ image). The scratch array is ``T`` times the *narrower* side: the 3x3 output con
 Fused element-wise kernels of the conditioner (:func:`actnorm_relu_forward`,
 :func:`actnorm_relu_backward`): ActNorm followed by ReLU in one parallel pass, instead of
 five NumPy passes and three temporaries over a (N, H, W, 512) activation.
-Results do not depend on the Numba thread count (every parallel loop writes disjoint outputs;
-the tap sums run in a fixed order); BLAS products are deterministic for a fixed BLAS thread
-count.
+Multi-core: every kernel here runs as one region of fixed chunks on :mod:`flownp.threads`;
+the matrix products through :func:`matmul` (fixed blocks of output rows or columns, one
+single-threaded BLAS call each). Every chunk writes disjoint outputs and the tap sums run in
+a fixed order, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
