@@ -50,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from flownp.data.pixels import dequantize
 from flownp.errors import FlownpError
 from flownp.model import CONVS, COUPLINGS, FlowConfig, FlowModel
-from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss, dequantize
+from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss
 
 BUDGETS = ("steps", "seconds")
 RESULT_FILE = "result.json"

@@ -1,48 +1,54 @@
-"""Thread counts of the two pools flownp uses: Numba's parallel kernels and BLAS.
+"""Multi-core execution of flownp: one thread pool, one setting, one limiter.
 
-flownp alternates between Numba kernels (the invertible convolutions, data movement) and BLAS
-matrix products (the conditioner networks), always from one Python thread, so the two pools
-never run at the same time. Giving each the same count ``n`` (default: the CPUs this process
-may use) therefore never puts more than ``n`` busy threads on the machine; what can still
-oversubscribe is *idle* threads that busy-wait after their last job. Two defaults avoid that,
-set only if the user has not set them and only if they can still take effect:
+Design (measured in ``docs/performance.md``). Every kernel that uses more than one core
+splits its work into a **fixed** list of chunks (fixed by the shapes, never by the thread
+count) and hands them to :func:`parallel_for`. The calling thread works through the chunks
+itself; the pool's other threads, woken without spinning, take chunks from the same list as
+soon as the operating system runs them. So:
 
-* ``GOMP_SPINCOUNT=30000``: Numba's OpenMP threading layer (GNU libgomp) spins for about
-  30 000 iterations (tens of microseconds) after a parallel region before sleeping, instead
-  of the default 300 000. Long enough for the back-to-back regions of the wavefront solver
-  (``OMP_WAIT_POLICY=PASSIVE``, sleeping at once, made it 3-4x slower), short enough not to
-  steal a core from the BLAS call that follows a kernel (the default made a mixed
-  kernel/GEMM loop ~25 % slower). Read when the layer starts (the first parallel kernel
-  call); ignored if ``OMP_WAIT_POLICY`` is set.
-* ``OPENBLAS_THREAD_TIMEOUT=4``: idle OpenBLAS workers spin for 2^4 CPU cycles (the
-  minimum) before sleeping, instead of the default 2^28 (about 0.1 s, during which a spinning
-  worker competes with Numba's threads: a kernel right after a GEMM ran up to 3x slower).
-  Read when OpenBLAS is loaded, i.e. when NumPy is first imported: importing this module
-  first (it imports neither NumPy nor Numba) is in time; :func:`info` reports what was set.
+* the caller never waits for a thread that has not started: on a busy machine, where another
+  process holds a core, it simply does more chunks itself (worst case: one thread's speed,
+  plus waiting for at most one chunk a late thread took);
+* one parallel region per kernel call (a layer's convolution, a conditioner's matrix
+  product), not one per row or anti-diagonal;
+* work below a threshold stays in one chunk and never wakes a thread;
+* BLAS always runs single-threaded *inside* chunks (the matrix products of the conditioner
+  networks are split into row or column blocks here); no thread pool spins or yields while
+  it waits, so nothing competes with the caller between regions;
+* results are bitwise the same for every thread count: the chunks and every sum over them
+  are the same whichever thread computes them.
 
-Measurements: ``docs/performance.md``.
+Why not the thread pools of the libraries: OpenBLAS' threaded GEMM, and Numba's OpenMP
+layer (one static share per thread, and a barrier at the end of every ``prange`` loop),
+both make the caller wait for every thread of the team. When another process holds a core
+each such wait can last a scheduler time slice (milliseconds), and a training step has
+hundreds of them: 2 threads were up to 25x slower than 1 on a busy 2-core machine.
 
-Determinism. Every Numba kernel of flownp writes disjoint outputs per task and sums parameter
-gradients over a fixed chunking of the batch (:mod:`flownp.kernels.conv`), so its results are
-bitwise identical for any Numba thread count. BLAS products are reproducible for a fixed BLAS
-thread count (OpenBLAS splits a product by its output blocks, which may change with the count).
-Hence: results are deterministic for a given :func:`configure` setting.
+Numba's own pool is still used by the explicitly requested ``wavefront`` inverse (one
+``prange`` loop per anti-diagonal); it gets the same thread count.
+
+``GOMP_SPINCOUNT=30000`` and ``OPENBLAS_THREAD_TIMEOUT=4`` (set at import if the user did
+not set them, and if they can still take effect) keep idle OpenMP / OpenBLAS threads from
+spinning for long where those pools are used at all.
 
 Usage::
 
     from flownp import threads
-    threads.configure()        # n = usable CPUs, both pools
+    threads.configure()        # n = usable CPUs (the default of the flownp commands)
     threads.configure(1)       # everything on one core
     with threads.limit(1): ... # temporarily
+    threads.parallel_for(fn, n_chunks)   # fn(i) for i < n_chunks, on the pool
     threads.info()             # what is in effect (for benchmark reports)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _ENV_DEFAULTS = {"GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "4"}
@@ -66,6 +72,11 @@ def _set_env_defaults() -> dict[str, str]:
 _ENV_SET = _set_env_defaults()  # at import: before NumPy when flownp.threads comes first
 
 
+def default_threads() -> int:
+    """The default thread count of flownp (library and commands): every usable CPU."""
+    return usable_cpus()
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (scheduler affinity), at least 1."""
     try:
@@ -81,58 +92,209 @@ def _load_blas() -> None:
     import scipy.linalg  # noqa: F401
 
 
+# --------------------------------------------------------------------------------------------
+# The pool
+# --------------------------------------------------------------------------------------------
+
+
+class _Task:
+    """``fn(i)`` for ``i < n``: chunks handed out in order to whichever thread asks first."""
+
+    def __init__(self, fn: Callable[[int], Any], n: int) -> None:
+        self.fn = fn
+        self.n = n
+        self._next = itertools.count()  # next() is atomic under the GIL
+        self._lock = threading.Lock()
+        self._done = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+
+    def work(self) -> None:
+        """Run chunks until none is left (the caller and every woken worker do this)."""
+        while True:
+            i = next(self._next)
+            if i >= self.n:
+                return
+            try:
+                self.fn(i)
+            except BaseException as exc:  # re-raised by the caller of parallel_for
+                self.error = self.error or exc
+            with self._lock:
+                self._done += 1
+                if self._done == self.n:
+                    self.finished.set()
+
+
+class _Pool:
+    """Worker threads that sleep on a lock (no spinning) until :meth:`run` wakes them."""
+
+    def __init__(self) -> None:
+        self._wake: list[threading.Lock] = []
+        self._task: _Task | None = None
+        self._busy = threading.Lock()  # one region at a time; nested / concurrent: serial
+        self._workers: set[int] = set()
+
+    def _worker(self, k: int) -> None:
+        self._workers.add(threading.get_ident())
+        wake = self._wake[k]
+        while True:
+            wake.acquire()  # released by run(): sleeps in the kernel, no spinning
+            task = self._task
+            if task is not None:
+                task.work()  # an already finished task has no chunk left: returns at once
+
+    def _start(self, n_workers: int) -> None:
+        while len(self._wake) < n_workers:
+            lock = threading.Lock()
+            lock.acquire()
+            self._wake.append(lock)
+            t = threading.Thread(
+                target=self._worker,
+                args=(len(self._wake) - 1,),
+                daemon=True,
+                name=f"flownp-{len(self._wake)}",
+            )
+            t.start()
+
+    def run(self, fn: Callable[[int], Any], n: int, n_threads: int) -> None:
+        if n_threads <= 1 or n <= 1 or threading.get_ident() in self._workers:
+            for i in range(n):
+                fn(i)
+            return
+        if not self._busy.acquire(blocking=False):  # another thread's region is running
+            for i in range(n):
+                fn(i)
+            return
+        try:
+            task = _Task(fn, n)
+            helpers = min(n_threads, n) - 1
+            self._start(helpers)
+            self._task = task
+            for k in range(helpers):
+                try:
+                    self._wake[k].release()
+                except RuntimeError:  # still awake from an earlier wake-up: it will see task
+                    pass
+            task.work()
+            task.finished.wait()  # only chunks a worker has already taken can be pending
+            self._task = None
+            for k in range(helpers):  # take back wake-ups not yet consumed: a worker the OS
+                self._wake[k].acquire(blocking=False)  # did not run in time stays asleep
+        finally:
+            self._busy.release()
+        if task.error is not None:
+            raise task.error
+
+
+_POOL = _Pool()
+_THREADS: int | None = None  # threads of parallel_for (None: not configured yet)
 _BLAS_LIMITER: Any = None  # keeps the threadpoolctl limiter of configure() alive
 
 
-def configure(n: int | None = None) -> dict[str, Any]:
-    """Use ``n`` threads (default :func:`usable_cpus`) for Numba kernels and for BLAS.
+def get_threads() -> int:
+    """Threads :func:`parallel_for` uses (configuring the default on first use)."""
+    if _THREADS is None:
+        configure()
+    return int(_THREADS)  # type: ignore[arg-type]
 
-    ``n`` is capped at Numba's pool size (``NUMBA_NUM_THREADS``, fixed when Numba is
-    imported). Returns :func:`info`.
+
+def parallel_for(fn: Callable[[int], Any], n: int) -> None:
+    """Call ``fn(i)`` for every ``i < n`` on the pool (the caller takes part; module docstring).
+
+    ``fn`` must write disjoint outputs for different ``i`` and release the GIL for its heavy
+    part (a Numba ``nogil`` kernel, a NumPy matrix product). Exceptions are re-raised here
+    after every chunk has finished. Nested calls and calls made while another thread's
+    region runs execute serially in the calling thread.
     """
-    global _BLAS_LIMITER
+    _POOL.run(fn, int(n), get_threads() if n > 1 else 1)
+
+
+#: Smallest estimated work of one chunk (nanoseconds of one core). Each chunk a worker takes
+#: costs a hand-over of the GIL (an operating-system wake-up, slow on a busy machine), so
+#: smaller work stays serial; 250 us and at most 16 chunks measured best on 2 busy cores
+#: (against 100 us / 64 chunks: MNIST quad step 0.82 vs 1.03 x the 1-thread time).
+MIN_CHUNK_NS = 250_000
+#: Most chunks of one region (load balance against GIL hand-overs).
+MAX_CHUNKS = 16
+
+
+def chunk_bounds(n: int, ns_per_item: float) -> list[int]:
+    """Split ``range(n)`` into consecutive chunks of at least :data:`MIN_CHUNK_NS` estimated
+    work each (at most :data:`MAX_CHUNKS`); returns the boundaries ``[0, ..., n]``.
+
+    Depends on the work only, never on the thread count: a kernel that reduces over chunks
+    gets the same sums (bitwise) with any number of threads.
+    """
+    k = int(min(n, MAX_CHUNKS, max(1.0, n * float(ns_per_item) / MIN_CHUNK_NS)))
+    k = max(k, 1)
+    return [n * c // k for c in range(k + 1)]
+
+
+def parallel_range(fn: Callable[[int, int], Any], n: int, ns_per_item: float) -> None:
+    """``fn(lo, hi)`` over the chunks :func:`chunk_bounds` makes of ``range(n)``, on the pool."""
+    if n <= 0:
+        return
+    b = chunk_bounds(n, ns_per_item)
+    if len(b) == 2:
+        fn(0, n)
+        return
+    parallel_for(lambda c: fn(b[c], b[c + 1]), len(b) - 1)
+
+
+def _check_n(n: Any, where: str) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{where}: n must be a positive int, got {n!r}")
+    return n
+
+
+def configure(n: int | None = None) -> dict[str, Any]:
+    """Use ``n`` threads (None: :func:`default_threads`) for flownp's kernels; BLAS gets one
+    thread (flownp splits matrix products into blocks itself).
+
+    Also sets Numba's own thread count (used only by the ``wavefront`` inverse), capped at
+    its pool size (``NUMBA_NUM_THREADS``, fixed when Numba is imported). Returns :func:`info`.
+    """
+    global _BLAS_LIMITER, _THREADS
     import numba
     import threadpoolctl
 
+    n = default_threads() if n is None else _check_n(n, "threads.configure")
     _load_blas()
-    if n is None:
-        n = usable_cpus()
-    if not isinstance(n, (int,)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads.configure: n must be a positive int, got {n!r}")
-    n = min(int(n), int(numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    _BLAS_LIMITER = threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+    _THREADS = n
+    numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))
+    _BLAS_LIMITER = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
     return info()
 
 
 @contextlib.contextmanager
-def limit(n: int) -> Iterator[None]:
-    """Temporarily use ``n`` threads in both pools (restored on exit)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads.limit: n must be a positive int, got {n!r}")
+def limit(n: int | None) -> Iterator[None]:
+    """Temporarily use ``n`` threads (None: :func:`default_threads`), restored on exit; BLAS
+    keeps one thread. The commands' ``--threads`` option goes through here."""
+    global _THREADS
+    n = default_threads() if n is None else _check_n(n, "threads.limit")
     import numba
-    import threadpoolctl
 
-    _load_blas()
-    old = numba.get_num_threads()
-    n = min(n, int(numba.config.NUMBA_NUM_THREADS))
-    with threadpoolctl.threadpool_limits(limits=n, user_api="blas"):
-        numba.set_num_threads(n)
-        try:
-            yield
-        finally:
-            numba.set_num_threads(old)
+    old = get_threads()  # configures the defaults (and BLAS) on first use
+    old_numba = numba.get_num_threads()
+    _THREADS = n
+    numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        _THREADS = old
+        numba.set_num_threads(old_numba)
 
 
 def info() -> dict[str, Any]:
-    """Thread settings in effect: Numba threads and layer, BLAS libraries and their threads,
-    and the idle-thread environment defaults (``env_set_by_flownp`` lists those set here)."""
+    """Thread settings in effect: flownp's threads, Numba's threads and layer, BLAS libraries
+    and their threads, and the idle-thread environment defaults (``env_set_by_flownp`` lists
+    those set here)."""
     import numba
     import threadpoolctl
 
     try:
         layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
+    except ValueError:  # no Numba-parallel kernel has run (the default path uses none)
         layer = "not started (priority: " + ", ".join(numba.config.THREADING_LAYER_PRIORITY) + ")"
     blas = [
         {
@@ -147,6 +309,7 @@ def info() -> dict[str, Any]:
     ]
     return {
         "usable_cpus": usable_cpus(),
+        "flownp_threads": _THREADS,
         "numba_threads": int(numba.get_num_threads()),
         "numba_pool_size": int(numba.config.NUMBA_NUM_THREADS),
         "numba_threading_layer": layer,

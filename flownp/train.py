@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,38 +255,6 @@ def evaluate_bpd(
             total += float(np.sum(bits_per_dim(z, logdet)))
             bar.update(len(x))
     return total / n
-
-
-# ---------------------------------------------------------------------- threads
-@contextlib.contextmanager
-def thread_limits(
-    numba_threads: int | None = None, blas_threads: int | None = None
-) -> Iterator[None]:
-    """Context manager: run with this many Numba-kernel threads and BLAS threads (threadpoolctl),
-    restoring the previous settings on exit. ``None`` leaves a setting unchanged.
-
-    On a small machine the two libraries' thread pools compete for the same cores (idle
-    threads spin for a while); the measured best setting on 2 cores is in ``docs/training.md``.
-    """
-    from flownp._numba import get_num_threads, set_num_threads
-
-    for name, val in (("numba_threads", numba_threads), ("blas_threads", blas_threads)):
-        if val is not None and val < 1:
-            raise ValueError(f"thread_limits: {name} must be >= 1, got {val}")
-    previous = get_num_threads()
-    limiter = None
-    try:
-        if numba_threads is not None:
-            set_num_threads(numba_threads)
-        if blas_threads is not None:
-            from threadpoolctl import threadpool_limits
-
-            limiter = threadpool_limits(limits=int(blas_threads), user_api="blas")
-        yield
-    finally:
-        set_num_threads(previous)
-        if limiter is not None:
-            limiter.restore_original_limits()
 
 
 # ---------------------------------------------------------------------- configuration

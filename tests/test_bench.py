@@ -18,6 +18,10 @@ def test_quick_bench_writes_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for heading in ("## Machine", "## Targets", "## Per layer", "## Sampling", "## Training"):
         assert heading in report
+    assert "## 1 thread against" in report
+    rows = res["sections"]["threads"]["rows"]
+    assert {(r["op"], r["machine"]) for r in rows} >= {("step", "idle"), ("sample 8", "idle")}
+    assert all(r["1 thread s"] > 0 and r["speed-up"] > 0 for r in rows)
     assert (tmp_path / "inverse_vs_size.png").stat().st_size > 0
     # every layer/op was timed, with positive finite times
     ops = {(r["layer"], r["op"]) for r in res["sections"]["layers"]["rows"]}
@@ -77,3 +81,10 @@ def test_fused_actnorm_relu_matches_numpy_and_its_gradient(rng):
                 assert abs((lp - lm) / (2 * eps) - g[i]) <= 1e-6 * max(1.0, abs(g[i]))
     a[1, 2, 3, 4] = np.inf
     assert not actnorm_relu_forward(a, bias, logs)[1]
+
+
+def test_competitor_is_started_and_stopped():
+    """--compete's competing process runs inside the context and is gone after it."""
+    with bench.Competitor() as comp:
+        assert comp.proc.poll() is None
+    assert comp.proc.poll() is not None

@@ -217,14 +217,10 @@ def test_solvers_ignore_the_corner_tap_of_K(rng):
         np.testing.assert_array_equal(fn(y, K, L, U, perm), x1[name], err_msg=name)
 
 
-def test_solve_auto_schedule_and_bitwise_equality(rng):
-    """``solve_auto`` picks raster when the batch's blocks of 8 samples share out evenly (or
-    give >= 2 per thread), else the wavefront; both schedules give the same bits."""
-    assert K_.solve_schedule(100, 2) == "raster"  # 13 blocks, >= 2 per thread
-    assert K_.solve_schedule(16, 2) == "raster"  # 2 blocks, one each
-    assert K_.solve_schedule(24, 2) == "wavefront"  # 3 blocks: 2 + 1
-    assert K_.solve_schedule(8, 2) == "wavefront"  # 1 block, one idle thread
-    assert K_.solve_schedule(8, 1) == "raster"
+def test_solve_auto_is_raster_and_all_schedules_agree_bitwise(rng):
+    """``solve_auto`` uses the raster schedule for every batch (never a per-diagonal barrier);
+    the wavefront does the same arithmetic per pixel in the same order: the same bits."""
+    assert {K_.solve_schedule(n, t) for n in (1, 8, 24, 100) for t in (1, 2, 3)} == {"raster"}
     C = 5
     K = _kernel(rng, 3, C, C, np.float32)
     L, U, perm = _factors(rng, C, "plu", np.float32)
@@ -314,3 +310,237 @@ def test_conv_same_matches_dense_symmetric_padding(dtype, k, shape, rng):
         ref = np.sum(ye * dy64)
         mag_k = np.sum(np.abs(ye * dy64))
         assert abs(dK[idx] - ref) <= tol(N * H * W + 1) * mag_k
+
+
+def test_conv_same_kernels_match_their_numpy_references(rng):
+    """conv_same_forward / backward and the fused ActNorm + ReLU against the readable
+    references shipped beside them (float64: different summation orders only)."""
+    from flownp.kernels import conv_same as S
+
+    for k, C, Co in ((1, 3, 5), (3, 2, 7), (3, 9, 2), (5, 4, 4)):
+        x = rng.standard_normal((3, 5, 4, C))
+        K = rng.standard_normal((k, k, C, Co))
+        b = rng.standard_normal(Co)
+        dy = rng.standard_normal((3, 5, 4, Co))
+        np.testing.assert_allclose(
+            S.conv_same_forward(x, K, b), S.conv_same_forward_reference(x, K, b), atol=1e-12
+        )
+        for got, want in zip(
+            S.conv_same_backward(x, K, dy), S.conv_same_backward_reference(x, K, dy), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-11)
+    a = rng.standard_normal((4, 3, 6))
+    bias, logs, dr = (
+        rng.standard_normal(6),
+        0.2 * rng.standard_normal(6),
+        rng.standard_normal(a.shape),
+    )
+    for relu in (True, False):
+        r, _ = S.actnorm_relu_forward(a, bias, logs, relu)
+        np.testing.assert_allclose(
+            r, S.actnorm_relu_forward_reference(a, bias, logs, relu), atol=1e-14
+        )
+        for got, want in zip(
+            S.actnorm_relu_backward(dr, r, logs, relu),
+            S.actnorm_relu_backward_reference(dr, r, logs, relu),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation of the public kernels
+# --------------------------------------------------------------------------------------------
+
+
+def test_conv_forward_rejects_a_channel_mismatch_naming_both_shapes():
+    x = np.zeros((2, 4, 4, 5))
+    K = np.zeros((3, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"conv_forward.*\(2, 4, 4, 5\).*\(3, 3, 3, 3\)"):
+        K_.conv_forward(x, K)
+
+
+def test_public_kernels_validate_shapes_dtypes_and_factors():
+    from flownp.kernels import conv_same as S
+
+    x = np.zeros((2, 4, 4, 3))
+    K = np.zeros((3, 3, 3, 3))
+    L, U, perm = np.eye(3), np.eye(3), np.arange(3)
+    bad = [
+        (lambda: K_.conv_forward(x[0], K), "4-D"),
+        (lambda: K_.conv_forward(x.astype(np.int64), K), "float32 or float64"),
+        (lambda: K_.conv_forward(x, K[:, :2]), r"\(k, k, C_in, C_out\)"),
+        (lambda: K_.conv_backward_input(np.zeros((2, 4, 4, 4)), K), "output channels"),
+        (lambda: K_.conv_backward_kernel(x, np.zeros((1, 4, 4, 3)), 3), "same N, H, W"),
+        (lambda: K_.conv_backward_kernel(x, x.astype(np.float32), 3), "float64 but dy"),
+        (lambda: K_.conv_backward_kernel(x, x, 0), "positive int"),
+        (lambda: K_.solve_raster(x, K, L, U, np.array([0, 0, 1])), "permutation"),
+        (lambda: K_.solve_auto(x, K, L[:2], U, perm), r"L must have shape \(3, 3\)"),
+        (lambda: K_.solve_wavefront(x, np.zeros((3, 3, 3, 4)), L, U, perm), "C channels to C"),
+        (lambda: K_.solve_pixelwise(x, K, L, U, perm.astype(float)), "integer"),
+        (lambda: S.conv_same_forward(x, np.zeros((2, 2, 3, 3))), "odd"),
+        (lambda: S.conv_same_forward(x, np.zeros((3, 3, 4, 3))), r"\(2, 4, 4, 3\).*\(3, 3, 4, 3\)"),
+        (lambda: S.conv_same_forward(x, K, np.zeros(4)), r"bias must have shape \(3,\)"),
+        (lambda: S.conv_same_backward(x, K, np.zeros((2, 4, 4, 2))), "dy must be"),
+        (lambda: S.actnorm_relu_forward(x, np.zeros(2), np.zeros(3)), "bias must have shape"),
+        (lambda: S.actnorm_relu_backward(x[:1], x, np.zeros(3)), "same shape"),
+        (lambda: S.matmul(np.zeros((3, 4)), np.zeros((3, 4))), r"\(3, 4\) @ \(3, 4\)"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_kernels_accept_non_contiguous_inputs(rng):
+    """A strided view is copied to C order by the wrapper: same result as the copy."""
+    x = rng.standard_normal((3, 8, 10, 4))[:, ::2, ::2, :]  # (3, 4, 5, 4), not contiguous
+    K = _kernel(rng, 3, 4, 4, np.float64)
+    assert not x.flags.c_contiguous
+    np.testing.assert_array_equal(K_.conv_forward(x, K), K_.conv_forward(x.copy(), K))
+    np.testing.assert_array_equal(
+        K_.conv_backward_kernel(x, x, 3), K_.conv_backward_kernel(x.copy(), x.copy(), 3)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The thread pool: chunks really run on several threads, and the results do not depend on it
+# --------------------------------------------------------------------------------------------
+
+
+def test_parallel_for_runs_chunks_on_a_second_thread():
+    """With 2 threads the caller takes chunk 0 and blocks in it until another chunk has run on
+    a different thread: this only finishes if the pool's second thread takes part (with one
+    thread it would wait for the timeout and fail)."""
+    import threading
+
+    from flownp import threads
+
+    ran: dict[int, int] = {}
+    other_ran = threading.Event()
+    caller = threading.get_ident()
+
+    def fn(i):
+        ran[i] = threading.get_ident()
+        if ran[i] == caller:
+            assert other_ran.wait(timeout=60), "no second thread took a chunk"
+        else:
+            other_ran.set()
+
+    with threads.limit(2):
+        threads.parallel_for(fn, 4)
+    assert sorted(ran) == [0, 1, 2, 3]
+    assert len(set(ran.values())) == 2
+
+
+def test_parallel_for_reraises_errors_and_runs_nested_calls_serially():
+    from flownp import threads
+
+    def boom(i):
+        if i == 3:
+            raise KeyError("chunk 3")
+
+    with threads.limit(2), pytest.raises(KeyError, match="chunk 3"):
+        threads.parallel_for(boom, 6)
+    out = np.zeros((4, 4))
+
+    def outer(i):
+        threads.parallel_for(lambda j: out.__setitem__((i, j), i * 4 + j), 4)
+
+    with threads.limit(2):
+        threads.parallel_for(outer, 4)
+    np.testing.assert_array_equal(out.ravel(), np.arange(16))
+    with pytest.raises(ValueError, match="positive int"):
+        with threads.limit(0):
+            pass
+
+
+def test_chunking_depends_on_work_not_on_thread_count():
+    from flownp import threads
+
+    small = threads.chunk_bounds(1000, 1.0)  # 1 us of work in all: one chunk, no thread woken
+    assert small == [0, 1000]
+    big = threads.chunk_bounds(1000, 1e4)  # 10 ms: many chunks, at most MAX_CHUNKS
+    assert big[0] == 0 and big[-1] == 1000 and len(big) - 1 == threads.MAX_CHUNKS
+    with threads.limit(1):
+        assert threads.chunk_bounds(1000, 1e4) == big
+    with threads.limit(3):
+        assert threads.chunk_bounds(1000, 1e4) == big
+
+
+def _all_kernels(rng):
+    from flownp.kernels import conv_same as S
+
+    x = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
+    dy = rng.standard_normal((37, 6, 5, 12)).astype(np.float32)
+    K = (0.1 * rng.standard_normal((3, 3, 12, 12))).astype(np.float32)
+    Kw = (0.1 * rng.standard_normal((3, 3, 12, 20))).astype(np.float32)
+    L = (np.tril(0.1 * rng.standard_normal((12, 12)), -1) + np.eye(12)).astype(np.float32)
+    U, perm = np.eye(12, dtype=np.float32), np.arange(12)
+    big = rng.standard_normal((3000, 7)).astype(np.float32)  # > 1 chunk of rows
+    logs = (0.1 * rng.standard_normal(7)).astype(np.float32)
+    dyw = rng.standard_normal((37, 6, 5, 20)).astype(np.float32)
+
+    def run():
+        return [
+            K_.conv_forward(x, K),
+            K_.conv_backward_input(dy, K),
+            K_.conv_backward_kernel(x, dy, 3),
+            K_.solve_raster(dy, K, L, U, perm),
+            K_.solve_auto(dy, K, L, U, perm),
+            S.conv_same_forward(x, Kw),
+            *S.conv_same_backward(x, Kw, dyw),
+            S.conv_same_forward(dyw, Kw.transpose(0, 1, 3, 2)),  # output side
+            *S.conv_same_backward(dyw, Kw.transpose(0, 1, 3, 2), x)[:2],
+            S.matmul(big.T, big),
+            *S.actnorm_relu_forward(big, logs, logs),
+            *S.actnorm_relu_backward(big[::-1].copy(), np.maximum(big, 0), logs),
+        ]
+
+    return run
+
+
+def test_kernels_are_bitwise_identical_for_1_2_and_3_threads(rng, monkeypatch):
+    """flownp.threads' promise: chunks fixed by the work, disjoint writes, sums over chunks in
+    chunk order, BLAS products split only along their outputs: the same bits whichever thread
+    runs which chunk. The chunk threshold is lowered so that every kernel is split into many
+    chunks, and 2 and 3 threads are used whatever the machine's CPU count."""
+    from flownp import threads
+
+    monkeypatch.setattr(threads, "MIN_CHUNK_NS", 1)
+    run = _all_kernels(rng)
+    with threads.limit(1):
+        one = run()
+    for n in (2, 3):
+        with threads.limit(n):
+            many = run()
+        for a, b in zip(many, one, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_kernels_do_not_depend_on_which_thread_runs_which_chunk(rng, monkeypatch):
+    """An adversarial schedule, deterministic: every region's chunks run in reverse order,
+    the odd ones on another thread at the same time. Same bits as one thread in order."""
+    import threading
+
+    from flownp import threads
+
+    monkeypatch.setattr(threads, "MIN_CHUNK_NS", 1)
+    run = _all_kernels(rng)
+    with threads.limit(1):
+        want = run()
+    regions = []
+
+    def scrambled(fn, n):
+        regions.append(n)
+        order = list(range(n))[::-1]
+        t = threading.Thread(target=lambda: [fn(i) for i in order[1::2]])
+        t.start()
+        for i in order[0::2]:
+            fn(i)
+        t.join()
+
+    monkeypatch.setattr(threads, "parallel_for", scrambled)
+    got = run()
+    assert len(regions) >= 10 and max(regions) > 2  # the kernels did go through the pool
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)

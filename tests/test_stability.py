@@ -469,8 +469,9 @@ def test_training_checkpoints_log_warn_and_store_stability(tmp_path):
     from types import SimpleNamespace
 
     from flownp.checkpoint import load_model, read_checkpoint
+    from flownp.data.pixels import dequantize
     from flownp.model import FlowConfig
-    from flownp.train import STABILITY_COLUMNS, TrainConfig, Trainer, dequantize
+    from flownp.train import STABILITY_COLUMNS, TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (80, 16, 16, 1)).astype(np.uint8)
@@ -545,7 +546,7 @@ def test_sample_command_solve_precision(tmp_path, capsys):
         assert cli.main([*argv, "--npz", str(npz), "--solve-precision", p]) == 0
         out[p] = np.load(npz)["images"]
     x64 = model.sample(4, temperature=0.8, seed=0, solve_precision="float64")
-    from flownp.train import to_uint8
+    from flownp.data.pixels import to_uint8
 
     np.testing.assert_array_equal(out["float64"], to_uint8(x64))
     # a well-conditioned model: the precision changes no pixel

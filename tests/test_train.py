@@ -12,6 +12,7 @@ import pytest
 from flownp import cli
 from flownp import train as T
 from flownp.checkpoint import read_checkpoint
+from flownp.data import pixels
 from flownp.model import FlowConfig
 
 SHAPE = (8, 8, 1)
@@ -53,15 +54,15 @@ def tiny_train(**kw):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dequantize_stays_in_the_pixel_bin(dtype):
     u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(50, axis=0)
-    x = T.dequantize(u, np.random.default_rng(0), dtype)
+    x = pixels.dequantize(u, np.random.default_rng(0), dtype)
     assert x.dtype == dtype
     assert x.min() >= -0.5 and x.max() < 0.5
     np.testing.assert_array_equal(np.floor((x.astype(np.float64) + 0.5) * 256), u)
-    np.testing.assert_array_equal(T.to_uint8(x), u)
-    centre = T.dequantize(u[:1], None, np.float64)
+    np.testing.assert_array_equal(pixels.to_uint8(x), u)
+    centre = pixels.dequantize(u[:1], None, np.float64)
     np.testing.assert_array_equal(centre, (u[:1] + 0.5) / 256 - 0.5)
     with pytest.raises(T.DataError, match="uint8"):
-        T.dequantize(u.astype(np.int16), None, dtype)
+        pixels.dequantize(u.astype(np.int16), None, dtype)
 
 
 def test_bits_per_dim_by_hand():

@@ -22,6 +22,11 @@ Sections (each writes its part of ``DIR/report.md`` and ``DIR/results.json``):
                paper's. Target 4.
 ``training``   images/s and model FLOP utilisation of a training step (forward, backward,
                Adam) for "cifar-d4" and the default MNIST model, with a profile. Target 3.
+``threads``    training step and sampling 100 images with 1 thread and with every usable CPU,
+               interleaved, for the default MNIST model, MNIST quad width 128, and CIFAR-shaped
+               depth 4 and 8 with CInC, Glow (1x1) and Emerging; ``--compete`` adds the same
+               with one competing CPU-bound process (started and stopped here); ``--model``
+               selects models by name.
 ``memory``     peak memory of a training step (tracemalloc) with stored activations and with
                recomputation by the inverse, against depth; the two gradients compared.
                Target 6.
@@ -42,6 +47,7 @@ import flownp.threads as threads  # first: sets the idle-thread defaults before 
 
 # isort: on
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -58,7 +64,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 F32 = np.float32
-#: The CIFAR level shapes of the issue (after the squeezes of a 32x32x3 image).
+#: The CIFAR level shapes (after the squeezes of a 32x32x3 image).
 LEVEL_SHAPES = [(16, 16, 12), (8, 8, 24), (4, 4, 48)]
 #: Paper Table 3 (depth 4 and 8) and Table 4 (depth 32), CIFAR-10, seconds for 100 samples.
 PAPER_SAMPLING = {
@@ -109,7 +115,8 @@ def interleaved(
 
 
 class GemmCase:
-    """A 1024 x 1024 float32 ``np.matmul`` to interleave with other cases, so that a GEMM-relative
+    """A 1024 x 1024 float32 matrix product (:func:`flownp.kernels.conv_same.matmul`, the
+    blocked product on flownp's threads) to interleave with other cases, so that a GEMM-relative
     figure uses the GEMM rate *of the same moments* (the load of a shared machine drifts
     during a run). :attr:`rate`: FLOP/s of the fastest call."""
 
@@ -121,9 +128,11 @@ class GemmCase:
 
     def case(self) -> tuple[None, Callable[[], Any]]:
         def fn():
+            from flownp.kernels.conv_same import matmul
+
             for _ in range(3):
                 t0 = time.perf_counter()
-                np.matmul(self.a, self.b)
+                matmul(self.a, self.b)
                 self.times.append(time.perf_counter() - t0)
 
         return (None, fn)
@@ -134,11 +143,14 @@ class GemmCase:
 
 
 def gemm_rate(rounds: int = 10) -> float:
-    """float32 FLOP/s of ``np.matmul`` of two 1024 x 1024 matrices (best of ``rounds``)."""
+    """float32 FLOP/s of the product of two 1024 x 1024 matrices (best of ``rounds``), with
+    :func:`flownp.kernels.conv_same.matmul` on flownp's threads (BLAS itself: 1 thread)."""
     rng = np.random.default_rng(0)
     a = rng.random((1024, 1024), dtype=F32)
     b = rng.random((1024, 1024), dtype=F32)
-    t = interleaved({"gemm": (None, lambda: a @ b)}, rounds, warmup=2)["gemm"]["min"]
+    from flownp.kernels.conv_same import matmul
+
+    t = interleaved({"gemm": (None, lambda: matmul(a, b))}, rounds, warmup=2)["gemm"]["min"]
     return 2 * 1024**3 / t
 
 
@@ -538,7 +550,7 @@ def training_configs(quick: bool):
             "tiny-mnist": (FlowConfig((8, 8, 1), 2, 1, 8, dtype="float32"), 8),
         }
     return {
-        # "cifar-d4" of the issue: 32x32x3, L=3, D=4, width 512, cinc + quad, batch 64
+        # "cifar-d4": 32x32x3, L=3, D=4, width 512, cinc + quad, batch 64
         "cifar-d4": (
             FlowConfig((32, 32, 3), 3, 4, 512, "cinc", "quad", dtype="float32"),
             64,
@@ -637,7 +649,7 @@ def _training_thread_counts(quick: bool) -> list[dict[str, Any]]:
     model = _init_model(cfg, n=min(batch, 16))
     x = (np.random.default_rng(0).random((batch,) + cfg.image_shape) - 0.5).astype(F32)
     step = train_step_fn(model, x)
-    n_all = threads.info()["numba_threads"]
+    n_all = threads.get_threads()
 
     def one_thread():
         with threads.limit(1):
@@ -649,13 +661,138 @@ def _training_thread_counts(quick: bool) -> list[dict[str, Any]]:
     return [
         {
             "model": name,
-            "threads (Numba = BLAS)": int(k),
+            "threads": int(k),
             "step_s": v["min"],
             "median_step_s": v["median"],
             "images/s": batch / v["min"],
         }
         for k, v in res.items()
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Section: threads (1 thread against all, idle and with a competing process)
+# --------------------------------------------------------------------------------------------
+
+#: The competing CPU-bound process of ``--compete`` (one busy Python loop, not pinned).
+COMPETITOR = [sys.executable, "-c", "while True: pass"]
+
+
+def thread_models(quick: bool):
+    """``name -> (FlowConfig, batch)``: the models of the thread comparison."""
+    from flownp.model import FlowConfig
+
+    if quick:
+        return {
+            "tiny-mnist": (FlowConfig((8, 8, 1), 2, 1, 8, dtype="float32"), 8),
+            "tiny-cifar cinc": (FlowConfig((8, 8, 3), 2, 1, 16, dtype="float32"), 8),
+        }
+    models = {
+        "mnist default": (FlowConfig(dtype="float32"), 64),
+        "mnist quad w128": (FlowConfig(width=128, coupling="quad", dtype="float32"), 64),
+    }
+    for D in (4, 8):
+        for name, conv in (("cinc", "cinc"), ("glow", "1x1"), ("emerging", "1x1+emerging")):
+            cfg = FlowConfig((32, 32, 3), 3, D, 512, conv, "affine", dtype="float32")
+            models[f"cifar d{D} {name}"] = (cfg, 64)
+    return models
+
+
+class Competitor:
+    """Context manager: one competing CPU-bound process (:data:`COMPETITOR`) while inside;
+    terminated (and waited for) on exit, also on errors."""
+
+    def __enter__(self) -> Competitor:
+        self.proc = subprocess.Popen(COMPETITOR)
+        time.sleep(0.2)  # let it start spinning
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _thread_cases(model, x, n_sample: int, n_all: int):
+    step = train_step_fn(model, x)
+
+    def sample():
+        model.sample(n_sample, temperature=0.7, seed=1)
+
+    cases = {}
+    for op, fn in (("step", step), (f"sample {n_sample}", sample)):
+        for n in (1, n_all):
+
+            def run(fn=fn, n=n):
+                with threads.limit(n):
+                    fn()
+
+            cases[(op, n)] = (None, run)
+    return cases
+
+
+def bench_threads(
+    quick: bool, compete: bool = False, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Training step and sampling with 1 thread and with every usable CPU, interleaved;
+    without and (``compete``) with one competing CPU-bound process. ``only``: run the models
+    whose name contains one of these strings."""
+    n_all = threads.usable_cpus()
+    n_sample = 8 if quick else 100
+    conditions = ["idle"] + (["competing process"] if compete else [])
+    rows, checks = [], []
+    for name, (cfg, batch) in thread_models(quick).items():
+        if only and not any(o in name for o in only):
+            continue
+        model = _init_model(cfg, n=min(batch, 16))
+        x = (np.random.default_rng(0).random((batch,) + cfg.image_shape) - 0.5).astype(F32)
+        cases = _thread_cases(model, x, n_sample, n_all)
+        rounds = 1 if quick else (3 if name.startswith("cifar") else 7)
+        for cond in conditions:
+            ctx = Competitor() if cond != "idle" else contextlib.nullcontext()
+            with ctx:
+                res = interleaved(cases, rounds, warmup=1)
+            print(f"[bench] threads: {name}, {cond} done", flush=True)
+            for op in dict.fromkeys(k[0] for k in cases):
+                t1, tn = res[(op, 1)]["median"], res[(op, n_all)]["median"]
+                rows.append(
+                    {
+                        "model": name,
+                        "op": op,
+                        "machine": cond,
+                        "1 thread s": t1,
+                        f"{n_all} threads s": tn,
+                        f"{n_all} / 1": tn / t1,
+                        "speed-up": t1 / tn,
+                        "rounds": rounds,
+                    }
+                )
+                checks.append(
+                    {
+                        "target": f"threads: {name}, {op}, {cond}: {n_all} threads / 1 thread",
+                        "value": tn / t1,
+                        "limit": "<= 1.05",
+                        "met": tn / t1 <= 1.05,
+                    }
+                )
+                if name == "cifar d4 cinc" and op == "step" and cond == "idle":
+                    checks.append(
+                        {
+                            "target": f"threads: cifar d4 cinc step, idle: speed-up of {n_all}",
+                            "value": t1 / tn,
+                            "limit": ">= 1.6",
+                            "met": t1 / tn >= 1.6,
+                        }
+                    )
+    return {
+        "threads": n_all,
+        "competitor": " ".join(["python3", "-c", repr("while True: pass")]) if compete else None,
+        "rows": rows,
+        "checks": checks,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,8 +1008,9 @@ def render_report(res: dict[str, Any]) -> str:
         f"- CPU: {m['cpu']}; {m['logical_cpus']} logical CPUs, {m['usable_cpus']} usable; "
         f"SIMD {', '.join(m['simd'])}; caches {m['caches']}",
         f"- Python {m['python']}, NumPy {m['numpy']}, SciPy {m['scipy']}, Numba {m['numba']}",
-        f"- Threads: Numba {m['threads']['numba_threads']} "
-        f"({m['threads']['numba_threading_layer']}); BLAS "
+        f"- Threads: flownp {m['threads']['flownp_threads']} (`flownp.threads`); Numba "
+        f"{m['threads']['numba_threads']} ({m['threads']['numba_threading_layer']}, used only "
+        "by the wavefront inverse); BLAS "
         + "; ".join(
             f"{b['library']} {b['version']} ({b['architecture']}, {b['num_threads']} threads)"
             for b in m["threads"]["blas"]
@@ -938,6 +1076,22 @@ def render_report(res: dict[str, Any]) -> str:
         for name, prof in s["profiles"].items():
             L += ["", f"Profile of one step of {name} (self time, top 12):", ""]
             L += md_table(prof)
+    if "threads" in sec:
+        s = sec["threads"]
+        L += [
+            "",
+            f"## 1 thread against {s['threads']} (medians of interleaved rounds, seconds)",
+            "",
+            "Training step (forward, loss, backward, Adam; batch 64, float32) and sampling. "
+            + (
+                f"Competing process: `{s['competitor']}` (not pinned), started before and "
+                "stopped after each model's rounds."
+                if s["competitor"]
+                else "No competing process started (run with `--compete` for that table)."
+            ),
+            "",
+        ]
+        L += md_table(s["rows"])
     if "memory" in sec:
         s = sec["memory"]
         L += [
@@ -967,11 +1121,16 @@ def render_report(res: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-SECTION_NAMES = ("layers", "size", "sampling", "training", "memory", "startup", "torch")
+SECTION_NAMES = ("layers", "size", "sampling", "training", "threads", "memory", "startup", "torch")
 
 
 def run_bench(
-    out: str | os.PathLike, quick: bool = False, sections=None, n_threads: int | None = None
+    out: str | os.PathLike,
+    quick: bool = False,
+    sections=None,
+    n_threads: int | None = None,
+    compete: bool = False,
+    models: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the suite, write ``out/report.md``, ``out/results.json`` and the figure; return
     the results. ``sections``: a subset of :data:`SECTION_NAMES` (default all)."""
@@ -1003,6 +1162,8 @@ def run_bench(
             r = bench_sampling(quick)
         elif name == "training":
             r = bench_training(quick)
+        elif name == "threads":
+            r = bench_threads(quick, compete, models)
         elif name == "memory":
             r = bench_memory(quick)
         elif name == "torch":
@@ -1052,7 +1213,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run only this section (repeatable; default all)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="Numba and BLAS threads (default: usable CPUs)"
+        "--threads", type=int, default=None, help="threads of flownp (default: usable CPUs)"
+    )
+    parser.add_argument(
+        "--compete",
+        action="store_true",
+        help="threads section: also measure while one competing CPU-bound process runs "
+        "(started and stopped by the benchmark)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="threads section: only the models whose name contains this (repeatable), "
+        "e.g. 'mnist', 'cifar d4'",
     )
 
 
@@ -1060,7 +1234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m verification.bench", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    res = run_bench(args.out, quick=args.quick, sections=args.section, n_threads=args.threads)
+    res = run_bench(
+        args.out,
+        quick=args.quick,
+        sections=args.section,
+        n_threads=args.threads,
+        compete=args.compete,
+        models=args.model,
+    )
     checks = [c for s in res["sections"].values() for c in s.get("checks", [])]
     for c in checks:
         print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {_fmt(c['value'])} ({c['limit']})")

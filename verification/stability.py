@@ -449,7 +449,8 @@ def compare_checkpoints(
     model (same weights), and the time of ``model.inverse`` in both precisions (best of
     ``repeats``, interleaved, same process)."""
     from flownp.checkpoint import model_from_checkpoint, read_checkpoint
-    from flownp.train import dequantize, evaluate_bpd, load_data
+    from flownp.data.pixels import dequantize
+    from flownp.train import evaluate_bpd, load_data
 
     out = []
     for path in paths:

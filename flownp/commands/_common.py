@@ -11,8 +11,6 @@ import argparse
 import math
 from collections.abc import Callable
 
-from flownp.errors import UsageError
-
 
 # ---------------------------------------------------------------------- option value types
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -65,38 +63,36 @@ decay_float = finite_float(lo=0.0, hi=1.0, hi_open=True)
 
 
 def thread_count(text: str) -> int:
-    """argparse ``type``: a number of threads in ``1 .. the threads Numba can use``."""
-    import numba
+    """argparse ``type``: a number of threads in ``1 .. the usable CPUs``."""
+    from flownp.threads import usable_cpus
 
     n = positive_int(text)
-    most = int(numba.config.NUMBA_NUM_THREADS)
+    most = usable_cpus()
     if n > most:
         raise argparse.ArgumentTypeError(
-            f"must be at most {most} (the CPU threads available here), got {n}"
+            f"must be at most {most} (the CPUs this process may use), got {n}"
         )
     return n
 
 
 # ---------------------------------------------------------------------- shared options
 def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
-    """``--threads N`` (Numba and BLAS) and ``--no-ema`` for commands that run a checkpoint."""
+    """``--threads N`` and ``--no-ema`` for commands that run a checkpoint."""
     parser.add_argument(
         "--no-ema", action="store_true", help="use the raw parameters instead of the EMA weights"
     )
     parser.add_argument(
         "--threads",
         type=thread_count,
-        default=1,
-        help="threads of the Numba kernels and of BLAS (1 is fastest on 2 shared cores, "
-        "docs/training.md)",
+        default=None,
+        help="threads of the kernels (default: all usable CPUs; docs/performance.md)",
     )
 
 
 def run_with_threads(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
-    """Run ``body(args)`` with both thread pools limited to ``--threads``."""
-    from flownp.train import thread_limits
+    """Run ``body(args)`` with ``--threads`` threads (None: all usable CPUs,
+    :func:`flownp.threads.default_threads`)."""
+    from flownp import threads
 
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    with thread_limits(args.threads, args.threads):
+    with threads.limit(args.threads):
         return body(args)

@@ -25,4 +25,8 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--section", s]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
+    if args.compete:
+        argv += ["--compete"]
+    for m in args.model or []:
+        argv += ["--model", m]
     return main(argv)

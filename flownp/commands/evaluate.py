@@ -131,7 +131,7 @@ def _stability_report(model, images, args: argparse.Namespace) -> None:
     import numpy as np
 
     from flownp import stability as S
-    from flownp.train import dequantize
+    from flownp.data.pixels import dequantize
 
     t0 = time.perf_counter()
     x = dequantize(images, np.random.default_rng(args.seed), model.dtype)

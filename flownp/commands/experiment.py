@@ -25,6 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
+from flownp.commands._common import thread_count
 from flownp.errors import DataError
 
 HELP = "train a grid of variants with seeds under equal budgets; report mean ± std"
@@ -127,8 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument(
         "--report-only", action="store_true", help="rebuild the report from finished runs only"
     )
-    grid.add_argument("--threads", type=int, default=1, help="threads of the Numba kernels")
-    grid.add_argument("--blas-threads", type=int, default=1, help="threads of BLAS")
+    grid.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        help="threads of the kernels, the same for every run (default: all usable CPUs)",
+    )
     grid.add_argument("--progress", action="store_true", help="a progress bar per run")
 
     sweep = parser.add_argument_group("temperature sweep (trains nothing)")
@@ -229,11 +234,9 @@ def grid_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from flownp.train import thread_limits
+    from flownp import threads
 
-    if args.threads < 1 or args.blas_threads < 1:
-        raise DataError("--threads and --blas-threads must be >= 1")
-    with thread_limits(args.threads, args.blas_threads):
+    with threads.limit(args.threads):
         if args.temperature_sweep is not None:
             return _sweep(args)
         return _run(args)

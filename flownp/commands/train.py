@@ -119,15 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--threads",
         type=thread_count,
-        default=1,
-        help="threads of the Numba kernels (measured on 2 shared cores: 1 is fastest for the "
-        "default model, see docs/training.md)",
-    )
-    run.add_argument(
-        "--blas-threads",
-        type=thread_count,
-        default=1,
-        help="threads of BLAS (the conditioner convs)",
+        default=None,
+        help="threads of the kernels (default: all usable CPUs; docs/performance.md)",
     )
     run.add_argument(
         "--no-progress",
@@ -311,11 +304,11 @@ def _configs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from flownp.train import thread_limits
+    from flownp import threads
 
-    if args.threads < 1 or args.blas_threads < 1:
-        raise DataError("--threads and --blas-threads must be >= 1")
-    with thread_limits(args.threads, args.blas_threads):
+    if args.threads is not None and args.threads < 1:
+        raise DataError(f"--threads must be >= 1, got {args.threads}")
+    with threads.limit(args.threads):
         return _run(args)
 
 
@@ -332,8 +325,6 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     progress = not args.no_progress
-    if args.threads < 1 or args.blas_threads < 1:
-        raise DataError("--threads and --blas-threads must be >= 1")
     t0 = time.perf_counter()
     if args.resume:
         parser = argparse.ArgumentParser(add_help=False)

@@ -54,12 +54,14 @@ only their nonzero taps).
   :func:`solve_pixelwise`.) Rounding: ``x = fl(A^{-1}) r`` differs from substitution by
   O(cond(A) eps), far below the float32 round-off of a training step for the well
   conditioned corners flows use.
-* Parallelism (``prange``) is over independent work only: (sample block, output row) for the
-  convolutions, sample blocks for the raster solve, (sample block, pixel) on one
-  anti-diagonal for the wavefront solve. Every task writes disjoint outputs. The kernel
-  gradient is summed per fixed chunk of samples (the chunking does not depend on the thread
-  count) and the partial sums are added in chunk order: results are bitwise reproducible for
-  any number of threads.
+* Parallelism is over independent work only, one region per call on the thread pool of
+  :mod:`flownp.threads` (fixed chunks of (sample block, output row) tasks for the
+  convolutions, of sample blocks for the raster solve, of batch chunks for the kernel
+  gradient); the compiled loops are serial over a chunk range. Only the wavefront solve,
+  available on request, uses Numba's ``prange`` (one region per anti-diagonal). Every
+  chunk writes disjoint outputs. The kernel gradient is summed per fixed chunk of samples
+  (the chunking does not depend on the thread count) and the partial sums are added in chunk
+  order: results are bitwise reproducible for any number of threads.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from flownp import threads
 from flownp._numba import jit, jit_inline, pjit, prange
+from flownp.kernels import _validate as V
 
 #: Output channels per register block (16 float32 = one AVX-512 or two AVX2 registers).
 _VW = 16
@@ -182,11 +186,15 @@ def _store_block(acc, y, n0, i, j, o0):  # pragma: no cover - compiled
 _store_block_nb = jit_inline(_store_block)
 
 
-def _conv_taps_kernel(x, Kp, off, y):  # pragma: no cover - compiled
+#: Estimated nanoseconds of one core per multiply-add of the register-blocked kernels (the
+#: work estimate of :func:`flownp.threads.chunk_bounds`; ~40 G multiply-adds/s).
+_NS_PER_MAC = 0.025
+
+
+def _conv_taps_kernel(x, Kp, off, y, t0, t1):  # pragma: no cover - compiled
     N, H, W, _ = x.shape
     Co = y.shape[3]
-    nblk = (N + _P - 1) // _P
-    for task in prange(nblk * H):  # (sample block, output row): disjoint writes
+    for task in range(t0, t1):  # (sample block, output row): disjoint writes
         n0 = (task // H) * _P
         i = task % H
         acc = np.empty((_P, _VW), dtype=y.dtype)
@@ -198,7 +206,18 @@ def _conv_taps_kernel(x, Kp, off, y):  # pragma: no cover - compiled
                 _store_block_nb(acc, y, n0, i, j, o0)
 
 
-_conv_taps_nb = pjit(_conv_taps_kernel)
+_conv_taps_nb = jit(_conv_taps_kernel)
+
+
+def _conv_taps(x: np.ndarray, Kp: np.ndarray, off: np.ndarray, y: np.ndarray) -> None:
+    """Run :func:`_conv_taps_kernel` over every (sample block, row) task, on the thread pool."""
+    N, H, W, C = x.shape
+    macs = W * max(1, off.shape[0]) * C * Kp.shape[2] * _P  # per task
+    threads.parallel_range(
+        lambda t0, t1: _conv_taps_nb(x, Kp, off, y, t0, t1),
+        ((N + _P - 1) // _P) * H,
+        macs * _NS_PER_MAC,
+    )
 
 
 def _check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, name: str):
@@ -244,10 +263,11 @@ def conv_forward(x: np.ndarray, K: np.ndarray, out: np.ndarray | None = None) ->
     -------
     y : (N, H, W, Co)
     """
-    x = np.ascontiguousarray(x)
+    x = V.float_array("conv_forward", "x", x, 4)
+    K = V.kernel_for("conv_forward", K, x)
     out = _check_out(out, x.shape[:3] + (K.shape[3],), x.dtype, "conv_forward")
     off, Kp = _taps(K, x.dtype)
-    _conv_taps_nb(x, Kp, off, out)
+    _conv_taps(x, Kp, off, out)
     return out
 
 
@@ -280,10 +300,11 @@ def conv_backward_input(dy: np.ndarray, K: np.ndarray, out: np.ndarray | None = 
     ``K[a, b]^T`` read at ``(p + da, q + db)``; same micro-kernel as the forward.
     dy: (N, H, W, Co), K: (k, k, C, Co) -> dx: (N, H, W, C).
     """
-    dy = np.ascontiguousarray(dy)
+    dy = V.float_array("conv_backward_input", "dy", dy, 4)
+    K = V.kernel_for("conv_backward_input", K, dy, c_axis=3, xname="dy")
     out = _check_out(out, dy.shape[:3] + (K.shape[2],), dy.dtype, "conv_backward_input")
     off, Kp = _taps(K, dy.dtype, direction=+1, transpose=True)
-    _conv_taps_nb(dy, Kp, off, out)
+    _conv_taps(dy, Kp, off, out)
     return out
 
 
@@ -311,7 +332,7 @@ def conv_backward_kernel_reference(x: np.ndarray, dy: np.ndarray, k: int) -> np.
     return dK
 
 
-def _conv_grad_kernel(x, dyp, off, part):  # pragma: no cover - compiled
+def _conv_grad_kernel(x, dyp, off, part, ch0, ch1):  # pragma: no cover - compiled
     """``part[ch, t, c, o] = sum_{n in chunk ch} sum_{i,j} x[n, i+off_t, j+off_t, c] dy[n,i,j,o]``.
 
     ``dyp`` is ``dy`` with channels zero padded to ``part.shape[3]`` (a multiple of _VW), so
@@ -322,7 +343,7 @@ def _conv_grad_kernel(x, dyp, off, part):  # pragma: no cover - compiled
     N, H, W, C = x.shape
     nch, T, _, Cp = part.shape
     per = (N + nch - 1) // nch
-    for ch in prange(nch):
+    for ch in range(ch0, ch1):
         n_lo = min(N, ch * per)
         n_hi = min(N, n_lo + per)
         acc = np.empty((8, _VW), dtype=part.dtype)
@@ -373,7 +394,7 @@ def _conv_grad_kernel(x, dyp, off, part):  # pragma: no cover - compiled
                             part[ch, t, c0 + q, o0 + o] = acc[q, o]
 
 
-_conv_grad_nb = pjit(_conv_grad_kernel)
+_conv_grad_nb = jit(_conv_grad_kernel)
 
 
 def _sum_chunks(part, dK):  # pragma: no cover - compiled
@@ -411,8 +432,15 @@ def conv_backward_kernel(
     Deterministic for any thread count: partial sums over a fixed chunking of the batch,
     added in chunk order.
     """
-    x = np.ascontiguousarray(x)
-    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    x = V.float_array("conv_backward_kernel", "x", x, 4)
+    dy = V.float_array("conv_backward_kernel", "dy", dy, 4)
+    V.same_pixels("conv_backward_kernel", x, dy, "x", "dy")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"conv_backward_kernel: k must be a positive int, got {k!r}")
+    if taps is not None and np.shape(taps) != (k, k):
+        raise ValueError(
+            f"conv_backward_kernel: taps must have shape ({k}, {k}), got {np.shape(taps)}"
+        )
     N, H, W, C = x.shape
     Co = dy.shape[3]
     ab = [
@@ -432,7 +460,10 @@ def conv_backward_kernel(
         dyp = np.zeros((N, H, W, Cp), dtype=x.dtype)
         dyp[..., :Co] = dy
     part = np.empty((nch, len(ab), C, Cp), dtype=x.dtype)  # per-chunk partial sums
-    _conv_grad_nb(x, dyp, off, part)
+    macs = (N // nch + 1) * H * W * len(ab) * (-(-C // 8) * 8) * Cp  # per chunk
+    threads.parallel_range(
+        lambda c0, c1: _conv_grad_nb(x, dyp, off, part, c0, c1), nch, macs * _NS_PER_MAC
+    )
     out = np.empty((len(ab), C, Co), dtype=x.dtype)
     _sum_chunks_nb(part, out)
     for t, (a, b) in enumerate(ab):
@@ -516,10 +547,10 @@ def _solve_block_pixel(y, Kn, off, AiT, x, r, acc, n0, i, j):  # pragma: no cove
 _solve_block_pixel_nb = jit_inline(_solve_block_pixel)
 
 
-def _solve_raster_kernel(y, Kn, off, AiT, x):  # pragma: no cover - compiled
+def _solve_raster_kernel(y, Kn, off, AiT, x, b0, b1):  # pragma: no cover - compiled
     N, H, W, _ = y.shape
     Cp = AiT.shape[1]
-    for blk in prange((N + _P - 1) // _P):  # the official scheme: parallel over the batch
+    for blk in range(b0, b1):  # blocks of samples are independent (the official scheme)
         acc = np.empty((_P, _VW), dtype=x.dtype)
         r = np.empty((_P, Cp), dtype=x.dtype)
         for i in range(H):
@@ -544,8 +575,19 @@ def _solve_wavefront_kernel(y, Kn, off, AiT, x):  # pragma: no cover - compiled
                 _solve_block_pixel_nb(y, Kn, off, AiT, x, r, acc, (t // npix) * _P, i, s - i)
 
 
-_solve_raster_nb = pjit(_solve_raster_kernel)
+_solve_raster_kernel_nb = jit(_solve_raster_kernel)
 _solve_wavefront_nb = pjit(_solve_wavefront_kernel)
+
+
+def _solve_raster_nb(y, Kn, off, AiT, x):
+    """Raster substitution, blocks of samples spread over the thread pool."""
+    N, H, W, C = y.shape
+    macs = H * W * (max(1, off.shape[0]) * C + C) * AiT.shape[1] * _P  # per block
+    threads.parallel_range(
+        lambda b0, b1: _solve_raster_kernel_nb(y, Kn, off, AiT, x, b0, b1),
+        (N + _P - 1) // _P,
+        macs * _NS_PER_MAC,
+    )
 
 
 def _corner_inverse_kernel(L, U, perm, Ainv):  # pragma: no cover - compiled
@@ -592,8 +634,17 @@ def corner_inverse(L: np.ndarray, U: np.ndarray, perm: np.ndarray) -> np.ndarray
     return Ainv
 
 
-def _solve(kernel, y, K, L, U, perm):
-    y = np.ascontiguousarray(y)
+def _check_solve(fn, y, K, L, U, perm):
+    y = V.float_array(fn, "y", y, 4)
+    K = V.kernel_for(fn, K, y, xname="y")
+    if K.shape[3] != K.shape[2]:
+        raise ValueError(f"{fn}: K must map C channels to C, got {K.shape}")
+    L, U, perm = V.corner_factors(fn, L, U, perm, y.shape[3])
+    return y, K, L, U, perm
+
+
+def _solve(kernel, y, K, L, U, perm, fn="solve"):
+    y, K, L, U, perm = _check_solve(fn, y, K, L, U, perm)
     C = y.shape[3]
     off, Kn = _taps(K, y.dtype, skip_corner=True, scale=-1.0)
     AiT = np.zeros((C, _padded_channels(C)), dtype=y.dtype)  # AiT[m, o] = A^{-1}[o, m]
@@ -608,7 +659,7 @@ def solve_raster(
 ) -> np.ndarray:
     """Inverse by sequential substitution in raster order, parallel over the batch only
     (blocks of 8 samples; module docstring). y: (N, H, W, C), K: (k, k, C, C), A = P L U."""
-    return _solve(_solve_raster_nb, y, K, L, U, perm)
+    return _solve(_solve_raster_nb, y, K, L, U, perm, "solve_raster")
 
 
 def solve_wavefront(
@@ -616,35 +667,30 @@ def solve_wavefront(
 ) -> np.ndarray:
     """Inverse by anti-diagonal wavefront: H + W - 1 steps, each parallel over (block of 8
     samples, pixel) pairs of one anti-diagonal. Arguments as :func:`solve_raster`."""
-    return _solve(_solve_wavefront_nb, y, K, L, U, perm)
+    return _solve(_solve_wavefront_nb, y, K, L, U, perm, "solve_wavefront")
 
 
 def solve_schedule(n: int, threads: int | None = None) -> str:
-    """The schedule :func:`solve_auto` uses for a batch of ``n`` on ``threads`` Numba threads
-    (default: the current count): ``"raster"`` when the batch alone gives every thread the
-    same work (blocks of 8 samples a multiple of the thread count) or at least two blocks
-    each (imbalance <= 1/4 of a thread's work), else ``"wavefront"``.
+    """The schedule :func:`solve_auto` uses: always ``"raster"`` (blocks of 8 samples spread
+    over the thread pool; ``n`` and ``threads`` are accepted for compatibility).
 
-    Measured (``docs/performance.md``): the raster schedule has no barriers, so with enough
-    blocks it beats the wavefront (H + W - 1 parallel regions per call, each a barrier that
-    stalls whenever another process holds a core); the wavefront wins for batches smaller
-    than the thread count (sampling a few images).
+    Measured (``docs/performance.md``): the wavefront runs H + W - 1 parallel regions per
+    call, each ending in a barrier that waits for every thread; whenever another process
+    holds a core, each barrier can wait a scheduler time slice, and sampling 8 images with
+    2 threads took up to 60x as long as with 1. The raster schedule never waits for a thread
+    that has not started. :func:`solve_wavefront` stays available on request (it helps only
+    batches of fewer than 8 samples per thread on otherwise idle cores).
     """
-    from flownp._numba import get_num_threads
-
-    t = get_num_threads() if threads is None else int(threads)
-    nblk = -(-int(n) // _P)
-    return "raster" if t == 1 or nblk % t == 0 or nblk >= 2 * t else "wavefront"
+    return "raster"
 
 
 def solve_auto(
     y: np.ndarray, K: np.ndarray, L: np.ndarray, U: np.ndarray, perm: np.ndarray
 ) -> np.ndarray:
-    """Inverse with the faster parallel schedule for this batch (:func:`solve_schedule`):
-    :func:`solve_raster` or :func:`solve_wavefront`. Both do the same arithmetic per pixel
-    in the same order, so the result is bitwise the same whichever is chosen."""
-    kernel = _solve_raster_nb if solve_schedule(y.shape[0]) == "raster" else _solve_wavefront_nb
-    return _solve(kernel, y, K, L, U, perm)
+    """Inverse with the default schedule (:func:`solve_schedule`: :func:`solve_raster`).
+    Every schedule does the same arithmetic per pixel in the same order, so the result is
+    bitwise the same whichever is used."""
+    return _solve(_solve_raster_nb, y, K, L, U, perm, "solve_auto")
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,7 +772,7 @@ def solve_pixelwise(
     """
     if order not in ("raster", "wavefront"):
         raise ValueError(f"solve_pixelwise: order must be 'raster' or 'wavefront', got {order!r}")
-    y = np.ascontiguousarray(y)
+    y, K, L, U, perm = _check_solve("solve_pixelwise", y, K, L, U, perm)
     Kp = np.ascontiguousarray(K[..., perm], dtype=y.dtype)
     x = np.empty_like(y)
     _solve_pixelwise_nb(
