@@ -108,3 +108,25 @@ def check_layer_gradients(
             err = max(err, abs(ana - num) / max(1.0, abs(num)))
         result.errors[name] = err
     return result
+
+
+def rectangles_dataset(
+    n_train: int = 96,
+    n_test: int = 32,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (8, 8, 1),
+    name: str = "rects",
+):
+    """A tiny synthetic dataset for tests: bright 4 x 4 squares at random places on a dark
+    background (easy structure for a tiny flow to learn). Returns an object with ``name``,
+    uint8 ``train`` / ``test`` arrays ``(N, H, W, C)`` and ``shape``, as
+    :class:`flownp.data.Dataset` has."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    img = rng.integers(0, 30, (n, *shape)).astype(np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, min(shape[:2]) - 4, 2)  # the square stays inside the image
+        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
+    return SimpleNamespace(name=name, train=img[:n_train], test=img[n_train:], shape=shape)

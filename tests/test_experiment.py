@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,19 +12,13 @@ import pytest
 from flownp import cli
 from flownp import experiment as E
 from flownp import train as T
+from flownp.testing import rectangles_dataset
 
 SHAPE = (8, 8, 1)
 
 
 def make_data(n_train=64, n_test=16, seed=0):
-    """Bright squares on a dark background."""
-    rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    img = rng.integers(0, 30, (n, *SHAPE)).astype(np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, 4, 2)
-        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
-    return SimpleNamespace(name="squares", train=img[:n_train], test=img[n_train:], shape=SHAPE)
+    return rectangles_dataset(n_train, n_test, seed, SHAPE)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,19 +27,14 @@ from flownp import train as T
 from flownp.errors import CheckpointError, DataError, NonFiniteError, SingularKernelError
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
+from flownp.testing import rectangles_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 1)
 
 
 def make_data(n_train=96, n_test=32, seed=0):
-    rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    img = rng.integers(0, 30, (n, *SHAPE)).astype(np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, 4, 2)
-        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
-    return SimpleNamespace(name="rects", train=img[:n_train], test=img[n_train:], shape=SHAPE)
+    return rectangles_dataset(n_train, n_test, seed, SHAPE)
 
 
 def tiny_model(**kw):

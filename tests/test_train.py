@@ -4,7 +4,6 @@ and the train / sample / evaluate commands, on tiny synthetic data."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,19 +13,13 @@ from flownp import train as T
 from flownp.checkpoint import read_checkpoint
 from flownp.data import pixels
 from flownp.model import FlowConfig
+from flownp.testing import rectangles_dataset
 
 SHAPE = (8, 8, 1)
 
 
 def make_data(n_train=96, n_test=32, seed=0):
-    """Bright rectangles on a dark background: easy structure for a tiny flow to learn."""
-    rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    img = rng.integers(0, 30, (n, *SHAPE)).astype(np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, 4, 2)
-        img[i, r : r + 4, c : c + 4] = rng.integers(200, 256)
-    return SimpleNamespace(name="rects", train=img[:n_train], test=img[n_train:], shape=SHAPE)
+    return rectangles_dataset(n_train, n_test, seed, SHAPE)
 
 
 def tiny_model(**kw):

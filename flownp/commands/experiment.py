@@ -25,26 +25,16 @@ import argparse
 import time
 from pathlib import Path
 
+from flownp.commands import train as _train
 from flownp.commands._common import thread_count
 from flownp.errors import DataError
 
 HELP = "train a grid of variants with seeds under equal budgets; report mean ± std"
 
-MODEL_OPTIONS = ("levels", "width", "kernel_size", "scale", "dtype", "cinc_corner", "lu", "guard")
-TRAIN_OPTIONS = (
-    "dataset",
-    "holdout",
-    "batch_size",
-    "lr",
-    "warmup_steps",
-    "max_grad_norm",
-    "ema_decay",
-    "init_batch_size",
-    "eval_every",
-    "eval_size",
-    "checkpoint_every",
-    "max_bad_steps",
-)
+# The options of `flownp train` that are the same for every run of a grid: all but the grid's
+# axes (conv, coupling, depth) and the seed.
+MODEL_OPTIONS = tuple(o for o in _train.MODEL_OPTIONS if o not in ("conv", "coupling", "depth"))
+TRAIN_OPTIONS = tuple(o for o in _train.TRAIN_OPTIONS if o != "seed")
 
 
 def _csv(kind: type, name: str):
