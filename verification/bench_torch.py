@@ -72,7 +72,7 @@ def _uptime() -> str:
 
 
 def _flownp_cases(model, x: np.ndarray) -> dict[str, Callable[[], Any]]:
-    from verification.bench import train_step_fn
+    from verification.bench.training import train_step_fn
 
     step = train_step_fn(model, x)
 
@@ -205,7 +205,7 @@ def bench_torch(
         return {"skipped": msg, "rows": [], "checks": []}
     import torch
 
-    from verification.bench import _init_model, interleaved
+    from verification.bench._common import init_model, interleaved
     from verification.torch_port import from_flownp
 
     uptime_before = _uptime()
@@ -218,7 +218,7 @@ def bench_torch(
     rows, profiles = [], {}
     for name, cfg in chosen.items():
         t0 = time.perf_counter()
-        model = _init_model(cfg, n=16)
+        model = init_model(cfg, n=16)
         tmodel = from_flownp(model)
         rng = np.random.default_rng(0)
         x = (rng.random((batch,) + cfg.image_shape) - 0.5).astype(np.float32)
@@ -279,7 +279,7 @@ def bench_torch(
 
 def render(s: dict[str, Any]) -> list[str]:
     """Markdown lines of the section for the report."""
-    from verification.bench import md_table
+    from verification.bench._common import md_table
 
     L = ["", "## flownp vs PyTorch", ""]
     if s.get("skipped"):

@@ -1,0 +1,7 @@
+"""``python -m verification.bench``: the benchmark suite (also ``flownp bench``)."""
+
+import sys
+
+from verification.bench import main
+
+sys.exit(main())
