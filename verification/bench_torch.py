@@ -253,6 +253,7 @@ def bench_torch(
                 f"torch, {nt} thread(s)": _profile_torch(tmodel, x, nt),
             }
         torch.set_num_threads(max(THREAD_COUNTS))
+    conv_rows = bench_conv_layers(quick) if not models else []
     checks = [
         {
             "target": f"torch: flownp over PyTorch, {task}, {r['model']}",
@@ -262,8 +263,17 @@ def bench_torch(
         }
         for r in rows
         for task in tasks
+    ] + [
+        {
+            "target": f"torch: CInC forward layer over conv2d, {r['shape']}",
+            "value": r["torch / layer"],
+            "limit": ">= 1.0",
+            "met": r["torch / layer"] >= 1.0,
+        }
+        for r in conv_rows
     ]
     return {
+        "conv_rows": conv_rows,
         "torch_version": torch.__version__,
         "torch_config": torch.__config__.parallel_info(),
         "uptime_before": uptime_before,
@@ -275,6 +285,82 @@ def bench_torch(
         "profiles": profiles,
         "checks": checks,
     }
+
+
+#: The CIFAR level shapes (H, W, C) of the per-layer comparison, batch 100.
+LAYER_SHAPES = [(16, 16, 12), (8, 8, 24), (4, 4, 48)]
+
+
+def bench_conv_layers(quick: bool) -> list[dict[str, Any]]:
+    """The CInC forward against PyTorch's ``conv2d`` of the same top-left padded convolution.
+
+    Per CIFAR level shape, batch 100, float32: flownp's ``CInCConv.forward`` (output and
+    log-det, NHWC) and its kernel alone (:func:`flownp.kernels.conv.conv_forward`) against
+    ``F.conv2d(F.pad(x, (k-1, 0, k-1, 0)), w)`` on an NCHW tensor (PyTorch's own layout, made
+    before timing) with ``w = K.transpose(3, 2, 0, 1)``; each at its best of 1 and 2 threads.
+    The outputs are compared first.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from flownp.kernels.conv import conv_forward
+    from flownp.layers import CInCConv
+    from flownp.testing import randomize_params
+    from verification.bench._common import interleaved
+
+    rows = []
+    shapes = [(4, 4, 3)] if quick else LAYER_SHAPES
+    batch = 4 if quick else 100
+    for H, W, C in shapes:
+        rng = np.random.default_rng(0)
+        layer = CInCConv(C, 3, corner="lu", guard=0.9, dtype="float32")
+        randomize_params(layer, rng)
+        K = np.ascontiguousarray(layer.kernel, dtype=np.float32)  # (k, k, C, C)
+        x = rng.standard_normal((batch, H, W, C)).astype(np.float32)
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        wt = torch.from_numpy(np.ascontiguousarray(K.transpose(3, 2, 0, 1)))
+        k = K.shape[0]
+
+        def torch_conv(xt=xt, wt=wt, k=k):
+            with torch.no_grad():
+                return F.conv2d(F.pad(xt, (k - 1, 0, k - 1, 0)), wt)
+
+        y_ref = torch_conv().numpy().transpose(0, 2, 3, 1)
+        diff = float(np.max(np.abs(layer.forward(x)[0] - y_ref)))
+        layer.clear_cache()
+
+        def layer_fwd(layer=layer, x=x):
+            layer.forward(x)
+            layer.clear_cache()
+
+        cases = {}
+        for n in THREAD_COUNTS:
+            cases[f"layer {n}"] = (None, _with_threads("flownp", n, layer_fwd))
+            cases[f"kernel {n}"] = (
+                None,
+                _with_threads("flownp", n, lambda x=x, K=K: conv_forward(x, K)),
+            )
+            cases[f"torch {n}"] = (None, _with_threads("torch", n, torch_conv))
+        res = interleaved(cases, 3 if quick else 15, warmup=2)
+        best = {
+            side: min(res[f"{side} {n}"]["median"] for n in THREAD_COUNTS)
+            for side in ("layer", "kernel", "torch")
+        }
+        rows.append(
+            {
+                "shape": f"{H}x{W}x{C}",
+                "batch": batch,
+                "flownp layer ms": 1e3 * best["layer"],
+                "flownp kernel ms": 1e3 * best["kernel"],
+                "torch conv2d ms": 1e3 * best["torch"],
+                "torch / layer": best["torch"] / best["layer"],
+                "torch / kernel": best["torch"] / best["kernel"],
+                "max |diff|": diff,
+            }
+        )
+        print(f"[bench] torch: conv {H}x{W}x{C}: torch/layer {rows[-1]['torch / layer']:.2f}")
+    torch.set_num_threads(max(THREAD_COUNTS))
+    return rows
 
 
 def render(s: dict[str, Any]) -> list[str]:
@@ -310,6 +396,15 @@ def render(s: dict[str, Any]) -> list[str]:
         + ", ".join(f"{r['model']} {r['loss diff']:.1e}" for r in s["rows"])
         + ".",
     ]
+    if s.get("conv_rows"):
+        L += [
+            "",
+            "CInC forward (3x3, LU corner, guard 0.9) against PyTorch's `conv2d` of the same "
+            "top-left padded convolution (NCHW input made before timing), float32, medians of "
+            "interleaved rounds, each at its best of 1 and 2 threads (ms):",
+            "",
+        ]
+        L += md_table(s["conv_rows"])
     for name, profs in s.get("profiles", {}).items():
         for who, prof in profs.items():
             L += ["", f"Profile of one training step of {name}, {who} (self CPU time):", ""]
@@ -318,8 +413,9 @@ def render(s: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m verification.bench_torch [--model NAME ...] [--task train|sample]``: the
-    section alone, for some models or one task; prints the Markdown table."""
+    """``python -m verification.bench_torch [--model NAME ...] [--task train|sample] [--conv]``:
+    the section alone, for some models or one task, or (``--conv``) only the per-layer CInC
+    forward against ``conv2d``; prints the Markdown tables."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -328,8 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", help="a substring of a model name (repeatable)")
     parser.add_argument("--task", choices=("train", "sample"), action="append")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--conv", action="store_true", help="only the per-layer comparison")
     args = parser.parse_args(argv)
     threads.configure()
+    if args.conv:
+        from verification.bench._common import md_table
+
+        print("\n".join(md_table(bench_conv_layers(args.quick))))
+        return 0
     res = bench_torch(args.quick, args.model, tuple(args.task or ("train", "sample")))
     print("\n".join(render(res)))
     return 0
