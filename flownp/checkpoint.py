@@ -17,7 +17,7 @@ in short, format version 2::
                             bit_generator.state), consecutive_bad, rejected_total, elapsed,
                             history (JSON list of the settings changed at each resume)
     /metrics/<table>/<col>  (optional) 1-D float64 columns of equal length (tables "train",
-                            "eval", "stability")
+                            "eval", "stability", "digits")
 
 **Writes are checked, then atomic.** Every parameter, optimizer moment and EMA weight must be
 finite (:class:`~flownp.errors.NonFiniteError` otherwise: nothing is written). The whole file

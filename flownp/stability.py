@@ -184,7 +184,7 @@ def solve_padded(y: np.ndarray, K: np.ndarray) -> np.ndarray:
     """
     K = np.ascontiguousarray(K, dtype=np.float64)
     perm, L, U = _linalg.plu(K[-1, -1].T, who="stability.solve_padded", check=False)
-    return K_.solve_wavefront(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
+    return K_.solve_raster(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
 
 
 def solve_transpose(z: np.ndarray, K: np.ndarray) -> np.ndarray:

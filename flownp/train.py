@@ -151,7 +151,7 @@ class LossMonitor:
 
     def is_high(self, loss: float) -> bool:
         lvl = self.level()
-        return bool(np.isfinite(lvl) and loss > self.threshold())
+        return bool(np.isfinite(lvl) and loss > lvl + max(self.margin, lvl))
 
     def threshold(self) -> float:
         """The loss above which a step is high: ``level + max(margin, level)``."""
@@ -179,7 +179,9 @@ class _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 with contextlib.suppress(ValueError, OSError):
-                    self._previous[sig] = signal.signal(sig, self._handle)
+                    previous = signal.signal(sig, self._handle)
+                    # None: a handler not installed from Python, which cannot be put back
+                    self._previous[sig] = signal.SIG_DFL if previous is None else previous
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -282,7 +284,8 @@ class TrainConfig:
     checkpoint_every : int
         Checkpoint period in steps (0 = only at the end).
     max_bad_steps : int
-        Consecutive rejected (non-finite) steps before training stops.
+        Consecutive bad steps (rejected as non-finite, or a loss far above its recent level,
+        see :class:`LossMonitor`) before training stops.
     seed : int
         Seeds the model initialisation, the data order and the dequantisation noise.
     time_limit : float or None
@@ -583,7 +586,7 @@ class Trainer:
                 cols[c] = [float(v) for v in stored.get(c, [])]
         tr = self.metrics["train"]
         for bpd, rejected in zip(tr["bpd"], tr["rejected"], strict=True):
-            if not rejected:
+            if not rejected and not self.monitor.is_high(bpd):  # as the live run judged it
                 self.monitor.add(bpd)
 
     def data_dependent_init(self) -> None:
@@ -976,8 +979,9 @@ class Trainer:
         self.check_stability()
         report_digits(self)  # MNIST-shaped models: share of legible samples (flownp.digits)
         if self.out_dir is not None:
-            if not self.save_if_usable():
-                self._diverged("the final state is not usable")
+            # A bad last step (fewer than max_bad_steps in a row) leaves the previous usable
+            # checkpoint in place; save_if_usable says so, and a broken state still raises.
+            self.save_if_usable()
             self._write_curves()
             try:
                 self.save_samples(self.out_dir / "samples.png")
@@ -1046,6 +1050,9 @@ class Trainer:
     def save_samples(self, path: str | os.PathLike, n: int = 64, temperature: float = 0.8) -> Path:
         with self.optimizer.ema_weights():
             x = self.model.sample(n, temperature=temperature, seed=self.config.seed)
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:  # drawn black in the picture, never silently
+            self.log(f"step {self.step}: {bad} non-finite pixel value(s) in the samples")
         try:
             return save_grid(x, path, title=f"samples, T = {temperature:g}, step {self.step}")
         except OSError as exc:

@@ -12,6 +12,7 @@ checkpoint has them.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
     if not np.isfinite(x).all():
         print(
             f"warning: {np.size(x) - np.count_nonzero(np.isfinite(x))} non-finite pixel "
-            "values in the samples (shown clipped)"
+            "values in the samples (drawn black)",
+            file=sys.stderr,
         )
     out = _output_path(args)
     save_grid(x, out, ncols=args.ncols, title=f"{args.num} samples, T = {args.temperature:g}")

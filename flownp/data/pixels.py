@@ -50,9 +50,6 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(u, nan=0.0), 0, 255).astype(np.uint8)
 
 
-# ---------------------------------------------------------------------- the loss
-
-
 def images_to_model(images: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """uint8 images -> the centres of their bins in model space, ``(u + 1/2) / 256 - 1/2``
     (exact in float32 and float64): :func:`dequantize` without noise."""

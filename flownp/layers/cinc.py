@@ -187,8 +187,9 @@ class CInCConv(Layer):
     init_std : float
         Standard deviation of the random initial taps (off-corner and corner off-diagonal).
     solver : {"auto", "wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`); ``"auto"`` picks the
-        raster or wavefront schedule by batch size (bitwise the same result).
+        Default inverse algorithm (see :mod:`flownp.kernels.conv`); ``"auto"`` is the raster
+        schedule (the wavefront gives bitwise the same result, with one barrier per
+        anti-diagonal).
     guard : float or None
         Stability guard ``rho`` in (0, 1). ``"triangular"``/``"unit"``: the off-diagonal
         taps of every output channel ``o`` are rescaled so that their absolute sum stays below

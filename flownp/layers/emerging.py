@@ -233,7 +233,7 @@ class EmergingConv(Layer):
     init_std : float
         Standard deviation of the random initial taps (the unmasked ones); diagonals start at 1.
     solver : {"auto", "wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`; ``"auto"``: by batch size).
+        Default inverse algorithm (see :mod:`flownp.kernels.conv`; ``"auto"``: raster).
     guard : float or None
         Stability guard ``rho`` in (0, 1), applied to both masked convolutions as in
         :class:`~flownp.layers.cinc.CInCConv` (:func:`flownp.layers.guard.guard_kernel`): each has
