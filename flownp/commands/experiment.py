@@ -51,12 +51,10 @@ def _csv(kind: type, name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flownp.commands.train import _guard_value
     from flownp.experiment import GridConfig
-    from flownp.model import CINC_CORNERS, SCALES, FlowConfig
     from flownp.train import TrainConfig
 
-    g, mc, tc = GridConfig(), FlowConfig(), TrainConfig()
+    g, tc = GridConfig(), TrainConfig()
     grid = parser.add_argument_group("grid")
     grid.add_argument(
         "--out", default="runs/experiment", help="experiment folder (run again to resume)"
@@ -144,58 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweep-images", type=int, default=200, help="samples per temperature and checkpoint"
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=tc.dataset, help="dataset spec, as in flownp train")
-    data.add_argument("--holdout", type=int, default=tc.holdout, help="held-out images")
-
-    model = parser.add_argument_group("model (the same for every variant; docs/model.md)")
-    model.add_argument("--levels", type=int, default=mc.levels, help="levels L")
-    model.add_argument("--width", type=int, default=mc.width, help="coupling hidden channels")
-    model.add_argument("--kernel-size", type=int, default=mc.kernel_size, help="k of CInC/emerging")
-    model.add_argument("--scale", choices=SCALES, default=mc.scale, help="coupling scale")
-    model.add_argument(
-        "--dtype", choices=("float32", "float64"), default=mc.dtype, help="training dtype"
-    )
-    model.add_argument(
-        "--cinc-corner", choices=CINC_CORNERS, default=mc.cinc_corner, help="CInC corner"
-    )
-    model.add_argument("--lu", action="store_true", help="LU-parameterised 1x1 convolutions")
-    model.add_argument(
-        "--guard",
-        type=_guard_value,
-        default=mc.guard,
-        metavar="RHO",
-        help="stability guard of CInC/emerging ('off' = none; default: %(default)s)",
-    )
-
-    opt = parser.add_argument_group("optimisation (the same for every run; docs/training.md)")
-    opt.add_argument("--batch-size", type=int, default=tc.batch_size, help="images per step")
-    opt.add_argument("--lr", type=float, default=tc.lr, help="Adam peak learning rate")
-    opt.add_argument("--warmup-steps", type=int, default=tc.warmup_steps, help="warmup steps")
-    opt.add_argument(
-        "--max-grad-norm", type=float, default=tc.max_grad_norm, help="clipping (0 = off)"
-    )
-    opt.add_argument("--ema-decay", type=float, default=tc.ema_decay, help="EMA decay (0 = off)")
-    opt.add_argument(
-        "--init-batch-size", type=int, default=tc.init_batch_size, help="actnorm init images"
-    )
-    opt.add_argument(
-        "--eval-every",
-        type=int,
-        default=200,
-        help="held-out evaluation period in steps (the points of the curves)",
-    )
-    opt.add_argument(
-        "--eval-size", type=int, default=tc.eval_size, help="images of the periodic evaluations"
-    )
-    opt.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=tc.checkpoint_every,
-        help="checkpoint period in steps (how much an interruption can lose)",
-    )
-    opt.add_argument(
-        "--max-bad-steps", type=int, default=tc.max_bad_steps, help="rejected steps in a row"
+    _train.add_config_options(
+        parser,
+        skip=("conv", "coupling", "depth", "seed"),
+        defaults={"lr": tc.lr, "warmup_steps": tc.warmup_steps, "eval_every": 200},
+        resume=False,
     )
 
 

@@ -79,10 +79,9 @@ TRAIN_OPTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flownp.model import CINC_CORNERS, CONVS, COUPLINGS, SCALES, FlowConfig
     from flownp.train import TrainConfig
 
-    mc, tc = FlowConfig(), TrainConfig()
+    tc = TrainConfig()
     run = parser.add_argument_group("run")
     run.add_argument(
         "--out",
@@ -129,14 +128,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of the run or minute when the output goes to a file)",
     )
 
-    data = parser.add_argument_group("data")
+    add_config_options(parser)
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    *,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, object] | None = None,
+    resume: bool = True,
+) -> None:
+    """The data, model and optimisation options of a run (``flownp train``; ``flownp
+    experiment`` shares them, without its grid axes). ``skip``: option names (dests) to leave
+    out; ``defaults``: other defaults (``lr`` / ``warmup_steps`` default to None here, meaning
+    the TrainConfig default, or the run's own when resuming); ``resume``: the command has
+    ``--resume`` (the help texts say what it changes)."""
+    from flownp.model import CINC_CORNERS, CONVS, COUPLINGS, SCALES, FlowConfig
+    from flownp.train import TrainConfig
+
+    mc, tc = FlowConfig(), TrainConfig()
+    defaults = defaults or {}
+
+    class _Group:
+        """An argument group that leaves out the skipped options and applies ``defaults``."""
+
+        def __init__(self, title: str) -> None:
+            self.group = parser.add_argument_group(title)
+
+        def add_argument(self, flag: str, **kw) -> None:
+            dest = flag.lstrip("-").replace("-", "_")
+            if dest in skip:
+                return
+            if dest in defaults:
+                kw["default"] = defaults[dest]
+            self.group.add_argument(flag, **kw)
+
+    data = _Group("data")
     data.add_argument(
         "--dataset",
         default=tc.dataset,
         help="dataset spec for flownp.data.load_dataset ('mnist' = the bundled "
         "MNIST test set: 9000 training / 1000 held-out images; 'array:FILE[:KEY]' = npz/npy/"
-        "HDF5 arrays; see docs/data.md). With --resume: where the training data is now, if it "
-        "moved (it must match the fingerprint stored in the checkpoint)",
+        "HDF5 arrays; see docs/data.md)"
+        + (
+            ". With --resume: where the training data is now, if it moved (it must match the "
+            "fingerprint stored in the checkpoint)"
+            if resume
+            else ""
+        ),
     )
     data.add_argument(
         "--holdout",
@@ -145,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="number of held-out images (default: the dataset's own split)",
     )
 
-    model = parser.add_argument_group("model (docs/model.md)")
+    model = _Group("model (docs/model.md)")
     model.add_argument("--levels", type=int, default=mc.levels, help="levels L (multi-scale)")
     model.add_argument("--depth", type=int, default=mc.depth, help="steps per level D")
     model.add_argument(
@@ -196,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "any image size; 'off' = none (docs/stability.md; default: %(default)s)",
     )
 
-    opt = parser.add_argument_group("optimisation (docs/training.md)")
+    opt = _Group("optimisation (docs/training.md)")
     opt.add_argument(
         "--batch-size", type=positive_int, default=tc.batch_size, help="images per step"
     )
@@ -204,14 +243,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=positive_float,
         default=None,
-        help=f"Adam peak learning rate (default: {tc.lr:g}; with --resume: the run's own)",
+        help=f"Adam peak learning rate (default: {tc.lr:g}"
+        + ("; with --resume: the run's own)" if resume else ")"),
     )
     opt.add_argument(
         "--warmup-steps",
         type=nonnegative_int,
         default=None,
-        help=f"linear learning-rate warmup in steps (default: {tc.warmup_steps}; with "
-        "--resume: restarts the warmup at the resumed step)",
+        help=f"linear learning-rate warmup in steps (default: {tc.warmup_steps}"
+        + ("; with --resume: restarts the warmup at the resumed step)" if resume else ")"),
     )
     opt.add_argument(
         "--max-grad-norm",
