@@ -23,7 +23,10 @@ again.
 After training, each run measures the time to sample ``sample_images`` images at
 ``temperature`` (EMA weights; the inverse of every layer included, kernels already compiled)
 and, for MNIST-shaped data, the share of those samples that the digit classifier of
-:mod:`flownp.digits` assigns to one digit with probability >= 0.9. Training time is the
+:mod:`flownp.digits` assigns to one digit with probability >= 0.9. When those samples contain
+a NaN/Inf (an undertrained model whose inverse overflows), the run records that and times the
+same computation on the latent mode (temperature 0) instead, so that every run has a sampling
+time; the report counts such runs. Training time is the
 trainer's clock: it includes the periodic held-out evaluations and checkpoints (the same
 schedule in steps for every variant) and the final evaluation on all held-out images; the
 seconds budget stops the steps, the final evaluation follows. Before the first run, every layer
@@ -51,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from flownp.data.pixels import dequantize
-from flownp.errors import FlownpError
+from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
 from flownp.model import CONVS, COUPLINGS, FlowConfig, FlowModel
 from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss
 
@@ -353,6 +356,9 @@ def run_one(
                 f"{run_dir} holds a finished run of another configuration ({'; '.join(bad)}); "
                 "use another --out"
             )
+        if "sample_nonfinite" not in result and result.get("status") == "done":
+            _complete_sampling(result, run_dir, grid, log)  # written by an older version
+            _write_json(result_path, result)
         result["skipped"] = True
         return result
 
@@ -391,9 +397,12 @@ def run_one(
         status, heldout, steps, stopped = "diverged", float("nan"), trainer.step, True
     if status == "done" and not math.isfinite(heldout):
         status = "non-finite"
-    sample_s, digit = float("nan"), None
+    sample_s, digit, nonfinite = float("nan"), None, False
     if status == "done":
-        sample_s, digit = _measure_sampling(trainer, grid, data)
+        with trainer.optimizer.ema_weights():
+            sample_s, digit, nonfinite = _measure_sampling(
+                trainer.model, grid, data, trainer.config.seed, file_log
+            )
     ev = trainer.metrics["eval"]
     result = {
         "budget": spec.budget,
@@ -411,6 +420,7 @@ def run_one(
         "parameters": trainer.model.num_params(),
         "sample_images": grid.sample_images,
         "sample_seconds": sample_s,
+        "sample_nonfinite": nonfinite,
         "digit_share": None if digit is None else digit.share,
         "digit_real_share": None if digit is None else digit.real_share,
         "curve": {"step": ev["step"], "seconds": ev["elapsed"], "bpd": ev["bpd"]},
@@ -421,22 +431,65 @@ def run_one(
     return result
 
 
-def _measure_sampling(trainer: Trainer, grid: GridConfig, data: Any) -> tuple[float, Any]:
-    """Seconds to sample ``grid.sample_images`` images (EMA weights, inverses included) and
-    the digit score of those samples (None when not MNIST-shaped)."""
-    from flownp.digits import score_samples
-    from flownp.errors import NonFiniteError, SingularKernelError
+_SAMPLING_FAILURES = (NonFiniteError, SingularKernelError, FloatingPointError)
 
-    model, n = trainer.model, grid.sample_images
+
+def _measure_sampling(
+    model: FlowModel, grid: GridConfig, data: Any, seed: int, log: Callable[[str], None]
+) -> tuple[float, Any, bool]:
+    """``(seconds, digit score, non-finite)`` of sampling ``grid.sample_images`` images with
+    the model's current weights (inverses included).
+
+    The digit score is None when the data is not MNIST-shaped. When the samples at
+    ``grid.temperature`` contain a NaN/Inf, the failure is logged, the score is None, the flag
+    is True and the seconds are those of :func:`_time_mode_sampling`.
+    """
+    from flownp.digits import score_samples
+
     try:
-        with trainer.optimizer.ema_weights():
-            t0 = time.perf_counter()
-            x = model.sample(n, temperature=grid.temperature, seed=trainer.config.seed)
-            seconds = time.perf_counter() - t0
-    except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
-        trainer.log(f"sampling failed: {exc}")
-        return float("nan"), None
-    return seconds, score_samples(x, data.test)
+        t0 = time.perf_counter()
+        x = model.sample(grid.sample_images, temperature=grid.temperature, seed=seed)
+        seconds = time.perf_counter() - t0
+    except _SAMPLING_FAILURES as exc:
+        log(f"sampling at temperature {grid.temperature:g} failed: {exc}")
+        return _time_mode_sampling(model, grid, seed, log), None, True
+    return seconds, score_samples(x, data.test), False
+
+
+def _time_mode_sampling(
+    model: FlowModel, grid: GridConfig, seed: int, log: Callable[[str], None]
+) -> float:
+    """Seconds of the sampling computation on the latent mode (temperature 0): the same
+    inverses, on a latent that an undertrained model can still invert. NaN if it fails."""
+    try:
+        t0 = time.perf_counter()
+        model.sample(grid.sample_images, temperature=0.0, seed=seed)
+        seconds = time.perf_counter() - t0
+    except _SAMPLING_FAILURES as exc:
+        log(f"sampling at temperature 0 failed too: {exc}")
+        return float("nan")
+    log(f"sampling time measured at temperature 0 instead: {seconds:.3f} s")
+    return seconds
+
+
+def _complete_sampling(
+    result: dict[str, Any], run_dir: Path, grid: GridConfig, log: Callable[[str], None]
+) -> None:
+    """Add ``sample_nonfinite`` to a finished run's result written without it, re-timing a
+    failed sampling on the latent mode from the run's checkpoint (EMA weights)."""
+    failed = not math.isfinite(result.get("sample_seconds", float("nan")))
+    result["sample_nonfinite"] = failed
+    ckpt = run_dir / "checkpoint.h5"
+    if not failed or not ckpt.exists():
+        return
+    from flownp.checkpoint import load_model
+
+    model = load_model(ckpt, use_ema=True)
+    seconds = _time_mode_sampling(
+        model, grid, int(result["seed"]), _file_logger(run_dir / "train.log")
+    )
+    result["sample_seconds"] = seconds
+    log(f"{run_dir.name}: sampling timed at temperature 0 from the checkpoint: {seconds:.2f} s")
 
 
 def _file_logger(path: Path) -> Callable[[str], None]:
@@ -512,6 +565,11 @@ def _result_line(r: dict[str, Any]) -> str:
             if math.isfinite(r["sample_seconds"])
             else "- (sampling failed, see train.log)"
         )
+        + (
+            " (timed at temperature 0: the samples had NaN/Inf values)"
+            if r.get("sample_nonfinite")
+            else ""
+        )
     )
     if r.get("digit_share") is not None:
         text += f"; {r['digit_share']:.0%} legible digits"
@@ -574,6 +632,7 @@ def summarize(grid: GridConfig, results: Sequence[dict[str, Any]]) -> list[dict[
                             "steps": [r["steps"] for r in ok],
                             "train_seconds": [r["train_seconds"] for r in ok],
                             "sample_seconds": [r["sample_seconds"] for r in ok],
+                            "sample_nonfinite": [bool(r.get("sample_nonfinite")) for r in ok],
                             "digit_share": [
                                 r["digit_share"] for r in ok if r.get("digit_share") is not None
                             ],
@@ -588,13 +647,18 @@ def summarize(grid: GridConfig, results: Sequence[dict[str, Any]]) -> list[dict[
     return rows
 
 
-def _sampling_cell(seconds: Sequence[float]) -> str:
-    """Mean ± std of the sampling times that were measured; failed samplings (non-finite
-    values in the inverse) are counted, not averaged."""
+def _sampling_cell(seconds: Sequence[float], nonfinite: Sequence[bool] | None = None) -> str:
+    """Mean ± std of the sampling times that were measured, with the count of runs whose
+    samples were non-finite (timed on the latent mode) and of runs not timed at all."""
     ok = [s for s in seconds if math.isfinite(s)]
     cell = format_mean_std(ok, 2)
-    failed = len(seconds) - len(ok)
-    return cell if not failed else f"{cell} ({failed} failed)"
+    notes = []
+    n_nonfinite = sum(bool(b) for b in nonfinite or ())
+    if n_nonfinite:
+        notes.append(f"{n_nonfinite} non-finite")
+    if len(seconds) - len(ok):
+        notes.append(f"{len(seconds) - len(ok)} failed")
+    return f"{cell} ({', '.join(notes)})" if notes else cell
 
 
 def format_table(rows: Sequence[dict[str, Any]], budget: str) -> str:
@@ -612,7 +676,7 @@ def format_table(rows: Sequence[dict[str, Any]], budget: str) -> str:
             format_mean_std(row["bpd"], 3),
             format_mean_std(row["steps"], 0),
             format_mean_std(row["train_seconds"], 0),
-            _sampling_cell(row["sample_seconds"]),
+            _sampling_cell(row["sample_seconds"], row["sample_nonfinite"]),
             format_mean_std(row["digit_share"], 1, scale=100.0) if row["digit_share"] else "–",
             str(row["failed"]),
         ]
@@ -638,7 +702,9 @@ def write_report(
         "Held-out bits/dim (all held-out images, EMA weights), training steps, training time "
         "(seconds, including the held-out evaluations and checkpoints), time to sample "
         f"{grid.sample_images} images at temperature {grid.temperature:g} (inverses included, "
-        "after training; a sampling that fails on a non-finite value is counted, not timed): "
+        "after training; when the samples of a run contain NaN/Inf values, the same "
+        "computation is timed on the latent mode, temperature 0, and the run is counted in "
+        "brackets as non-finite; its legible share is not measured): "
         "mean ± standard deviation over the seeds (ddof = 1). "
         "Failed: runs that diverged or ended with a non-finite held-out value (not averaged).",
     ]
@@ -695,6 +761,7 @@ def _write_results_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
         "train_seconds",
         "parameters",
         "sample_seconds",
+        "sample_nonfinite",
         "digit_share",
     )
     tmp = path.with_name(path.name + ".tmp")

@@ -258,3 +258,50 @@ def test_command_bad_input(tmp_path, fake_dataset, capsys):
 def test_failed_sampling_is_counted_not_averaged():
     assert E._sampling_cell([0.5, 0.7]) == "0.60 ± 0.14"
     assert E._sampling_cell([0.5, float("nan")]) == "0.50 (1 failed)"
+    assert E._sampling_cell([0.5, 0.7], [False, True]) == "0.60 ± 0.14 (1 non-finite)"
+
+
+class _OverflowingSampler:
+    """A model stub whose samples are non-finite above a temperature."""
+
+    def __init__(self, fails_above: float):
+        self.fails_above, self.temperatures = fails_above, []
+
+    def sample(self, n, *, temperature, seed):
+        from flownp.errors import NonFiniteError
+
+        self.temperatures.append(temperature)
+        if temperature > self.fails_above:
+            raise NonFiniteError("AffineCoupling.inverse: the output contains 3 NaN/Inf value(s)")
+        return np.zeros((n, 8, 8, 1))
+
+
+def test_non_finite_samples_are_timed_on_the_latent_mode():
+    grid, logs = tiny_grid(temperature=0.8), []
+    model = _OverflowingSampler(fails_above=0.0)
+    seconds, digit, nonfinite = E._measure_sampling(model, grid, None, 0, logs.append)
+    assert model.temperatures == [0.8, 0.0]
+    assert nonfinite and digit is None and math.isfinite(seconds) and seconds >= 0
+    assert "temperature 0.8 failed" in logs[0] and "3 NaN/Inf" in logs[0]
+    # a model that cannot be sampled even at its mode is not timed
+    model, logs = _OverflowingSampler(fails_above=-1.0), []
+    seconds, digit, nonfinite = E._measure_sampling(model, grid, None, 0, logs.append)
+    assert nonfinite and math.isnan(seconds) and "failed too" in logs[-1]
+
+
+def test_result_of_an_older_version_gets_its_sampling_completed(tmp_path, fake_dataset):
+    grid = tiny_grid()
+    run = grid.runs()[0]
+    E.run_one(grid, run, fake_dataset, tmp_path, log=lambda m: None)
+    path = tmp_path / run.folder(grid) / "result.json"
+    old = json.loads(path.read_text())
+    del old["sample_nonfinite"]
+    old["sample_seconds"] = float("nan")  # its sampling had failed
+    path.write_text(json.dumps(old))
+    logs: list[str] = []
+    again = E.run_one(grid, run, fake_dataset, tmp_path, log=logs.append)
+    assert again["skipped"] and again["sample_nonfinite"] is True
+    assert math.isfinite(again["sample_seconds"]) and "temperature 0" in logs[0]
+    stored = json.loads(path.read_text())
+    assert stored["sample_nonfinite"] is True and stored["sample_seconds"] > 0
+    assert "temperature 0" in (path.parent / "train.log").read_text()
