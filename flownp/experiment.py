@@ -489,7 +489,7 @@ def _complete_sampling(
         model, grid, int(result["seed"]), _file_logger(run_dir / "train.log")
     )
     result["sample_seconds"] = seconds
-    log(f"{run_dir.name}: sampling timed at temperature 0 from the checkpoint: {seconds:.2f} s")
+    log(f"{run_dir}: samples were non-finite; timed at temperature 0: {seconds:.2f} s")
 
 
 def _file_logger(path: Path) -> Callable[[str], None]:

@@ -694,11 +694,16 @@ class Trainer:
         summ["step"] = float(self.step)
         for c in STABILITY_COLUMNS:
             self.metrics["stability"][c].append(float(summ[c]))
+        worst = (
+            f"worst layer ||M^-1||_inf {summ['max_norm_inf']:.3g}, "
+            f"round trip {summ['max_layer_roundtrip_f32']:.2e}"
+            if rep.layers
+            else "no layer inverts by substitution"
+        )
         self.log(
             f"step {self.step}: inverse stability ({rep.num_images} held-out images): "
             f"reconstruction error float32 {rep.roundtrip_f32:.2e}, float64 "
-            f"{rep.roundtrip_f64:.2e}; worst layer ||M^-1||_inf {summ['max_norm_inf']:.3g}, "
-            f"round trip {summ['max_layer_roundtrip_f32']:.2e}; {rep.status}"
+            f"{rep.roundtrip_f64:.2e}; {worst}; {rep.status}"
         )
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -553,3 +553,20 @@ def test_sample_command_solve_precision(tmp_path, capsys):
     np.testing.assert_array_equal(out["model"], out["float64"])
     with pytest.raises(SystemExit):  # argparse rejects an unknown precision
         cli.main(["sample", str(ckpt), "--solve-precision", "float16"])
+
+
+def test_stability_log_of_a_model_without_substitutions_names_that(tmp_path):
+    from types import SimpleNamespace
+
+    from flownp.model import FlowConfig
+    from flownp.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (48, 8, 8, 1)).astype(np.uint8)
+    data = SimpleNamespace(train=imgs[:32], test=imgs[32:], shape=(8, 8, 1))
+    cfg = FlowConfig(image_shape=(8, 8, 1), levels=1, depth=1, width=4, conv="1x1")
+    tc = TrainConfig(steps=2, batch_size=16, init_batch_size=16, eval_every=0, seed=3)
+    logs: list[str] = []
+    Trainer(cfg, tc, data, out_dir=tmp_path, log=logs.append).run()
+    (line,) = [m for m in logs if "inverse stability" in m]
+    assert "no layer inverts by substitution" in line and "nan" not in line
