@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
+from flownp.model import SAMPLE_TEMPERATURE
 
 DIGIT_SHAPE = (28, 28, 1)
 CONFIDENCE = 0.9
@@ -262,7 +263,9 @@ def report_samples(samples: np.ndarray, print_fn: Callable[[str], None] = print)
         print_fn(score.format())
 
 
-def report_training(trainer: Any, *, n: int = 100, temperature: float = 0.8) -> DigitScore | None:
+def report_training(
+    trainer: Any, *, n: int = 100, temperature: float = SAMPLE_TEMPERATURE
+) -> DigitScore | None:
     """End-of-training report of a :class:`flownp.train.Trainer` with an MNIST-shaped model.
 
     Draws ``n`` samples at ``temperature`` with the EMA weights (seed = the run's seed), scores

@@ -55,7 +55,7 @@ import numpy as np
 
 from flownp.data.pixels import dequantize
 from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
-from flownp.model import CONVS, COUPLINGS, FlowConfig, FlowModel
+from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel
 from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss
 
 BUDGETS = ("steps", "seconds")
@@ -110,7 +110,7 @@ class GridConfig:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     sample_images: int = 100
-    temperature: float = 0.8
+    temperature: float = SAMPLE_TEMPERATURE
 
     def __post_init__(self) -> None:
         for name, allowed in (("convs", CONVS), ("couplings", COUPLINGS), ("budgets", BUDGETS)):
@@ -264,14 +264,17 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return mean, std, n
 
 
-def format_mean_std(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
-    """``"2.134 ± 0.012"`` (one value: ``"2.134"``; none: ``"–"``)."""
+def format_mean_std(
+    values: Iterable[float], digits: int = 3, scale: float = 1.0, *, signed: bool = False
+) -> str:
+    """``"2.134 ± 0.012"`` (one value: ``"2.134"``; none: ``"–"``; ``signed``: ``"+0.134"``)."""
     mean, std, n = mean_std(values)
     if n == 0:
         return "–"
+    sign = "+" if signed else ""
     if n == 1:
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+        return f"{mean * scale:{sign}.{digits}f}"
+    return f"{mean * scale:{sign}.{digits}f} ± {std * scale:.{digits}f}"
 
 
 # ---------------------------------------------------------------------- one run
@@ -684,6 +687,90 @@ def format_table(rows: Sequence[dict[str, Any]], budget: str) -> str:
     return "\n".join(lines)
 
 
+#: The paper's comparisons: ``(axis, candidate, baseline)``; the candidate is compared with
+#: the baseline at every other setting of the grid.
+CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("conv", "cinc", "emerging"),
+    ("conv", "cinc", "1x1"),
+    ("coupling", "quad", "affine"),
+)
+
+
+def paired_differences(
+    results: Sequence[dict[str, Any]], budget: str, axis: str, candidate: str, baseline: str
+) -> list[dict[str, Any]]:
+    """Seed-paired differences of held-out bits/dim, candidate minus baseline.
+
+    For every setting of the other axes (conv or coupling, and depth) with both variants
+    finished on some common seeds: ``diffs`` (one per common seed; negative means the
+    candidate is better), ``spread`` (the largest of three standard deviations over those
+    seeds: each variant's bits/dim and the paired differences; NaN with one seed) and
+    ``verdict``: ``"better"`` / ``"worse"`` when the mean difference is larger than the spread,
+    ``"within spread"`` when it is not, ``"one seed"`` when there is nothing to compare with.
+    """
+    other = "coupling" if axis == "conv" else "conv"
+    done = [
+        r
+        for r in results
+        if r["budget"] == budget and r["status"] == "done" and math.isfinite(r["heldout_bpd"])
+    ]
+    by_key = {(r[axis], r[other], r["depth"], r["seed"]): r["heldout_bpd"] for r in done}
+    out = []
+    for setting in sorted({(r[other], r["depth"]) for r in done}, key=lambda t: (t[1], t[0])):
+        seeds = sorted(
+            s
+            for (v, o, d, s) in by_key
+            if v == candidate and (o, d) == setting and (baseline, o, d, s) in by_key
+        )
+        if not seeds:
+            continue
+        a = [by_key[(candidate, *setting, s)] for s in seeds]
+        b = [by_key[(baseline, *setting, s)] for s in seeds]
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        mean = float(np.mean(diffs))
+        if len(seeds) < 2:
+            spread, verdict = math.nan, "one seed"
+        else:
+            spread = max(float(np.std(v, ddof=1)) for v in (a, b, diffs))
+            verdict = (
+                "within spread" if not abs(mean) > spread else ("better" if mean < 0 else "worse")
+            )
+        out.append(
+            {
+                other: setting[0],
+                "depth": setting[1],
+                "seeds": seeds,
+                "diffs": diffs,
+                "spread": spread,
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
+def format_claims(results: Sequence[dict[str, Any]], budget: str) -> str:
+    """The Markdown table of :data:`CLAIMS` for one budget (:func:`paired_differences`)."""
+    lines = [
+        "| claim | setting | D | seeds | difference (bits/dim) | seed spread | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for axis, candidate, baseline in CLAIMS:
+        for row in paired_differences(results, budget, axis, candidate, baseline):
+            setting = row["coupling"] if axis == "conv" else row["conv"]
+            spread = "–" if math.isnan(row["spread"]) else f"{row['spread']:.3f}"
+            verdict = {
+                "better": f"{candidate} better",
+                "worse": f"{baseline} better",
+                "within spread": "within the seed spread",
+                "one seed": "one seed: not resolved",
+            }[row["verdict"]]
+            lines.append(
+                f"| {candidate} vs {baseline} | {setting} | {row['depth']} | {len(row['seeds'])} "
+                f"| {format_mean_std(row['diffs'], 3, signed=True)} | {spread} | {verdict} |"
+            )
+    return "\n".join(lines)
+
+
 def write_report(
     grid: GridConfig, results: Sequence[dict[str, Any]], folder: str | os.PathLike
 ) -> Path:
@@ -741,6 +828,14 @@ def write_report(
             format_table(rows, budget),
             "",
             f"![held-out bits/dim]({figure.name})",
+            "",
+            "Paired comparisons (held-out bits/dim of the candidate minus the baseline, per "
+            "seed, then mean ± std over the common seeds; negative: the candidate is better). "
+            "Seed spread: the largest standard deviation over those seeds of either variant's "
+            "bits/dim and of the paired differences; a difference within it is not resolved "
+            "by these seeds.",
+            "",
+            format_claims(results, budget),
         ]
     path = folder / "report.md"
     path.write_text("\n".join(parts) + "\n")

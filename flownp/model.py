@@ -77,6 +77,10 @@ CONVS = ("cinc", "emerging", "1x1", "1x1+emerging")
 COUPLINGS = ("quad", "affine")
 SCALES = ("sigmoid", "exp")
 CINC_CORNERS = ("triangular", "unit", "lu")
+#: Latent temperature of the samples that the commands draw by default (``flownp train``
+#: ``samples.png``, ``flownp sample``, ``flownp experiment``), chosen by the share of samples
+#: the digit classifier finds legible (docs/experiments.md, "Choosing the sampling temperature").
+SAMPLE_TEMPERATURE = 0.8
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 

@@ -80,7 +80,7 @@ from flownp.errors import (
     WriteError,
 )
 from flownp.figures import plot_loss_curve, save_grid
-from flownp.model import FlowConfig, FlowModel
+from flownp.model import SAMPLE_TEMPERATURE, FlowConfig, FlowModel
 from flownp.optim import Adam
 from flownp.progress import Progress
 
@@ -308,7 +308,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     holdout: int | None = None
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -1052,7 +1052,9 @@ class Trainer:
         except OSError as exc:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
-    def save_samples(self, path: str | os.PathLike, n: int = 64, temperature: float = 0.8) -> Path:
+    def save_samples(
+        self, path: str | os.PathLike, n: int = 64, temperature: float = SAMPLE_TEMPERATURE
+    ) -> Path:
         with self.optimizer.ema_weights():
             x = self.model.sample(n, temperature=temperature, seed=self.config.seed)
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))

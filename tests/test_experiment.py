@@ -305,3 +305,42 @@ def test_result_of_an_older_version_gets_its_sampling_completed(tmp_path, fake_d
     stored = json.loads(path.read_text())
     assert stored["sample_nonfinite"] is True and stored["sample_seconds"] > 0
     assert "temperature 0" in (path.parent / "train.log").read_text()
+
+
+def _claim_result(conv, coupling, seed, bpd, *, budget="steps", depth=4, status="done"):
+    return {
+        "budget": budget,
+        "conv": conv,
+        "coupling": coupling,
+        "depth": depth,
+        "seed": seed,
+        "status": status,
+        "heldout_bpd": bpd,
+    }
+
+
+def test_paired_differences_by_hand():
+    results = [
+        *(_claim_result("cinc", "affine", s, v) for s, v in enumerate([2.0, 2.1, 2.2])),
+        *(_claim_result("emerging", "affine", s, v) for s, v in enumerate([2.5, 2.6, 2.7])),
+        *(_claim_result("1x1", "affine", s, v) for s, v in enumerate([2.0, 2.3, 1.9])),
+        _claim_result("1x1", "affine", 3, 9.0),  # no cinc partner: not paired
+        _claim_result("cinc", "affine", 0, 1.0, depth=8),
+        _claim_result("1x1", "affine", 0, 1.5, depth=8),
+        _claim_result("cinc", "affine", 1, float("nan"), depth=8, status="diverged"),
+        _claim_result("1x1", "affine", 1, 1.0, depth=8),
+        _claim_result("cinc", "affine", 0, 0.1, budget="seconds"),  # another budget
+    ]
+    (vs_emerging,) = E.paired_differences(results, "steps", "conv", "cinc", "emerging")
+    assert vs_emerging["seeds"] == [0, 1, 2] and vs_emerging["coupling"] == "affine"
+    assert np.allclose(vs_emerging["diffs"], [-0.5, -0.5, -0.5])
+    assert vs_emerging["spread"] == pytest.approx(0.1)  # std of 2.0, 2.1, 2.2
+    assert vs_emerging["verdict"] == "better"
+    d4, d8 = E.paired_differences(results, "steps", "conv", "cinc", "1x1")
+    assert np.allclose(d4["diffs"], [0.0, -0.2, 0.3]) and d4["verdict"] == "within spread"
+    assert d4["spread"] == pytest.approx(np.std([0.0, -0.2, 0.3], ddof=1))  # the differences'
+    assert d8["depth"] == 8 and d8["seeds"] == [0] and d8["verdict"] == "one seed"
+    assert E.paired_differences(results, "steps", "coupling", "quad", "affine") == []
+    table = E.format_claims(results, "steps")
+    assert "| cinc vs emerging | affine | 4 | 3 | -0.500 ± 0.000 | 0.100 | cinc better |" in table
+    assert "| cinc vs 1x1 | affine | 8 | 1 | -0.500 | – | one seed: not resolved |" in table

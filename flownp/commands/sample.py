@@ -26,6 +26,7 @@ from flownp.commands._common import (
 )
 from flownp.digits import report_samples
 from flownp.errors import DataError
+from flownp.model import SAMPLE_TEMPERATURE
 
 HELP = "write a PNG grid of samples from a checkpoint"
 
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-t",
         "--temperature",
         type=nonnegative_float,
-        default=0.8,
-        help="latent temperature T (standard deviation of the latent)",
+        default=SAMPLE_TEMPERATURE,
+        help="latent temperature T (standard deviation of the latent; default: %(default)s)",
     )
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the latent draw")
     parser.add_argument(
