@@ -90,7 +90,7 @@ def test_score_samples_shapes_and_report(mnist, capsys):
         G.features(np.zeros((2, 28, 28, 3), np.uint8))
 
 
-def test_report_training_and_temperature_sweep(mnist):
+def _digits_below_half(mnist):
     """A stand-in model whose samples are real digits at T <= 0.5 and noise above."""
 
     class Fake:
@@ -108,6 +108,25 @@ def test_report_training_and_temperature_sweep(mnist):
             eps = np.random.default_rng(seed).standard_normal((n, 784))
             return self.inverse(temperature * eps)
 
+    return Fake()
+
+
+def test_sweep_command_averages_the_given_checkpoints(mnist, monkeypatch, capsys):
+    from flownp import checkpoint, cli
+
+    monkeypatch.setattr(checkpoint, "load_model", lambda path: _digits_below_half(mnist))
+    args = ["experiment", "--temperature-sweep", "0.3,1.0", "--sweep-images", "50"]
+    assert cli.main([*args, "--checkpoint", "a.h5", "--checkpoint", "b.h5"]) == 0
+    out = capsys.readouterr().out
+    assert "a.h5:" in out and "b.h5:" in out  # one table per checkpoint
+    assert "mean ± std over the given checkpoints" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| the 2 checkpoints |")]
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert float(cells[0].split(" ± ")[0]) > 20 and cells[1].startswith("0.0")  # digits, noise
+
+
+def test_report_training_and_temperature_sweep(mnist):
+    Fake = lambda: _digits_below_half(mnist)  # noqa: E731
     rows = G.temperature_sweep(Fake(), [0.3, 1.0], n=100)
     assert rows[0][1].share > 0.3 and rows[1][1].share == 0.0
     assert "| 0.3 |" in G.format_sweep(rows)

@@ -226,12 +226,20 @@ def _sweep(args: argparse.Namespace) -> int:
         rows = temperature_sweep(model, args.temperature_sweep, n=args.sweep_images)
         print(f"{path}:\n{format_sweep(rows)}\n")
         run = path.parent  # <out>/runs/<budget>/<variant>/seed<k>
-        variant = str(path) if args.checkpoint else f"{run.parent.parent.name} {run.parent.name}"
+        variant = (
+            f"the {len(paths)} checkpoints"
+            if args.checkpoint
+            else f"{run.parent.parent.name} {run.parent.name}"
+        )
         for t, score in rows:
             by_variant.setdefault(variant, {}).setdefault(t, []).append(score.share)
     if len(paths) > 1:
         temps = list(args.temperature_sweep)
-        print("legible samples %, mean ± std over the checkpoints of each variant")
+        print(
+            "legible samples %, mean ± std over the given checkpoints"
+            if args.checkpoint
+            else "legible samples %, mean ± std over the checkpoints of each variant"
+        )
         print("| variant | " + " | ".join(f"T = {t:g}" for t in temps) + " |")
         print("|---|" + "---|" * len(temps))
         for variant, shares in by_variant.items():
