@@ -51,6 +51,9 @@ class Progress:
         Plain mode: a line at least every ``total / lines`` steps.
     every_seconds : float
         Plain mode: and at least every this many seconds.
+    seconds : float or None
+        A time budget of the loop (a training time limit): the plain line's ETA is the smaller
+        of the steps' estimate and the budget left. None: no budget.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Progress:
         lines: int = 50,
         every_seconds: float = 60.0,
         unit: str = "step",
+        seconds: float | None = None,
     ) -> None:
         if mode not in ("auto", "bar", "lines"):
             raise ValueError(f"Progress: mode must be 'auto', 'bar' or 'lines', got {mode!r}")
@@ -78,6 +82,7 @@ class Progress:
         self.every_steps = max(1, math.ceil(self.total / max(1, lines)))
         self.every_seconds = float(every_seconds)
         self.unit = unit
+        self.seconds = seconds
         self._t0 = self._t_last = time.perf_counter()
         self._n0 = self._n_last = self.n
         self._fields: dict[str, Any] = {}
@@ -120,6 +125,8 @@ class Progress:
         elapsed = now - self._t0
         done = self.n - self._n0
         eta = (self.total - self.n) * elapsed / done if done > 0 else float("nan")
+        if self.seconds is not None:
+            eta = min(eta, max(0.0, self.seconds - elapsed))  # min(nan, x) is nan: no estimate
         pct = 100.0 * self.n / self.total if self.total else 100.0
         parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} ({pct:.0f}%)"]
         parts += [f"{k.replace('_', '/')} {_fmt(v)}" for k, v in self._fields.items()]

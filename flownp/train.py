@@ -908,7 +908,13 @@ class Trainer:
                 ) from None
             if self.checkpoint_step is None:  # the starting state: always a usable checkpoint
                 self.save_if_usable()
-        bar = Progress(tc.steps, min(self.step, tc.steps), desc="train", enabled=self.progress)
+        bar = Progress(
+            tc.steps,
+            min(self.step, tc.steps),
+            desc="train",
+            enabled=self.progress,
+            seconds=None if tc.time_limit is None else max(0.0, tc.time_limit - self.elapsed),
+        )
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
         smooth, speed = float("nan"), float("nan")

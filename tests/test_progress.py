@@ -74,3 +74,17 @@ def test_format_seconds_and_bad_mode():
     assert format_seconds(float("nan")) == "?"
     with pytest.raises(ValueError, match="mode"):
         Progress(3, mode="fancy")
+
+
+def test_eta_respects_a_time_budget(monkeypatch):
+    import flownp.progress as P
+
+    clock = iter([0.0, 10.0])  # start, then the line 10 s later
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    bar = Progress(100_000, desc="train", stream=io.StringIO(), seconds=60.0, lines=1)
+    bar.n = 100  # 100 steps in 10 s: the steps would take 10,000 s more
+    assert bar.line().endswith("ETA 0:50")  # the budget ends first
+    clock = iter([0.0, 10.0])
+    bar = Progress(200, desc="train", stream=io.StringIO(), seconds=60.0, lines=1)
+    bar.n = 100
+    assert bar.line().endswith("ETA 0:10")  # the steps end first
