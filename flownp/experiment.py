@@ -26,7 +26,9 @@ and, for MNIST-shaped data, the share of those samples that the digit classifier
 :mod:`flownp.digits` assigns to one digit with probability >= 0.9. When those samples contain
 a NaN/Inf (an undertrained model whose inverse overflows), the run records that and times the
 same computation on the latent mode (temperature 0) instead, so that every run has a sampling
-time; the report counts such runs. Training time is the
+time; the report counts such runs. The result names the digit measure
+(:data:`flownp.digits.MEASURE`); a finished run scored by another one is scored again from its
+checkpoint (the same samples) when the grid command runs again. Training time is the
 trainer's clock: it includes the periodic held-out evaluations and checkpoints (the same
 schedule in steps for every variant) and the final evaluation on all held-out images; the
 seconds budget stops the steps, the final evaluation follows. Before the first run, every layer
@@ -54,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from flownp.data.pixels import dequantize
+from flownp.digits import MEASURE as DIGIT_MEASURE
 from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
 from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel
 from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss
@@ -362,6 +365,9 @@ def run_one(
         if "sample_nonfinite" not in result and result.get("status") == "done":
             _complete_sampling(result, run_dir, grid, log)  # written by an older version
             _write_json(result_path, result)
+        if _needs_rescore(result):
+            _rescore_digits(result, run_dir, grid, data, log)
+            _write_json(result_path, result)
         result["skipped"] = True
         return result
 
@@ -426,6 +432,7 @@ def run_one(
         "sample_nonfinite": nonfinite,
         "digit_share": None if digit is None else digit.share,
         "digit_real_share": None if digit is None else digit.real_share,
+        "digit_measure": None if digit is None else DIGIT_MEASURE,
         "curve": {"step": ev["step"], "seconds": ev["elapsed"], "bpd": ev["bpd"]},
         "config": expected,
     }
@@ -493,6 +500,46 @@ def _complete_sampling(
     )
     result["sample_seconds"] = seconds
     log(f"{run_dir}: samples were non-finite; timed at temperature 0: {seconds:.2f} s")
+
+
+def _needs_rescore(result: dict[str, Any]) -> bool:
+    """True for a finished run whose legible share was measured by another digit classifier
+    than :data:`flownp.digits.MEASURE` (its samples were finite and scored)."""
+    return (
+        result.get("status") == "done"
+        and result.get("digit_share") is not None
+        and result.get("digit_measure") != DIGIT_MEASURE
+    )
+
+
+def _rescore_digits(
+    result: dict[str, Any], run_dir: Path, grid: GridConfig, data: Any, log: Callable[[str], None]
+) -> None:
+    """Score the run's samples again with the current digit classifier: the same samples
+    (checkpoint's EMA weights, the grid's temperature and image count, the run's seed), so only
+    the measure changes; the sampling time is kept. Without a checkpoint the share is dropped."""
+    from flownp.checkpoint import load_model
+    from flownp.digits import score_samples
+
+    ckpt = run_dir / "checkpoint.h5"
+    result["digit_measure"] = DIGIT_MEASURE
+    if not ckpt.exists():
+        result["digit_share"] = result["digit_real_share"] = None
+        log(f"{run_dir}: no checkpoint to score its samples with the current digit classifier")
+        return
+    model = load_model(ckpt, use_ema=True)
+    try:
+        x = model.sample(grid.sample_images, temperature=grid.temperature, seed=int(result["seed"]))
+    except _SAMPLING_FAILURES as exc:
+        result["digit_share"] = result["digit_real_share"] = None
+        log(f"{run_dir}: sampling failed while scoring with the current classifier: {exc}")
+        return
+    score = score_samples(x, data.test)
+    if score is None:
+        result["digit_share"] = result["digit_real_share"] = None
+        return
+    result["digit_share"], result["digit_real_share"] = score.share, score.real_share
+    log(f"{run_dir}: samples scored with the current digit classifier: {score.share:.0%} legible")
 
 
 def _file_logger(path: Path) -> Callable[[str], None]:

@@ -124,7 +124,7 @@ class FlowConfig:
 
     image_shape: tuple[int, int, int] = (28, 28, 1)
     levels: int = 2
-    depth: int = 4
+    depth: int = 8
     width: int = 64
     conv: str = "cinc"
     coupling: str = "affine"

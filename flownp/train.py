@@ -308,7 +308,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     holdout: int | None = None
-    steps: int = 4000
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100

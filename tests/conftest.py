@@ -23,3 +23,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def serve_dataset(monkeypatch):
+    """``serve(data)``: the commands and trainers under test load ``data`` whatever dataset
+    they are given (``flownp.train.load_data`` patched); returns ``data``."""
+    from flownp import train
+
+    def serve(data):
+        monkeypatch.setattr(train, "load_data", lambda spec, holdout=None: data)
+        return data
+
+    return serve
+
+
+@pytest.fixture
+def fake_dataset(request, serve_dataset):
+    """The requesting test module's ``make_data()``, served as every dataset."""
+    return serve_dataset(request.module.make_data())

@@ -21,13 +21,6 @@ def make_data(n_train=64, n_test=16, seed=0):
     return rectangles_dataset(n_train, n_test, seed, SHAPE)
 
 
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    data = make_data()
-    monkeypatch.setattr(T, "load_data", lambda spec, holdout=None: data)
-    return data
-
-
 TINY = [
     "--conv",
     "cinc,1x1",
@@ -305,6 +298,31 @@ def test_result_of_an_older_version_gets_its_sampling_completed(tmp_path, fake_d
     stored = json.loads(path.read_text())
     assert stored["sample_nonfinite"] is True and stored["sample_seconds"] > 0
     assert "temperature 0" in (path.parent / "train.log").read_text()
+
+
+def test_result_scored_by_another_digit_measure_is_scored_again(tmp_path, serve_dataset):
+    data = serve_dataset(rectangles_dataset(32, 16, 0, (28, 28, 1)))  # MNIST-shaped: scored
+    grid = tiny_grid(steps=2)
+    run = grid.runs()[0]
+    first = E.run_one(grid, run, data, tmp_path, log=lambda m: None)
+    assert first["digit_measure"] == E.DIGIT_MEASURE and first["digit_share"] is not None
+    path = tmp_path / run.folder(grid) / "result.json"
+    old = json.loads(path.read_text())
+    old["digit_measure"], old["digit_share"] = "an older classifier", 0.123
+    path.write_text(json.dumps(old))
+    logs: list[str] = []
+    again = E.run_one(grid, run, data, tmp_path, log=logs.append)
+    assert again["skipped"] and again["digit_measure"] == E.DIGIT_MEASURE
+    assert again["digit_share"] == first["digit_share"]  # the same samples, the same measure
+    assert again["sample_seconds"] == first["sample_seconds"]  # timing kept
+    assert "scored with the current digit classifier" in logs[0]
+    assert json.loads(path.read_text())["digit_share"] == first["digit_share"]
+    # without its checkpoint the old share is dropped, not kept under the new name
+    old["digit_measure"] = "an older classifier"
+    path.write_text(json.dumps(old))
+    (path.parent / "checkpoint.h5").unlink()
+    again = E.run_one(grid, run, data, tmp_path, log=lambda m: None)
+    assert again["digit_share"] is None and again["digit_measure"] == E.DIGIT_MEASURE
 
 
 def _claim_result(conv, coupling, seed, bpd, *, budget="steps", depth=4, status="done"):

@@ -431,13 +431,6 @@ def test_resume_with_new_lr_and_warmup_is_recorded(tmp_path):
     assert entry["changes"] == {"steps": [4, 6], "lr": [3e-3, 1e-4], "warmup_steps": [2, 10]}
 
 
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    data = make_data()
-    monkeypatch.setattr(T, "load_data", lambda spec, holdout=None: data)
-    return data
-
-
 TINY = ["--levels", "1", "--depth", "2", "--width", "8", "--batch-size", "16"]
 TINY += ["--init-batch-size", "32", "--eval-every", "0", "--no-progress"]
 

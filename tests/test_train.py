@@ -233,11 +233,6 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the commands
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    data = make_data()
-    monkeypatch.setattr(T, "load_data", lambda spec, holdout=None: data)
-    return data
 
 
 TINY_ARGS = [

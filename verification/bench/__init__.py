@@ -23,9 +23,10 @@ Sections (each writes its part of ``DIR/report.md`` and ``DIR/results.json``):
                depth 4 and 8 (and 32 without ``--quick``); the Emerging/CInC ratio next to the
                paper's. Target 4.
 ``training``   images/s and model FLOP utilisation of a training step (forward, backward,
-               Adam) for "cifar-d4" and the default MNIST model, with a profile. Target 3.
+               Adam) for "cifar-d4" and "mnist-d4" (MNIST, L=2, D=4, width 64), with a
+               profile. Target 3.
 ``threads``    training step and sampling 100 images with 1 thread and with every usable CPU,
-               interleaved, for the default MNIST model, MNIST quad width 128, and CIFAR-shaped
+               interleaved, for MNIST D=4 (L=2, width 64), MNIST quad width 128, and CIFAR-shaped
                depth 4 and 8 with CInC, Glow (1x1) and Emerging; ``--compete`` adds the same
                with one competing CPU-bound process (started and stopped here); ``--model``
                selects models by name.

@@ -24,7 +24,7 @@ from verification.bench import train_step_fn
 t_import = time.perf_counter() - t0
 
 def work():
-    # what `flownp train` (default MNIST model) then `flownp sample` run: init, steps, sample
+    # what `flownp train` then `flownp sample` run: init, steps, sample (on a tiny model)
     cfg = FlowConfig(image_shape=(8, 8, 1), levels=2, depth=1, width=8, dtype="float32")
     m = FlowModel(cfg, seed=0)
     x = (np.random.default_rng(0).random((4, 8, 8, 1)) - 0.5).astype(np.float32)
