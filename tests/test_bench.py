@@ -16,6 +16,9 @@ def test_quick_bench_writes_report(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["sections"]) == set(bench.SECTION_NAMES)
     report = (tmp_path / "report.md").read_text()
+    # the command as a user would type it again, not the path of a script
+    assert res["command"] == f"python3 -m verification.bench --quick --out {tmp_path}"
+    assert f"Command: `python3 -m verification.bench --quick --out {tmp_path}`" in report
     for heading in ("## Machine", "## Targets", "## Per layer", "## Sampling", "## Training"):
         assert heading in report
     assert "## 1 thread against" in report

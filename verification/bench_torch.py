@@ -38,7 +38,7 @@ THREAD_COUNTS = (1, 2)
 #: name -> configuration (the issue's benchmark models; CIFAR = 32x32x3, L = 3, width 512)
 MODELS: dict[str, FlowConfig] = {
     "mnist D=4 (L=2, w64, CInC lu + affine)": FlowConfig(depth=4, dtype="float32"),
-    "mnist w128, CInC + quad": FlowConfig(width=128, coupling="quad", dtype="float32"),
+    "mnist D=8 w128, CInC + quad": FlowConfig(depth=8, width=128, coupling="quad", dtype="float32"),
     "cifar D=4, CInC + quad": FlowConfig((32, 32, 3), 3, 4, 512, "cinc", "quad", dtype="float32"),
     "cifar D=8, CInC + quad": FlowConfig((32, 32, 3), 3, 8, 512, "cinc", "quad", dtype="float32"),
     "cifar D=4, Glow (1x1 + affine)": FlowConfig(
@@ -355,7 +355,7 @@ def bench_conv_layers(quick: bool) -> list[dict[str, Any]]:
                 "torch conv2d ms": 1e3 * best["torch"],
                 "torch / layer": best["torch"] / best["layer"],
                 "torch / kernel": best["torch"] / best["kernel"],
-                "max |diff|": diff,
+                "max abs diff": diff,
             }
         )
         print(f"[bench] torch: conv {H}x{W}x{C}: torch/layer {rows[-1]['torch / layer']:.2f}")

@@ -29,4 +29,4 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--compete"]
     for m in args.model or []:
         argv += ["--model", m]
-    return main(argv)
+    return main(argv, prog="flownp bench")

@@ -26,10 +26,10 @@ Sections (each writes its part of ``DIR/report.md`` and ``DIR/results.json``):
                Adam) for "cifar-d4" and "mnist-d4" (MNIST, L=2, D=4, width 64), with a
                profile. Target 3.
 ``threads``    training step and sampling 100 images with 1 thread and with every usable CPU,
-               interleaved, for MNIST D=4 (L=2, width 64), MNIST quad width 128, and CIFAR-shaped
-               depth 4 and 8 with CInC, Glow (1x1) and Emerging; ``--compete`` adds the same
-               with one competing CPU-bound process (started and stopped here); ``--model``
-               selects models by name.
+               interleaved, for MNIST D=4 (L=2, width 64), MNIST D=8 quad width 128, and
+               CIFAR-shaped depth 4 and 8 with CInC, Glow (1x1) and Emerging; ``--compete``
+               adds the same with one competing CPU-bound process (started and stopped
+               here); ``--model`` selects models by name.
 ``memory``     peak memory of a training step (tracemalloc) with stored activations and with
                recomputation by the inverse, against depth; the two gradients compared.
                Target 6.
@@ -53,6 +53,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -90,6 +91,7 @@ def run_bench(
     n_threads: int | None = None,
     compete: bool = False,
     models: list[str] | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run the suite, write ``out/report.md``, ``out/results.json`` and the figure; return
     the results. ``sections``: a subset of :data:`SECTION_NAMES` (default all)."""
@@ -102,7 +104,7 @@ def run_bench(
     if unknown:
         raise ValueError(f"bench: unknown section(s) {unknown}; choose from {SECTION_NAMES}")
     res: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command or "verification.bench.run_bench (called from Python)",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": quick,
         "sections": {},
@@ -189,8 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m verification.bench", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python3 -m verification.bench") -> int:
+    """Command-line entry; ``prog`` is how the report names the command (with ``argv``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     res = run_bench(
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         n_threads=args.threads,
         compete=args.compete,
         models=args.model,
+        command=" ".join([prog, shlex.join(argv)]).strip(),
     )
     checks = [c for s in res["sections"].values() for c in s.get("checks", [])]
     for c in checks:

@@ -79,7 +79,7 @@ def bench_memory(quick: bool) -> dict[str, Any]:
     check = {
         "target": "6: recompute-path gradients = stored-activation gradients (float64)",
         "value": grad_diff,
-        "limit": "<= 1e-10 (max |difference| / max |gradient|)",
+        "limit": "<= 1e-10 (max abs difference / max abs gradient)",
         "met": grad_diff <= 1e-10 and abs(loss_a - loss_b) <= 1e-12 * abs(loss_a),
     }
 

@@ -34,7 +34,10 @@ def thread_models(quick: bool):
         }
     models = {
         "mnist D=4": (FlowConfig(depth=4, dtype="float32"), 64),
-        "mnist quad w128": (FlowConfig(width=128, coupling="quad", dtype="float32"), 64),
+        "mnist D=8 quad w128": (
+            FlowConfig(depth=8, width=128, coupling="quad", dtype="float32"),
+            64,
+        ),
     }
     for D in (4, 8):
         for name, conv in (("cinc", "cinc"), ("glow", "1x1"), ("emerging", "1x1+emerging")):
