@@ -523,23 +523,21 @@ def _rescore_digits(
 
     ckpt = run_dir / "checkpoint.h5"
     result["digit_measure"] = DIGIT_MEASURE
+    score = None
     if not ckpt.exists():
-        result["digit_share"] = result["digit_real_share"] = None
         log(f"{run_dir}: no checkpoint to score its samples with the current digit classifier")
-        return
-    model = load_model(ckpt, use_ema=True)
-    try:
-        x = model.sample(grid.sample_images, temperature=grid.temperature, seed=int(result["seed"]))
-    except _SAMPLING_FAILURES as exc:
-        result["digit_share"] = result["digit_real_share"] = None
-        log(f"{run_dir}: sampling failed while scoring with the current classifier: {exc}")
-        return
-    score = score_samples(x, data.test)
-    if score is None:
-        result["digit_share"] = result["digit_real_share"] = None
-        return
-    result["digit_share"], result["digit_real_share"] = score.share, score.real_share
-    log(f"{run_dir}: samples scored with the current digit classifier: {score.share:.0%} legible")
+    else:
+        model = load_model(ckpt, use_ema=True)
+        try:
+            seed = int(result["seed"])
+            x = model.sample(grid.sample_images, temperature=grid.temperature, seed=seed)
+            score = score_samples(x, data.test)
+        except _SAMPLING_FAILURES as exc:
+            log(f"{run_dir}: sampling failed while scoring with the current classifier: {exc}")
+    result["digit_share"] = None if score is None else score.share
+    result["digit_real_share"] = None if score is None else score.real_share
+    if score is not None:
+        log(f"{run_dir}: samples scored with the current digit classifier: {score.share:.0%}")
 
 
 def _file_logger(path: Path) -> Callable[[str], None]:
