@@ -686,3 +686,167 @@ def test_chw_reader_accepts_bytesio_batch(rng):
     x = images(rng, 2, 32, 32, 3)
     src = fd.formats.cifar_batch(io.BytesIO(pickle.dumps(cifar_dict(x, np.array([1, 2])))), "m")
     np.testing.assert_array_equal(src.train, x)
+
+
+# ------------------------------------------------- sizes checked before allocating, labels
+HUGE = 10**10  # images of 28x28: 7.8 TB, more than any machine that runs the suite
+
+
+def npy_header(shape: tuple[int, ...], dtype=np.uint8) -> bytes:
+    """The header of an ``.npy`` file declaring ``shape`` (the data is left out)."""
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    descr = npy.dtype_to_descr(np.dtype(dtype))
+    npy.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose IHDR declares ``width x height`` grayscale pixels, with one empty IDAT."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def _declaring_file(tmp_path: Path, case: str) -> str:
+    """A small file whose header declares far more than the memory; returns its spec."""
+    if case == "h5_images":
+        f = tmp_path / "d.h5"
+        with h5py.File(f, "w") as h:
+            h.create_dataset("train", shape=(HUGE, 28, 28, 1), dtype=np.uint8, chunks=True)
+        return f"array:{f}"
+    if case == "h5_labels":
+        f = tmp_path / "d.h5"
+        with h5py.File(f, "w") as h:
+            h["train"] = np.zeros((4, 3, 3, 1), np.uint8)
+            h.create_dataset("train_labels", shape=(10**12,), dtype=np.int64, chunks=True)
+        return f"array:{f}"
+    if case == "npy":
+        f = tmp_path / "d.npy"
+        f.write_bytes(npy_header((HUGE, 28, 28)) + b"\x00" * 64)
+        return f"array:{f}"
+    if case == "npz":
+        f = tmp_path / "d.npz"
+        import zipfile
+
+        with zipfile.ZipFile(f, "w") as z:
+            z.writestr("train.npy", npy_header((HUGE, 28, 28)) + b"\x00" * 64)
+        return f"array:{f}"
+    if case == "imagenet_npz":
+        f = tmp_path / "train_data_batch_1.npz"
+        import zipfile
+
+        with zipfile.ZipFile(f, "w") as z:
+            z.writestr("data.npy", npy_header((HUGE, 3 * 32 * 32)) + b"\x00" * 64)
+        return f"imagenet32:{f}"
+    if case == "idx_gz":
+        f = tmp_path / "train-images-idx3-ubyte.gz"
+        f.write_bytes(gzip.compress(struct.pack(">HBB3I", 0, 8, 3, 2**32 - 1, 28, 28)))
+        return f"mnist:{f}"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["h5_images", "h5_labels", "npy", "npz", "imagenet_npz", "idx_gz"])
+def test_declared_sizes_are_checked_before_allocating(tmp_path, case):
+    spec = _declaring_file(tmp_path, case)
+    with pytest.raises(DataError, match="declares .* more than the .* available") as ei:
+        load_dataset(spec)
+    assert str(tmp_path) in str(ei.value)
+
+
+def test_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    """An IDX .gz whose header declares 2x2 images followed by 100 MB of zeros (100 KB on
+    disk): refused as trailing bytes, decompressed in 1 MiB pieces (not the 100 MB)."""
+    import tracemalloc
+
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    head = struct.pack(">HBB3I", 0, 8, 3, 1, 2, 2) + b"\x00" * 4
+    f.write_bytes(gzip.compress(head + b"\x00" * 100_000_000, compresslevel=1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="more than 64 MiB of trailing bytes"):
+            load_dataset(f"mnist:{f}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000, peak
+
+
+def test_png_decompression_bomb_is_a_data_error(tmp_path):
+    png_header_only(tmp_path / "a.png", 20000, 20000)
+    with pytest.raises(DataError, match=r"a\.png: image too large to decode safely"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_png_folder_larger_than_memory_is_refused_before_stacking(tmp_path, rng, monkeypatch):
+    import flownp.limits
+
+    for i in range(3):
+        _save_png(tmp_path / f"{i}.png", images(rng, 1, 8, 8, 1)[0, ..., 0])
+    monkeypatch.setattr(flownp.limits, "available_memory", lambda: 150)  # 3 x 64 bytes > 150
+    with pytest.raises(DataError, match=r"declares 3 images \(3, 8, 8, 1\) uint8.*192 B"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+@pytest.mark.parametrize("label", [10, 200])
+def test_mnist_label_outside_0_to_9_is_refused(tmp_path, rng, label):
+    x = images(rng, 3, 4, 4, 1)[..., 0]
+    write_idx(tmp_path / "train-images-idx3-ubyte", x, False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([1, label, 2], np.uint8), False)
+    with pytest.raises(DataError, match=f"label {label} \\(image 1\\) is outside 0..9"):
+        load_dataset(f"mnist:{tmp_path}")
+
+
+@pytest.mark.parametrize("labels", [[0, -1, 2], [0, 10**12, 2]])
+def test_array_labels_must_be_class_numbers(tmp_path, rng, labels):
+    f = tmp_path / "d.npz"
+    np.savez(f, train=images(rng, 3, 4, 4, 1), train_labels=np.array(labels, np.int64))
+    with pytest.raises(DataError, match=f"label {labels[1]} .*outside 0..65535"):
+        load_dataset(f"array:{f}")
+
+
+def test_imagenet_label_above_1000_is_refused(tmp_path):
+    f = tmp_path / "train_data_batch_1.npz"
+    np.savez(f, data=np.zeros((2, 3 * 32 * 32), np.uint8), labels=np.array([1, 1001]))
+    with pytest.raises(DataError, match="labels are 1..1000, found 1001"):
+        load_dataset(f"imagenet32:{f}")
+
+
+@pytest.mark.parametrize("n, holdout", [(1, None), (1, 1), (5, 5), (5, 9)])
+def test_a_split_that_cannot_be_made_is_a_data_error(tmp_path, rng, n, holdout):
+    np.save(tmp_path / "x.npy", images(rng, n, 4, 4, 1))
+    with pytest.raises(DataError, match="at least 2 are needed|holdout must be between"):
+        load_dataset(f"array:{tmp_path / 'x.npy'}", holdout=holdout)
+
+
+@pytest.mark.parametrize(
+    "case", ["h5_images", "h5_labels", "idx_gz", "png_bomb", "one_image", "holdout"]
+)
+def test_bad_data_is_one_line_and_exit_code_2_on_the_command_line(tmp_path, capsys, case):
+    from flownp import cli
+
+    extra = []
+    if case == "png_bomb":
+        (tmp_path / "png").mkdir()
+        png_header_only(tmp_path / "png" / "a.png", 20000, 20000)
+        spec = f"folder:{tmp_path / 'png'}"
+    elif case == "one_image":
+        np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 1), np.uint8))
+        spec = f"array:{tmp_path / 'x.npy'}"
+    elif case == "holdout":
+        spec, extra = "mnist", ["--holdout", "10000"]
+    else:
+        spec = _declaring_file(tmp_path, case)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--dataset", spec, *extra, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("flownp train: error: "), err
+    assert not out.exists()

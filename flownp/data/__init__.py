@@ -185,12 +185,23 @@ def split_holdout(
     """Hold out the LAST ``holdout`` images: ``(train, train_labels, test, test_labels)``.
 
     ``1 <= holdout <= N - 1``; no shuffling, so the split is reproducible.
+
+    Raises
+    ------
+    DataError
+        Fewer than 2 images, or ``holdout`` outside ``1 .. N - 1`` (a ``ValueError``).
+    TypeError
+        ``holdout`` is not an int.
     """
     n = len(images)
     if isinstance(holdout, bool) or not isinstance(holdout, int | np.integer):
         raise TypeError(f"{where}: holdout must be an int, got {type(holdout).__name__}")
+    if n < 2:
+        raise DataError(
+            f"{where}: {n} image(s); at least 2 are needed, one to train on and one held out"
+        )
     if not 1 <= holdout <= n - 1:
-        raise ValueError(
+        raise DataError(
             f"{where}: holdout must be between 1 and N-1 = {n - 1} (N = {n} images), got {holdout}"
         )
     cut = n - int(holdout)
@@ -230,9 +241,11 @@ def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
     Raises
     ------
     DataError
-        Unknown spec, or a missing / corrupt / inconsistent file (the message names the file).
-    ValueError, TypeError
-        A bad ``holdout``.
+        Unknown spec, a missing / corrupt / inconsistent file (the message names the file), a
+        file declaring more images than the memory available, a label outside its format's
+        classes, or a ``holdout`` outside ``1 .. N - 1``.
+    TypeError
+        A ``holdout`` that is not an int.
     """
     if not isinstance(spec, str):
         raise TypeError(f"load_dataset: spec must be a str, got {type(spec).__name__}")

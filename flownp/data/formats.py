@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from flownp.errors import DataError
+from flownp.limits import check_allocation
 
 __all__ = [
     "Source",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
+#: MNIST, Fashion-MNIST and the other IDX data sets of ``mnist:`` have the labels 0..9.
+MNIST_CLASSES = 10
 
 # IDX type byte -> big-endian numpy dtype (LeCun's IDX description).
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -99,20 +102,6 @@ def _require_exists(path: Path, what: str) -> None:
         raise DataError(f"{path}: {what} not found (no such file or directory)")
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The content of ``path``, gunzipped if it starts with the gzip magic."""
-    _require_exists(path, "file")
-    if path.is_dir():
-        raise DataError(f"{path}: expected a file, got a directory")
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == GZIP_MAGIC:
-            raw = gzip.decompress(raw)
-    except _STREAM_ERRORS as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from e
-    return raw
-
-
 def _check_images(images: Any, where: str, *, allow_nhw: bool = True) -> np.ndarray:
     """uint8 (N, H, W, C) with N, H, W, C >= 1; (N, H, W) becomes (N, H, W, 1)."""
     if not isinstance(images, np.ndarray):
@@ -128,8 +117,13 @@ def _check_images(images: Any, where: str, *, allow_nhw: bool = True) -> np.ndar
     return images
 
 
-def _check_labels(labels: Any, n: int, where: str) -> np.ndarray:
-    """Integer labels (n,) as int64."""
+#: Labels of an array file are class numbers 0 .. MAX_CLASSES - 1 (a class-conditional model
+#: holds one row of parameters per class; a label of 10**12 is a corrupt file, not a class).
+MAX_CLASSES = 65536
+
+
+def _check_labels(labels: Any, n: int, where: str, classes: int = MAX_CLASSES) -> np.ndarray:
+    """Integer labels (n,) in ``0 .. classes - 1``, as int64."""
     try:
         arr = np.asarray(labels)
     except (TypeError, ValueError) as e:
@@ -140,7 +134,57 @@ def _check_labels(labels: Any, n: int, where: str) -> np.ndarray:
         raise DataError(f"{where}: labels must be integers, got dtype {arr.dtype}")
     if len(arr) != n:
         raise DataError(f"{where}: {n} images but {len(arr)} labels")
-    return arr.astype(np.int64)
+    out = arr.astype(np.int64)
+    bad = (out < 0) | (out >= classes) if len(out) else np.zeros(0, bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(
+            f"{where}: label {int(arr[i])} (image {i}) is outside 0..{classes - 1}; "
+            "the file is corrupt or not of this format"
+        )
+    return out
+
+
+def _check_declared(arrays: dict[str, tuple[tuple[int, ...], Any]], where: str) -> None:
+    """Refuse arrays whose declared shapes and dtypes (``{name: (shape, dtype)}``, from a file
+    header, before any of them is read) need more memory than the machine has available."""
+    nbytes = sum(
+        int(np.prod([int(d) for d in shape], dtype=object)) * np.dtype(dtype).itemsize
+        for shape, dtype in arrays.values()
+    )
+    what = ", ".join(
+        f"{name + ' ' if name else ''}{tuple(int(d) for d in shape)} {np.dtype(dtype).name}"
+        for name, (shape, dtype) in arrays.items()
+    )
+    check_allocation(nbytes, f"{where}: the file declares {what}, which")
+
+
+def _npy_header(fp: BinaryIO) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from the header of an ``.npy`` stream (None: a version this reader does
+    not know; ``np.load`` then judges the file)."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = npy.read_array_header_1_0(fp)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = npy.read_array_header_2_0(fp)
+    else:  # pragma: no cover - numpy writes versions 1 to 3
+        return None
+    return tuple(shape), dtype
+
+
+def _check_npz_sizes(path: Path, names: list[str], where: str) -> None:
+    """:func:`_check_declared` for the members ``names`` of an ``.npz`` (zip) file, from their
+    ``.npy`` headers: a compressed member is never inflated before its size is known."""
+    declared = {}
+    with zipfile.ZipFile(path) as z:
+        for name in names:
+            with z.open(f"{name}.npy") as fp:
+                found = _npy_header(fp)
+            if found is not None:
+                declared[name] = found
+    _check_declared(declared, where)
 
 
 def chw_rows_to_nhwc(rows: np.ndarray, size: int, where: str) -> np.ndarray:
@@ -183,38 +227,64 @@ def _concat(parts: list[Source], where: str) -> Source:
 # ---------------------------------------------------------------------------- IDX / MNIST
 def parse_idx(raw: bytes, where: str) -> np.ndarray:
     """Decode the bytes of one IDX file (already gunzipped) into a native-endian array."""
-    if len(raw) < 4:
-        raise DataError(f"{where}: truncated IDX file ({len(raw)} bytes, no header)")
-    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    return _read_idx_stream(io.BytesIO(raw), where)
+
+
+def _read_idx_stream(f: BinaryIO, where: str) -> np.ndarray:
+    """One IDX array from a stream: the header first, its declared size checked against the
+    available memory (:func:`_check_declared`), then exactly that many bytes, then nothing."""
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataError(f"{where}: truncated IDX file ({len(head)} bytes, no header)")
+    zero, type_code, ndim = struct.unpack(">HBB", head)
     if zero != 0 or type_code not in IDX_DTYPES or not 1 <= ndim <= 4:
         raise DataError(
-            f"{where}: wrong magic number 0x{raw[:4].hex()} (not an IDX file; expected "
+            f"{where}: wrong magic number 0x{head.hex()} (not an IDX file; expected "
             "00 00 <type 08..0e> <ndim 1..4>, e.g. 0x00000803 for images)"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{where}: truncated IDX header ({len(raw)} < {header} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    sizes = f.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DataError(f"{where}: truncated IDX header ({4 + len(sizes)} < {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", sizes)
     dtype = IDX_DTYPES[type_code]
+    _check_declared({"": (dims, dtype)}, where)
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) < expected:
+    body = f.read(expected - header)
+    if len(body) < expected - header:
         raise DataError(
             f"{where}: truncated IDX file: header says {dims} {dtype.name} "
-            f"({expected} bytes), file has {len(raw)} bytes"
+            f"({expected} bytes), file has {header + len(body)} bytes"
         )
-    if len(raw) > expected:
+    extra = 0
+    while chunk := f.read(1 << 20):  # counted, not kept
+        extra += len(chunk)
+        if extra > 1 << 26:
+            break
+    if extra:
         raise DataError(
-            f"{where}: IDX file has {len(raw) - expected} trailing bytes after the "
-            f"{dims} {dtype.name} array (inconsistent header)"
+            f"{where}: IDX file has {extra if extra <= 1 << 26 else 'more than 64 MiB of'} "
+            f"trailing bytes after the {dims} {dtype.name} array (inconsistent header)"
         )
-    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))  # a native-endian, writeable copy
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw, detected by content) into a numpy array."""
+    """Read one IDX file (``.gz`` or raw, detected by content) into a numpy array. A gzip file
+    is decompressed as a stream, so a header declaring more than the memory available is refused
+    before anything large is decompressed."""
     path = Path(path)
-    return parse_idx(_read_bytes(path), str(path))
+    _require_exists(path, "file")
+    if path.is_dir():
+        raise DataError(f"{path}: expected a file, got a directory")
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        try:
+            return _read_idx_stream(gzip.GzipFile(fileobj=raw) if gz else raw, str(path))
+        except _STREAM_ERRORS as e:
+            raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from e
 
 
 def _idx_images(path: Path) -> np.ndarray:
@@ -232,7 +302,7 @@ def _idx_labels(path: Path, n: int, images_path: Path) -> np.ndarray:
         raise DataError(f"{path}: IDX labels must be 1-D integers, got {arr.dtype} {arr.shape}")
     if len(arr) != n:
         raise DataError(f"{path}: {len(arr)} labels but {images_path.name} has {n} images")
-    return arr.astype(np.int64)
+    return _check_labels(arr, n, str(path), classes=MNIST_CLASSES)
 
 
 def read_mnist_pair(images: Path, labels: Path | None) -> Source:
@@ -349,11 +419,8 @@ def cifar_batch(f: BinaryIO, where: str) -> Source:
         raise DataError(f"{where}: pickle without 'data' (keys: {sorted(map(str, d))})")
     images = chw_rows_to_nhwc(d["data"], 32, where)  # (N, 32, 32, 3)
     labels = d.get("labels", d.get("fine_labels"))
-    y = None if labels is None else _check_labels(labels, len(images), where)
     classes = 10 if "labels" in d else 100  # CIFAR-10 'labels', CIFAR-100 'fine_labels'
-    if y is not None and len(y) and not (0 <= y.min() and y.max() < classes):
-        bad = int(y[(y < 0) | (y >= classes)][0])
-        raise DataError(f"{where}: label {bad} is outside 0..{classes - 1}; the file is corrupt")
+    y = None if labels is None else _check_labels(labels, len(images), where, classes)
     return Source(images, y)
 
 
@@ -411,6 +478,10 @@ def read_cifar10(path: str | Path) -> Source:
 
             def member_reader(name: str) -> Callable[[], Source]:
                 def read() -> Source:
+                    check_allocation(
+                        members[name].size,
+                        f"{where}:{members[name].name}: a member of {members[name].size} bytes",
+                    )
                     f = tar.extractfile(members[name])
                     assert f is not None  # isfile() members always have a file object
                     return cifar_batch(io.BytesIO(f.read()), f"{where}:{members[name].name}")
@@ -432,6 +503,7 @@ def imagenet_batch(path: Path, size: int) -> Source:
         with np.load(path, allow_pickle=False) as z:
             if "data" not in z.files:
                 raise DataError(f"{where}: npz without 'data' (keys: {sorted(z.files)})")
+            _check_npz_sizes(path, [n for n in ("data", "labels") if n in z.files], where)
             rows = z["data"]
             labels = z["labels"] if "labels" in z.files else None
     except DataError:
@@ -442,10 +514,9 @@ def imagenet_batch(path: Path, size: int) -> Source:
     y = None
     if labels is not None:
         y = _check_labels(labels, len(images), where)
-        if len(y) and y.min() < 1:
-            raise DataError(
-                f"{where}: downsampled-ImageNet labels are 1..1000, found {int(y.min())}"
-            )
+        if len(y) and (y.min() < 1 or y.max() > 1000):
+            bad = int(y.min()) if y.min() < 1 else int(y.max())
+            raise DataError(f"{where}: downsampled-ImageNet labels are 1..1000, found {bad}")
         y = y - 1  # 1..1000 -> 0..999
     return Source(images, y)
 
@@ -489,6 +560,8 @@ def read_png(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise DataError(f"{path}: not a PNG file (format {im.format})")
+            width, height = im.size
+            _check_declared({"": ((height, width, len(im.getbands())), np.uint8)}, str(path))
             im.load()
             mode = im.mode
             if mode == "1":
@@ -498,6 +571,8 @@ def read_png(path: Path) -> np.ndarray:
             arr = np.asarray(im)
     except DataError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, before decoding
+        raise DataError(f"{path}: image too large to decode safely ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated PNG ({e})") from e
     if arr.dtype != np.uint8:
@@ -521,6 +596,7 @@ def _stack_pngs(files: list[Path], where: str) -> np.ndarray:
     if not files:
         raise DataError(f"{where}: no .png files in this directory")
     first = read_png(files[0])
+    _check_declared({f"{len(files)} images": ((len(files), *first.shape), np.uint8)}, where)
     out = np.empty((len(files), *first.shape), np.uint8)  # (N, H, W, C)
     out[0] = first
     for i, p in enumerate(files[1:], start=1):
@@ -678,6 +754,11 @@ def read_array(path: str | Path, key: str | None = None) -> Source:
         raise DataError(f"{where}: array: expects a .npz, .npy, .h5 or .hdf5 file")
     try:
         with open(path, "rb") as f:
+            if suffix == ".npy":
+                found = _npy_header(f)
+                if found is not None:
+                    _check_declared({"": found}, where)
+                f.seek(0)
             loaded = np.load(f, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
                 if key is not None:
@@ -685,6 +766,7 @@ def read_array(path: str | Path, key: str | None = None) -> Source:
                 return Source(_check_images(loaded, where), None)
             with loaded as z:
                 roles = resolve_array_layout(list(z.files), where, key)
+                _check_npz_sizes(path, list(roles.values()), where)
                 arrays = {name: z[name] for name in roles.values()}
     except DataError:
         raise
@@ -709,6 +791,10 @@ def _read_h5(path: Path, key: str | None = None) -> Source:
                     raise DataError(
                         f"{where}['{name}']: images must be uint8, got dtype {datasets[name].dtype}"
                     )
+            _check_declared(
+                {name: (datasets[name].shape, datasets[name].dtype) for name in roles.values()},
+                where,
+            )
             arrays = {name: datasets[name][()] for name in roles.values()}
     except DataError:
         raise
