@@ -72,25 +72,109 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run on several processes (``mpiexec -n N flownp COMMAND``,
+#: docs/distributed.md); the others refuse to.
+DISTRIBUTED = ("train", "evaluate", "sample", "experiment")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from flownp import distributed
+
+    try:
+        comm = distributed.world()  # imports mpi4py only when started on several processes
+    except distributed.DistributedError as exc:
+        if distributed.launch_rank() == 0:  # one line, from process 0
+            print(f"flownp: error: {exc}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if comm.size == 1:
+        return _main(argv, comm)
+    return _main_distributed(argv, comm)
+
+
+def _main(argv: list[str], comm) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if comm.size > 1 and args.command not in DISTRIBUTED:
+        print(
+            f"flownp {args.command}: error: runs on one process only; start it without an MPI "
+            f"launcher (on several processes: {', '.join(DISTRIBUTED)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C; training saves first (TrainingInterrupted)
-        print(
-            f"flownp {args.command}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr
-        )
-        return 130
+        return _fail(comm, args.command, f"interrupted{f': {exc}' if str(exc) else ''}", 130, exc)
     except FlownpError as exc:
-        print(f"flownp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(comm, args.command, f"error: {exc}", 2, exc)
     except OSError as exc:  # the user's files or disk (permissions, full disk, ...)
-        print(f"flownp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(comm, args.command, f"error: {exc}", 2, exc)
+
+
+_REAL_STDERR = sys.stderr  # processes other than 0 print only their own errors, here (below)
+
+
+def _fail(comm, command: str, message: str, code: int, exc: BaseException) -> int:
+    """Print the error and return ``code``. On several processes an error every process
+    raised together is printed by process 0 only; an error of one process is printed by it,
+    naming it, and ends the whole job (the others would wait for it forever)."""
+    from flownp import distributed
+
+    if comm.size == 1 or distributed.is_collective(exc):
+        print(f"flownp {command}: {message}", file=sys.stderr)
+        return code
+    print(
+        f"flownp {command}: process {comm.rank} of {comm.size}: {message}",
+        file=_REAL_STDERR,
+        flush=True,
+    )
+    comm.abort(code)
+    return code
+
+
+def _main_distributed(argv: list[str], comm) -> int:
+    """:func:`_main` on one of several processes: they must run the same flownp with the
+    same options (checked first); only process 0 prints, except an error of its own."""
+    import os
+    import shlex
+    import traceback
+
+    from flownp import distributed, threads
+
+    global _REAL_STDERR
+    _REAL_STDERR = sys.stderr
+    quiet = None
+    if not comm.is_root:
+        quiet = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+        sys.stdout = sys.stderr = quiet
+    try:
+        try:
+            distributed.agree(
+                comm, {"flownp version": distributed.software(), "options": shlex.join(argv)}
+            )
+        except distributed.DistributedError as exc:
+            print(f"flownp: error: {exc}", file=sys.stderr)
+            return 2
+        threads.set_default(distributed.default_threads(comm))
+        return _main(argv, comm)
+    except SystemExit:
+        raise
+    except BaseException:  # a bug on this process: say where, end the job
+        print(
+            f"flownp: process {comm.rank} of {comm.size} failed:\n{traceback.format_exc()}",
+            file=_REAL_STDERR,
+            flush=True,
+        )
+        comm.abort(1)
+        return 1
+    finally:
+        if quiet is not None:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            quiet.close()
 
 
 if __name__ == "__main__":

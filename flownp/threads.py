@@ -72,9 +72,19 @@ def _set_env_defaults() -> dict[str, str]:
 _ENV_SET = _set_env_defaults()  # at import: before NumPy when flownp.threads comes first
 
 
+_DEFAULT: int | None = None  # set_default(): the processes of a node share its CPUs
+
+
 def default_threads() -> int:
-    """The default thread count of flownp (library and commands): every usable CPU."""
-    return usable_cpus()
+    """The default thread count of flownp (library and commands): every usable CPU, or what
+    :func:`set_default` chose (several processes on one node share its CPUs)."""
+    return usable_cpus() if _DEFAULT is None else _DEFAULT
+
+
+def set_default(n: int | None) -> None:
+    """Make ``n`` the default thread count (None: every usable CPU again)."""
+    global _DEFAULT
+    _DEFAULT = None if n is None else _check_n(n, "threads.set_default")
 
 
 def usable_cpus() -> int:

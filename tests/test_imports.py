@@ -65,6 +65,7 @@ RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("figures", ("flownp.figures",)),
     ("checkpoint", ("flownp.checkpoint",)),
     ("digits", ("flownp.digits",)),
+    ("distributed", ("flownp.distributed",)),
     ("train / latent", ("flownp.train", "flownp.latent")),
     ("experiment", ("flownp.experiment",)),
     ("verification", ("verification",)),

@@ -85,7 +85,8 @@ def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=thread_count,
         default=None,
-        help="threads of the kernels (default: all usable CPUs; docs/performance.md)",
+        help="threads of the kernels (default: all usable CPUs; with several processes, the "
+        "CPUs of a node divided among its processes; docs/performance.md)",
     )
 
 

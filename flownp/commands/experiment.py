@@ -120,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=thread_count,
         default=None,
-        help="threads of the kernels, the same for every run (default: all usable CPUs)",
+        help="threads of the kernels, the same for every run (default: all usable CPUs; with "
+        "several processes, the CPUs of a node divided among its processes)",
     )
     grid.add_argument("--progress", action="store_true", help="a progress bar per run")
 

@@ -119,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=thread_count,
         default=None,
-        help="threads of the kernels (default: all usable CPUs; docs/performance.md)",
+        help="threads of the kernels (default: all usable CPUs; with several processes, the "
+        "CPUs of a node divided among its processes; docs/performance.md)",
     )
     run.add_argument(
         "--no-progress",
