@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer, Module, check_dtype
 from flownp.layers.cinc import CInCConv
+from flownp.layers.conditional import ConditionalPrior, LatentClassifier, check_labels
 from flownp.layers.conv1x1 import Conv1x1
 from flownp.layers.coupling import AffineCoupling, QuadCoupling
 from flownp.layers.emerging import EmergingConv
@@ -120,6 +122,19 @@ class FlowConfig:
         Not used (stored as None) with ``conv="1x1"``, which has no substitution. Default 0.9
         (measured on MNIST: ``docs/stability.md``, section 7); a checkpoint written before the
         field existed loads with None.
+    num_classes : int
+        0: an unconditional model. K >= 2: a class-conditional model, whose top prior's mean
+        and log-scale get a learned linear function of the one-hot label
+        (:class:`~flownp.layers.conditional.ConditionalPrior`); it models ``p(x | y)`` and its
+        forward, inverse and sampling take labels ``0 .. K-1``.
+    weight_y : float
+        >= 0. When > 0 (class-conditional models only), the model has a linear classifier on
+        the spatial mean of its top latent (:class:`~flownp.layers.conditional.
+        LatentClassifier`, path ``classifier``) and training minimises
+        ``bits/dim + weight_y * cross-entropy in bits``.
+    n_bits : int
+        Bits per pixel of the data the model sees, 1..8 (:mod:`flownp.data.pixels`: N-bit
+        data, dequantised with U(0, 1/2^N); bits/dim counts ``D ln 2^N``). Default 8.
     """
 
     image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -134,6 +149,9 @@ class FlowConfig:
     cinc_corner: str = "lu"
     lu: bool = False
     guard: float | None = 0.9
+    num_classes: int = 0
+    weight_y: float = 0.0
+    n_bits: int = 8
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape)
@@ -180,6 +198,28 @@ class FlowConfig:
                 f"FlowConfig: the emerging convolution needs an odd kernel_size (two "
                 f"(k+1)/2 convolutions), got {self.kernel_size}"
             )
+        k = self.num_classes
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or k == 1:
+            raise ValueError(
+                f"FlowConfig: num_classes must be 0 (unconditional) or an int >= 2, got {k!r}"
+            )
+        object.__setattr__(self, "num_classes", int(k))
+        w = self.weight_y
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float, np.number))
+            or not (math.isfinite(w) and w >= 0)
+        ):
+            raise ValueError(f"FlowConfig: weight_y must be a finite number >= 0, got {w!r}")
+        object.__setattr__(self, "weight_y", float(w))
+        if self.weight_y > 0 and not self.num_classes:
+            raise ValueError(
+                "FlowConfig: weight_y > 0 needs a class-conditional model (num_classes >= 2)"
+            )
+        b = self.n_bits
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 8:
+            raise ValueError(f"FlowConfig: n_bits must be an int in 1..8, got {b!r}")
+        object.__setattr__(self, "n_bits", int(b))
         need = 4 if self.coupling == "quad" else 2
         for l, (_, _, c) in enumerate(self.level_shapes()):
             if c % need:
@@ -198,6 +238,11 @@ class FlowConfig:
             out.append((H, W, C))
             C //= 2  # the split keeps half
         return out
+
+    @property
+    def class_conditional(self) -> bool:
+        """True when the model is class-conditional (``num_classes >= 2``)."""
+        return self.num_classes > 0
 
     @property
     def num_dims(self) -> int:
@@ -363,8 +408,20 @@ class FlowModel(Layer):
     ----------
     levels : list of Level
         Per level, its layers (squeeze, steps) and its split (module docstring).
-    prior : LearnedPrior
-        The top prior (path ``prior``).
+    prior : LearnedPrior or ConditionalPrior
+        The top prior (path ``prior``); a :class:`~flownp.layers.conditional.ConditionalPrior`
+        for a class-conditional configuration (``num_classes >= 2``).
+    classifier : LatentClassifier or None
+        The linear classifier on the top latent (path ``classifier``) when
+        ``config.weight_y > 0``.
+    logits : np.ndarray or None
+        The classifier's logits ``(N, K)`` of the last :meth:`forward` (None without one).
+
+    Labels (class-conditional models): :meth:`forward`, :meth:`inverse`, :meth:`log_prob` and
+    :meth:`sample` take int labels ``(N,)`` in ``0 .. K-1``. ``labels=None`` in
+    :meth:`forward` / :meth:`inverse` gives the *label-free latent* (the prior without its
+    label term, an exact bijection of its own, used for latent editing); :meth:`log_prob`
+    and :meth:`sample` need the labels. An unconditional model refuses labels.
     """
 
     def __init__(self, config: FlowConfig, seed: int = 0, *, recompute: bool = False) -> None:
@@ -389,7 +446,20 @@ class FlowModel(Layer):
             if l < config.levels - 1:
                 split = level.add_layer("split", Split(c, dtype=dt))
             self.levels.append(Level(layers, split, f"level{l}/split"))
-        self.prior = self.add_layer("prior", LearnedPrior(shapes[-1], dtype=dt))
+        top = shapes[-1]
+        self.prior: LearnedPrior
+        if config.num_classes:
+            self.prior = self.add_layer(
+                "prior", ConditionalPrior(top, config.num_classes, dtype=dt)
+            )
+        else:
+            self.prior = self.add_layer("prior", LearnedPrior(top, dtype=dt))
+        self.classifier: LatentClassifier | None = None
+        if config.weight_y > 0:
+            self.classifier = self.add_layer(
+                "classifier", LatentClassifier(top[2], config.num_classes, dtype=dt)
+            )
+        self.logits: np.ndarray | None = None
 
     @property
     def flow(self) -> list[tuple[str, Module]]:
@@ -436,12 +506,39 @@ class FlowModel(Layer):
             raise TypeError(f"FlowModel: z has dtype {z.dtype}, the model is {self.dtype}")
         return z
 
-    # ------------------------------------------------------------------ flow
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x (N, H, W, C) -> (z (N, H*W*C), logdet (N,))``; ``logdet`` is float64.
+    def _check_labels(self, labels: Any, n: int) -> np.ndarray | None:
+        """``labels`` as int64 ``(n,)`` for a class-conditional model (None stays None); an
+        unconditional model refuses labels."""
+        if labels is None:
+            return None
+        if not self.config.num_classes:
+            raise ValueError(
+                "FlowModel: labels were given, but this model is not class-conditional "
+                "(num_classes = 0)"
+            )
+        return check_labels(labels, n, self.config.num_classes, "FlowModel")
 
-        ``log p(x) = log N(z; 0, I) + logdet`` (see :meth:`log_prob`).
-        """
+    def _need_labels(self, labels: Any, where: str) -> None:
+        if labels is None and self.config.num_classes:
+            raise ValueError(
+                f"FlowModel.{where}: this model is class-conditional (num_classes = "
+                f"{self.config.num_classes}): give labels"
+            )
+
+    def _prior_forward(
+        self, h: np.ndarray, labels: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        with layer_errors("prior", self.prior):
+            if labels is None:
+                return self.prior.forward(h)
+            return self.prior.forward(h, labels)  # type: ignore[call-arg]
+
+    # ------------------------------------------------------------------ flow
+    def forward_top(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Every node below the top prior: ``x -> (h, pieces, logdet)`` with ``h`` the top
+        latent before the prior ``(N, H_top, W_top, C_top)``, ``pieces`` the split latents
+        ``eps_l`` flattened to ``(N, -)`` and ``logdet`` (float64) of those nodes. The label
+        enters only after this (the top prior), so one call serves every class."""
         x = self._check_image(x)
         N = x.shape[0]
         logdet = np.zeros(N, dtype=np.float64)
@@ -462,23 +559,50 @@ class FlowModel(Layer):
                 logdet += ld
                 pieces.append(eps.reshape(N, -1))
                 split_eps.append(eps)
-        with layer_errors("prior", self.prior):
-            eps, ld = self.prior.forward(x)
-        logdet += ld
-        pieces.append(eps.reshape(N, -1))
         if self.recompute:
             self._cache = (x, split_eps)  # the top output and the split latents
+        return x, pieces, logdet
+
+    def forward(self, x: np.ndarray, labels: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``x (N, H, W, C) -> (z (N, H*W*C), logdet (N,))``; ``logdet`` is float64.
+
+        ``log p(x) = log N(z; 0, I) + logdet`` (see :meth:`log_prob`). ``labels``: int
+        ``(N,)`` of a class-conditional model (None: the label-free latent, class docstring).
+        A model with a classifier also sets :attr:`logits`.
+        """
+        labels = self._check_labels(labels, np.shape(x)[0] if np.ndim(x) else 0)
+        h, pieces, logdet = self.forward_top(x)
+        N = h.shape[0]
+        eps, ld = self._prior_forward(h, labels)
+        logdet += ld
+        pieces.append(eps.reshape(N, -1))
+        self.logits = None
+        if self.classifier is not None:
+            with layer_errors("classifier", self.classifier):
+                self.logits = self.classifier.forward(h)
         return np.concatenate(pieces, axis=1), logdet
 
-    def backward(self, dz: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
-        """Gradient of ``sum(z * dz) + sum(logdet * dlogdet)`` w.r.t. the last forward's
-        input; parameter gradients are added into :attr:`grads`."""
+    def backward(
+        self, dz: np.ndarray, dlogdet: np.ndarray, dlogits: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Gradient of ``sum(z * dz) + sum(logdet * dlogdet) (+ sum(logits * dlogits))``
+        w.r.t. the last forward's input; parameter gradients are added into :attr:`grads`.
+        ``dlogits`` (N, K): the gradient of the classifier's logits (models with a classifier;
+        None: zero)."""
         N = dz.shape[0]
         dz = self.check_grad(dz, (N, self.config.num_dims), "dz")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
         deps = self.split_latent(dz)  # level l's split latent is deps[l], the top one deps[-1]
         with layer_errors("prior", self.prior):
             dh = self.prior.backward(deps[-1], dlogdet)
+        if self.classifier is not None:
+            with layer_errors("classifier", self.classifier):
+                if dlogits is None:
+                    self.classifier.clear_cache()
+                else:
+                    dh = dh + self.classifier.backward(dlogits)
+        elif dlogits is not None:
+            raise ValueError("FlowModel.backward: dlogits given, but the model has no classifier")
         recomputed = self._cache is not None  # forward ran with recompute=True
         out, split_eps = self.pop_cache() if recomputed else (None, [])
         for l in reversed(range(len(self.levels))):
@@ -497,8 +621,11 @@ class FlowModel(Layer):
                     dh = layer.backward(dh, dlogdet)
         return dh
 
-    def inverse(self, z: np.ndarray, *, solve_precision: str = "model") -> np.ndarray:
-        """``z (N, H*W*C) -> x (N, H, W, C)``, the exact inverse of :meth:`forward`.
+    def inverse(
+        self, z: np.ndarray, labels: Any = None, *, solve_precision: str = "model"
+    ) -> np.ndarray:
+        """``z (N, H*W*C) -> x (N, H, W, C)``, the exact inverse of :meth:`forward` (with the
+        same ``labels``).
 
         ``solve_precision``: ``"model"`` (the model's dtype), ``"float64"`` (every CInC /
         Emerging substitution solved in float64, as the official code does) or ``"auto"``
@@ -509,11 +636,15 @@ class FlowModel(Layer):
             from flownp.stability import solve_precision as _solve_precision
 
             with _solve_precision(self, solve_precision):
-                return self.inverse(z)
+                return self.inverse(z, labels)
         z = self._check_latent(z)
+        labels = self._check_labels(labels, z.shape[0])
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
         with layer_errors("prior", self.prior):
-            h = self.prior.inverse(eps[-1])
+            if labels is None:
+                h = self.prior.inverse(eps[-1])
+            else:
+                h = self.prior.inverse(eps[-1], labels)  # type: ignore[call-arg]
         for l in reversed(range(len(self.levels))):
             level = self.levels[l]
             if level.split is not None:
@@ -525,12 +656,40 @@ class FlowModel(Layer):
         return h
 
     # ------------------------------------------------------------------ density, sampling
-    def log_prob(self, x: np.ndarray) -> np.ndarray:
-        """``log p(x)`` per sample (float64, nats), for ``x`` in model space (no dequantisation
+    def log_prob(self, x: np.ndarray, labels: Any = None) -> np.ndarray:
+        """``log p(x)`` (``log p(x | y)`` for a class-conditional model, which needs
+        ``labels``) per sample (float64, nats), for ``x`` in model space (no dequantisation
         offset; see :func:`flownp.train.bits_per_dim`)."""
-        z, logdet = self.forward(x)
+        self._need_labels(labels, "log_prob")
+        z, logdet = self.forward(x, labels)
         self.clear_cache()
         return log_normal(z) + logdet
+
+    def class_log_probs(self, x: np.ndarray) -> np.ndarray:
+        """``log p(x | y = k)`` for every class k of a class-conditional model, float64
+        ``(N, K)`` (nats, model space). The flow runs once (:meth:`forward_top`); each class
+        only changes the top prior (:meth:`ConditionalPrior.class_log_likelihoods`), so
+        ``argmax_k`` is the model's generative classifier."""
+        if not self.config.num_classes:
+            raise ValueError("FlowModel.class_log_probs: the model is not class-conditional")
+        h, pieces, logdet = self.forward_top(x)
+        self.clear_cache()
+        base = logdet.copy()
+        for p in pieces:
+            base += log_normal(p)
+        prior = self.prior
+        assert isinstance(prior, ConditionalPrior)
+        with layer_errors("prior", prior):
+            return base[:, None] + prior.class_log_likelihoods(h)
+
+    def predict_labels(self, x: np.ndarray) -> np.ndarray:
+        """The linear classifier's predicted labels ``(N,)`` (models with a classifier)."""
+        if self.classifier is None:
+            raise ValueError("FlowModel.predict_labels: the model has no classifier (weight_y 0)")
+        self.forward(x)
+        self.clear_cache()
+        assert self.logits is not None
+        return np.argmax(self.logits, axis=1).astype(np.int64)
 
     def sample(
         self,
@@ -538,17 +697,23 @@ class FlowModel(Layer):
         temperature: float = 1.0,
         seed: int | np.random.Generator = 0,
         *,
+        labels: Any = None,
         solve_precision: str = "model",
     ) -> np.ndarray:
         """``n`` images ``f^{-1}(T * eps)``, ``eps ~ N(0, I)`` (model space, about [-0.5, 0.5]);
-        ``solve_precision`` as in :meth:`inverse`."""
+        ``solve_precision`` as in :meth:`inverse`. A class-conditional model needs ``labels``:
+        one int (every sample of that class) or ``(n,)`` ints."""
         if n < 1:
             raise ValueError(f"FlowModel.sample: n must be >= 1, got {n}")
         if not temperature >= 0:
             raise ValueError(f"FlowModel.sample: temperature must be >= 0, got {temperature}")
+        self._need_labels(labels, "sample")
+        if labels is not None and np.ndim(labels) == 0:
+            labels = np.full(n, labels)
+        labels = self._check_labels(labels, n)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         z = (temperature * rng.standard_normal((n, self.config.num_dims))).astype(self.dtype)
-        return self.inverse(z, solve_precision=solve_precision)
+        return self.inverse(z, labels, solve_precision=solve_precision)
 
     # ------------------------------------------------------------------ initialisation
     @property

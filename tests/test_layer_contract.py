@@ -26,6 +26,7 @@ from flownp.layers import (
     ActNorm,
     AffineCoupling,
     CInCConv,
+    ConditionalPrior,
     Conv1x1,
     EmergingConv,
     Layer,
@@ -57,6 +58,27 @@ class SplitAsLayer(Layer):
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
         C1 = self.split.half
         return self.split.backward(dy[..., :C1], dy[..., C1:], dlogdet)
+
+
+class LabelledPrior(Layer):
+    """A :class:`ConditionalPrior` with the labels ``n mod K`` bound (a plain layer)."""
+
+    def __init__(self, prior: ConditionalPrior) -> None:
+        super().__init__(prior.dtype)
+        self.prior = self.add_layer("prior", prior)
+
+    def _labels(self, x: np.ndarray) -> np.ndarray | None:
+        n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
+        return np.arange(n) % self.prior.num_classes if n else None
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.prior.forward(x, self._labels(x))
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return self.prior.inverse(y, self._labels(y))
+
+    def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        return self.prior.backward(dy, dlogdet)
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,11 @@ CASES: dict[str, Case] = {
     "quad-exp": Case(_coupling(QuadCoupling, "exp"), noise=0.03),
     "quad-sigmoid": Case(_coupling(QuadCoupling, "sigmoid"), noise=0.03),
     "learned-prior": Case(lambda dt, s: LearnedPrior(SHAPE, dtype=dt), names=("z", "eps")),
+    "conditional-prior": Case(
+        lambda dt, s: LabelledPrior(ConditionalPrior(SHAPE, 3, dtype=dt)),
+        names=("z", "eps"),
+        owner="ConditionalPrior",
+    ),
     "split": Case(
         lambda dt, s: SplitAsLayer(Split(SHAPE[2], dtype=dt)), names=("x", "h"), owner="Split"
     ),

@@ -4,6 +4,7 @@
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer
 from flownp.layers.cinc import CInCConv
+from flownp.layers.conditional import ConditionalPrior, LatentClassifier
 from flownp.layers.conditioner import ConditionerNet
 from flownp.layers.conv1x1 import Conv1x1
 from flownp.layers.coupling import AffineCoupling, QuadCoupling
@@ -23,4 +24,6 @@ __all__ = [
     "Squeeze",
     "Split",
     "LearnedPrior",
+    "ConditionalPrior",
+    "LatentClassifier",
 ]

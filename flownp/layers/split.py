@@ -183,7 +183,7 @@ class LearnedPrior(Layer):
         shape = tuple(shape)
         if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
             raise ValueError(
-                f"LearnedPrior: shape must be (H, W, C) of positive ints, got {shape!r}"
+                f"{type(self).__name__}: shape must be (H, W, C) of positive ints, got {shape!r}"
             )
         self.shape = tuple(int(s) for s in shape)
         self.add_param("mean", np.zeros(self.shape))
@@ -193,7 +193,8 @@ class LearnedPrior(Layer):
         z = self.check_input(z, self.shape[2], name=name)
         if z.shape[1:] != self.shape:
             raise ValueError(
-                f"LearnedPrior: {name} must have shape (N, {', '.join(map(str, self.shape))}), "
+                f"{type(self).__name__}: {name} must have shape "
+                f"(N, {', '.join(map(str, self.shape))}), "
                 f"got {z.shape}"
             )
         return z
