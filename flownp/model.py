@@ -85,6 +85,8 @@ CINC_CORNERS = ("triangular", "unit", "lu")
 SAMPLE_TEMPERATURE = 0.8
 
 LOG_2PI = float(np.log(2.0 * np.pi))
+#: Most classes a class-conditional model may have (its label embedding is (K, C) per prior).
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,16 @@ class FlowConfig:
                 f"(k+1)/2 convolutions), got {self.kernel_size}"
             )
         k = self.num_classes
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or k == 1:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, (int, np.integer))
+            or k < 0
+            or k == 1
+            or k > MAX_CLASSES
+        ):
             raise ValueError(
-                f"FlowConfig: num_classes must be 0 (unconditional) or an int >= 2, got {k!r}"
+                f"FlowConfig: num_classes must be 0 (unconditional) or an int in 2..{MAX_CLASSES}"
+                f", got {k!r}"
             )
         object.__setattr__(self, "num_classes", int(k))
         w = self.weight_y

@@ -47,8 +47,9 @@ def images(rng, cfg, n):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"num_classes": 1}, "num_classes must be 0 .unconditional. or an int >= 2"),
+        ({"num_classes": 1}, "num_classes must be 0 .unconditional. or an int in 2..100000"),
         ({"num_classes": -2}, "num_classes must be 0"),
+        ({"num_classes": 10**12 + 1}, "num_classes must be 0"),
         ({"num_classes": 2.5}, "num_classes must be 0"),
         ({"num_classes": 0, "weight_y": 1.0}, "weight_y > 0 needs a class-conditional model"),
         ({"weight_y": -0.1}, "weight_y must be a finite number >= 0"),

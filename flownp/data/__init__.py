@@ -92,6 +92,10 @@ class Dataset:
         uint8 (M, H, W, C), the held-out images (same H, W, C).
     train_labels, test_labels : np.ndarray or None
         int64 (N,) and (M,) class labels, or None when the format has none.
+    num_classes : int or None
+        The number of classes K of labelled data (labels are ``0 .. K-1``): the format's own
+        (MNIST 10, ImageNet 1000, a PNG folder's class subfolders) or, by default, the
+        largest label + 1. None for unlabelled data.
     """
 
     name: str
@@ -99,6 +103,7 @@ class Dataset:
     test: np.ndarray
     train_labels: np.ndarray | None = None
     test_labels: np.ndarray | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -119,6 +124,24 @@ class Dataset:
                 f"Dataset {self.name!r}: train images are {self.train.shape[1:]} but test "
                 f"images are {self.test.shape[1:]}"
             )
+        labels = [y for y in (self.train_labels, self.test_labels) if y is not None and len(y)]
+        if not labels:
+            object.__setattr__(self, "num_classes", None)
+            return
+        low = min(int(y.min()) for y in labels)
+        high = max(int(y.max()) for y in labels)
+        k = self.num_classes
+        if k is None:
+            k = high + 1
+        if low < 0 or high >= k:
+            bad = low if low < 0 else high
+            raise DataError(f"Dataset {self.name!r}: label {bad} is outside the classes 0..{k - 1}")
+        object.__setattr__(self, "num_classes", int(k))
+
+    @property
+    def labelled(self) -> bool:
+        """True when both splits have labels (what a class-conditional model trains on)."""
+        return self.train_labels is not None and self.test_labels is not None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -127,7 +150,7 @@ class Dataset:
         return (int(H), int(W), int(C))
 
     def __repr__(self) -> str:
-        labels = "labelled" if self.train_labels is not None else "unlabelled"
+        labels = f"{self.num_classes} classes" if self.labelled else "unlabelled"
         return (
             f"Dataset({self.name!r}, train={len(self.train)}, test={len(self.test)}, "
             f"shape={self.shape}, {labels})"
@@ -210,12 +233,18 @@ def split_holdout(
     return images[:cut], ytr, images[cut:], yte
 
 
-def _to_dataset(name: str, src: Source, holdout: int | None) -> Dataset:
+# the number of classes of the formats that fix it (others: the PNG folder's subfolders, or
+# the largest label + 1)
+FORMAT_CLASSES = {"mnist": 10, "imagenet32": 1000, "imagenet64": 1000}
+
+
+def _to_dataset(name: str, src: Source, holdout: int | None, classes: int | None) -> Dataset:
+    classes = classes if classes is not None else src.num_classes
     if src.test is not None and holdout is None:
-        return Dataset(name, src.train, src.test, src.train_labels, src.test_labels)
+        return Dataset(name, src.train, src.test, src.train_labels, src.test_labels, classes)
     k = default_holdout(len(src.train)) if holdout is None else holdout
     train, ytr, test, yte = split_holdout(src.train, src.train_labels, k, name)
-    return Dataset(name, train, test, ytr, yte)
+    return Dataset(name, train, test, ytr, yte, classes)
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -260,7 +289,7 @@ def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
         images, labels = load_mnist_bundled()
         k = MNIST_HOLDOUT if holdout is None else holdout
         train, ytr, test, yte = split_holdout(images, labels, k, "mnist (bundled)")
-        return Dataset(spec, train, test, ytr, yte)
+        return Dataset(spec, train, test, ytr, yte, FORMAT_CLASSES["mnist"])
     if not arg.strip():
         raise DataError(f"load_dataset: spec {spec!r} needs a path: '{name}:PATH'")
     key = None
@@ -278,7 +307,7 @@ def load_dataset(spec: str, *, holdout: int | None = None) -> Dataset:
         src = read_png_folder(path)
     else:
         src = read_array(path, key)
-    return _to_dataset(spec, src, holdout)
+    return _to_dataset(spec, src, holdout, FORMAT_CLASSES.get(name))
 
 
 def absolute_spec(spec: str) -> str:

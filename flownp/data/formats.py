@@ -88,12 +88,16 @@ class Source:
     """What a reader found: images uint8 (N, H, W, C), labels int64 (N,) or None.
 
     ``test`` / ``test_labels`` are the format's own test split, or None when it has none.
+    ``num_classes``: the number of classes when the format says it (CIFAR-10: 10, a PNG folder:
+    its class subfolders), else None (derived from the labels by
+    :class:`~flownp.data.Dataset`).
     """
 
     train: np.ndarray
     train_labels: np.ndarray | None
     test: np.ndarray | None = None
     test_labels: np.ndarray | None = None
+    num_classes: int | None = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -610,25 +614,69 @@ def _stack_pngs(files: list[Path], where: str) -> np.ndarray:
     return out
 
 
-def read_png_folder(path: str | Path) -> Source:
-    """A directory of PNGs (sorted by file name; not recursive), no labels.
+def _class_dirs(root: Path) -> list[Path]:
+    """The subfolders of ``root`` that are classes (sorted by name; hidden ones skipped)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    If the directory has ``train/`` and ``test/`` subdirectories of PNGs, they are the two splits.
+
+def _png_split(root: Path, classes: list[str] | None = None) -> tuple[np.ndarray, Any, Any]:
+    """``(images, labels, class names)`` of one folder: its PNG files (no labels), or, when it
+    holds no PNG file, one subfolder of PNGs per class (label = the index of the subfolder's
+    name in ``classes``, by default its own sorted subfolders)."""
+    files = _png_files(root)
+    if files:
+        return _stack_pngs(files, str(root)), None, None
+    dirs = _class_dirs(root)
+    if not dirs:
+        raise DataError(f"{root}: no .png files and no class subfolders in this directory")
+    names = [d.name for d in dirs] if classes is None else classes
+    unknown = [d.name for d in dirs if d.name not in names]
+    if unknown:
+        raise DataError(
+            f"{root}: class subfolder(s) {unknown} are not classes of the training split "
+            f"({', '.join(names)})"
+        )
+    parts, labels = [], []
+    for d in dirs:
+        imgs = _stack_pngs(_png_files(d), str(d))
+        if parts and imgs.shape[1:] != parts[0].shape[1:]:
+            raise DataError(
+                f"{d}: images are {imgs.shape[1:]} (H, W, C) but {dirs[0].name}'s are "
+                f"{parts[0].shape[1:]}; all images must have the same size and channel count"
+            )
+        parts.append(imgs)
+        labels.append(np.full(len(imgs), names.index(d.name), dtype=np.int64))
+    return np.concatenate(parts), np.concatenate(labels), names
+
+
+def read_png_folder(path: str | Path) -> Source:
+    """A directory of PNGs (sorted by file name; not recursive), no labels; or, when the
+    directory holds no PNG file, one subfolder of PNGs per class: the labels are the indices
+    of the subfolders' names in sorted order (``cat/ dog/`` -> 0, 1).
+
+    If the directory has ``train/`` and ``test/`` subdirectories, they are the two splits
+    (each one of the two layouts; the classes are the training split's subfolders).
     """
     path = Path(path)
     _require_exists(path, "PNG folder")
     if not path.is_dir():
         raise DataError(f"{path}: folder: expects a directory of PNG images")
     if (path / "train").is_dir() and (path / "test").is_dir():
-        train = _stack_pngs(_png_files(path / "train"), str(path / "train"))
-        test = _stack_pngs(_png_files(path / "test"), str(path / "test"))
+        train, ytr, names = _png_split(path / "train")
+        test, yte, _ = _png_split(path / "test", names)
         if train.shape[1:] != test.shape[1:]:
             raise DataError(
                 f"{path}: train images are {train.shape[1:]} but test images are "
                 f"{test.shape[1:]} (inconsistent sizes)"
             )
-        return Source(train, None, test, None)
-    return Source(_stack_pngs(_png_files(path), str(path)), None)
+        if (ytr is None) != (yte is None):
+            raise DataError(
+                f"{path}: one of train/ and test/ has class subfolders, the other not; "
+                "use the same layout in both"
+            )
+        return Source(train, ytr, test, yte, None if names is None else len(names))
+    images, labels, names = _png_split(path)
+    return Source(images, labels, num_classes=None if names is None else len(names))
 
 
 # ---------------------------------------------------------------------------- npz / npy / HDF5
