@@ -180,7 +180,9 @@ def test_every_layer_class_is_registered():
     rng = np.random.default_rng(0)
     for name, make in {**V.LAYER_FACTORIES, **V.GRADIENT_ONLY_FACTORIES}.items():
         layer, _ = make(rng)
-        inner = getattr(layer, "split", None) or getattr(layer, "net", None) or layer
+        inner = layer
+        for wrapped in ("split", "net", "prior"):
+            inner = getattr(layer, wrapped, None) or inner
         made[type(inner).__name__] = name
     assert set(L.__all__) - {"Layer"} <= set(made), set(L.__all__) - set(made)
 

@@ -19,9 +19,11 @@ from flownp.layers import (
     ActNorm,
     AffineCoupling,
     CInCConv,
+    ConditionalPrior,
     ConditionerNet,
     Conv1x1,
     EmergingConv,
+    LatentClassifier,
     LearnedPrior,
     QuadCoupling,
     Split,
@@ -103,6 +105,44 @@ class ConditionerAsLayer(Layer):
         return self.net.backward(dy)
 
 
+class LabelledPrior(Layer):
+    """:class:`~flownp.layers.conditional.ConditionalPrior` with one label bound for every
+    sample (so that the Jacobian of a single sample is the batch's), seen as one flow layer
+    (parameters under ``prior/``)."""
+
+    def __init__(self, prior: ConditionalPrior, label: int) -> None:
+        super().__init__(prior.dtype)
+        self.prior = self.add_layer("prior", prior)
+        self.label = int(label)
+
+    def _labels(self, x: np.ndarray) -> np.ndarray:
+        return np.full(len(x), self.label)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.prior.forward(x, self._labels(x))
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return self.prior.inverse(y, self._labels(y))
+
+    def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        return self.prior.backward(dy, dlogdet)
+
+
+class ClassifierAsLayer(Layer):
+    """:class:`~flownp.layers.conditional.LatentClassifier` ``h -> logits (N, K)`` with a zero
+    log-det, for the gradient check only."""
+
+    def __init__(self, net: LatentClassifier) -> None:
+        super().__init__(net.dtype)
+        self.net = self.add_layer("net", net)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.net.forward(x), np.zeros(x.shape[0], dtype=self.dtype)
+
+    def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
+        return self.net.backward(dy)
+
+
 def _factory(
     build: Callable[[int], Layer], shape: tuple[int, int, int], scale: float, init: bool = True
 ) -> LayerFactory:
@@ -152,6 +192,9 @@ LAYER_FACTORIES: dict[str, LayerFactory] = {
     "Squeeze": _factory(lambda s: Squeeze(), (4, 4, 3), 0.0, False),
     "Split": _factory(lambda s: SplitAsLayer(Split(4)), _S344, 0.2, False),
     "LearnedPrior": _factory(lambda s: LearnedPrior(_S343), _S343, 0.3, False),
+    "ConditionalPrior(K=3, label 2)": _factory(
+        lambda s: LabelledPrior(ConditionalPrior(_S343, 3), 2), _S343, 0.3, False
+    ),
     **{
         f"{cls.__name__}(scale={scale})": _factory(
             lambda s, cls=cls, scale=scale: cls(4, 4, scale=scale, seed=s), _S344, 0.03
@@ -165,6 +208,9 @@ LAYER_FACTORIES: dict[str, LayerFactory] = {
 GRADIENT_ONLY_FACTORIES: dict[str, LayerFactory] = {
     "ConditionerNet(3 -> 6, width 4)": _factory(
         lambda s: ConditionerAsLayer(ConditionerNet(3, 6, 4, seed=s)), _S343, 0.1
+    ),
+    "LatentClassifier(3 -> 4 classes)": _factory(
+        lambda s: ClassifierAsLayer(LatentClassifier(3, 4)), _S343, 0.3, False
     ),
 }
 
