@@ -1,7 +1,9 @@
-r"""Adam written by hand, over flat ``{path: array}`` dicts (Kingma & Ba 2015, Algorithm 1).
+r"""Adam and Adamax written by hand, over flat ``{path: array}`` dicts (Kingma & Ba 2015,
+Algorithms 1 and 2).
 
-The optimizer keeps, for every parameter path ``k``, the first and second moments ``m[k]`` and
-``v[k]`` (same shape and dtype as the parameter) and, optionally, an exponential moving
+The optimizer keeps, for every parameter path ``k``, the first moment ``m[k]`` and a second
+statistic (Adam: the second moment ``v[k]``; Adamax: the exponentially weighted infinity norm
+``u[k]``), same shape and dtype as the parameter, and, optionally, an exponential moving
 average ``ema[k]`` of the parameter (Polyak averaging, as in openai/glow). One step ``t``
 (1-based) with gradients ``g``::
 
@@ -10,10 +12,20 @@ average ``ema[k]`` of the parameter (Polyak averaging, as in openai/glow). One s
     n      = sqrt(sum_k sum(g[k]^2))                          (global gradient norm, float64)
     g[k]  *= min(1, max_grad_norm / n)                        (clipping; None: no clipping)
     m[k]   = beta1 m[k] + (1 - beta1) g[k]
-    v[k]   = beta2 v[k] + (1 - beta2) g[k]^2
-    p[k]  -= lr_t * (m[k] / (1 - beta1^t)) / (sqrt(v[k] / (1 - beta2^t)) + eps)
+    Adam    v[k]  = beta2 v[k] + (1 - beta2) g[k]^2
+            p[k] -= lr_t * (m[k] / (1 - beta1^t)) / (sqrt(v[k] / (1 - beta2^t)) + eps)
+    Adamax  u[k]  = max(beta2 u[k], |g[k]|)
+            p[k] -= lr_t * (m[k] / (1 - beta1^t)) / (u[k] + eps)
     d_t    = min(ema_decay, (1 + t) / (10 + t))               (EMA warm-up; None: no EMA)
     ema[k] = d_t ema[k] + (1 - d_t) p[k]
+
+Adamax is Algorithm 2 of the paper with ``eps`` added to the denominator (as in TensorFlow and
+the Glow-lineage training scripts; ``torch.optim.Adamax`` instead adds it inside the maximum,
+``max(beta2 u, |g| + eps)``, which differs by ``O(eps / |g|)``). The Glow/Emerging/CInC
+script's own Adamax also multiplies the step by ``sqrt(1 - beta2^t)`` (Adam's second-moment
+bias correction, which the infinity norm does not need) and ties ``beta2`` and the Polyak
+decay to ``1 - 1 / (steps per epoch * polyak_epochs)``; flownp keeps the paper's update and
+``betas`` / ``ema_decay`` as separate settings.
 
 Parameters are updated **in place** (the arrays are the layers' own). Gradients are not
 modified (clipping scales a temporary). ``ema`` starts as a copy of the parameters at
@@ -21,7 +33,7 @@ construction, so build the optimizer *after* the data-dependent initialisation. 
 warms up as in TensorFlow's ``ExponentialMovingAverage(num_updates=t)``, so that a short run's
 average is not dominated by the initial weights.
 
-:meth:`Adam.step` refuses non-finite gradients (``NonFiniteError``) *before* touching any
+:meth:`Optimizer.step` refuses non-finite gradients (``NonFiniteError``) *before* touching any
 state, so a rejected step leaves parameters, moments, EMA and ``t`` exactly as they were.
 """
 
@@ -29,10 +41,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
 from flownp.errors import NonFiniteError
+
+#: The optimizers by name (``TrainConfig.optimizer``, ``--optimizer``).
+OPTIMIZERS = ("adam", "adamax")
 
 
 def global_norm(grads: dict[str, np.ndarray]) -> float:
@@ -44,8 +60,11 @@ def global_norm(grads: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(total))
 
 
-class Adam:
-    """Adam with bias correction, linear warmup, global-norm clipping and optional EMA weights.
+class Optimizer:
+    """The shared machinery of :class:`Adam` and :class:`Adamax` (module docstring): linear
+    warmup, global-norm clipping, optional EMA weights, non-finite rejection and the state.
+    A subclass names itself (:attr:`name`) and its second statistic (:attr:`second`, an
+    attribute holding one array per parameter) and writes :meth:`_update`.
 
     Parameters
     ----------
@@ -56,7 +75,7 @@ class Adam:
     betas : (float, float)
         ``(beta1, beta2)``.
     eps : float
-        Added to ``sqrt(v_hat)``.
+        Added to the denominator (``sqrt(v_hat)`` or ``u``).
     warmup_steps : int
         Linear warmup length in steps (0 = none).
     warmup_start : int
@@ -67,6 +86,9 @@ class Adam:
     ema_decay : float or None
         Polyak/EMA decay in [0, 1) (None = no EMA weights).
     """
+
+    name: str = ""
+    second: str = ""
 
     def __init__(
         self,
@@ -80,18 +102,19 @@ class Adam:
         max_grad_norm: float | None = None,
         ema_decay: float | None = None,
     ) -> None:
+        who = type(self).__name__
         if not (lr > 0 and np.isfinite(lr)):
-            raise ValueError(f"Adam: lr must be a finite number > 0, got {lr!r}")
+            raise ValueError(f"{who}: lr must be a finite number > 0, got {lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
+            raise ValueError(f"{who}: betas must be in [0, 1), got {betas!r}")
         if warmup_steps < 0:
-            raise ValueError(f"Adam: warmup_steps must be >= 0, got {warmup_steps!r}")
+            raise ValueError(f"{who}: warmup_steps must be >= 0, got {warmup_steps!r}")
         if warmup_start < 0:
-            raise ValueError(f"Adam: warmup_start must be >= 0, got {warmup_start!r}")
+            raise ValueError(f"{who}: warmup_start must be >= 0, got {warmup_start!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Adam: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+            raise ValueError(f"{who}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if ema_decay is not None and not 0 <= ema_decay < 1:
-            raise ValueError(f"Adam: ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+            raise ValueError(f"{who}: ema_decay must be in [0, 1) or None, got {ema_decay!r}")
         self.params = params
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
@@ -102,7 +125,7 @@ class Adam:
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.t = 0
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        setattr(self, self.second, {k: np.zeros_like(p) for k, p in params.items()})
         self.ema = {k: p.copy() for k, p in params.items()} if ema_decay is not None else None
 
     def lr_at(self, t: int) -> float:
@@ -114,7 +137,7 @@ class Adam:
     def ema_decay_at(self, t: int) -> float:
         """EMA decay used at step ``t`` (1-based): ``min(ema_decay, (1 + t) / (10 + t))``."""
         if self.ema_decay is None:
-            raise ValueError("Adam: no EMA (ema_decay is None)")
+            raise ValueError(f"{type(self).__name__}: no EMA (ema_decay is None)")
         return min(self.ema_decay, (1.0 + t) / (10.0 + t))
 
     def step(self, grads: dict[str, np.ndarray]) -> dict[str, float]:
@@ -122,36 +145,42 @@ class Adam:
 
         Raises :class:`NonFiniteError` (state untouched) if any gradient is NaN/Inf.
         """
+        who = type(self).__name__
         if grads.keys() != self.params.keys():
             missing = sorted(set(self.params) ^ set(grads))
-            raise KeyError(f"Adam.step: gradient keys differ from parameter keys: {missing}")
+            raise KeyError(f"{who}.step: gradient keys differ from parameter keys: {missing}")
         norm = global_norm(grads)
         if not np.isfinite(norm):
             bad = [k for k, g in grads.items() if not np.isfinite(g).all()]
-            raise NonFiniteError(f"Adam.step: non-finite gradient in {bad[:5]} (norm {norm})")
+            raise NonFiniteError(f"{who}.step: non-finite gradient in {bad[:5]} (norm {norm})")
         clip = 1.0
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             clip = self.max_grad_norm / norm
         self.t += 1
         t = self.t
         lr = self.lr_at(t)
-        b1, b2 = self.betas
-        c1 = 1.0 - b1**t  # bias corrections
-        c2 = 1.0 - b2**t
+        b1 = self.betas[0]
         d = self.ema_decay_at(t) if self.ema is not None else 0.0
+        second = getattr(self, self.second)
         for k, p in self.params.items():
             g = grads[k] * clip if clip != 1.0 else grads[k]
-            m, v = self.m[k], self.v[k]
+            m = self.m[k]
             m *= b1
             m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * np.square(g)
-            p -= (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
+            self._update(p, g, m, second[k], lr / (1.0 - b1**t), t)
             if self.ema is not None:
                 e = self.ema[k]
                 e *= d
                 e += (1.0 - d) * p
         return {"lr": lr, "grad_norm": norm, "clip": clip}
+
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, m: np.ndarray, s: np.ndarray, step: float, t: int
+    ) -> None:
+        """Update the second statistic ``s`` and the parameter ``p`` in place, given the
+        clipped gradient ``g``, the updated first moment ``m`` and ``step = lr_t / (1 -
+        beta1^t)``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ EMA weights
     @contextmanager
@@ -177,6 +206,7 @@ class Adam:
         """Everything needed to continue exactly: hyper-parameters, ``t``, moments, EMA."""
         return {
             "hparams": {
+                "optimizer": self.name,
                 "lr": self.lr,
                 "beta1": self.betas[0],
                 "beta2": self.betas[1],
@@ -188,14 +218,23 @@ class Adam:
             },
             "t": self.t,
             "m": {k: a.copy() for k, a in self.m.items()},
-            "v": {k: a.copy() for k, a in self.v.items()},
+            self.second: {k: a.copy() for k, a in getattr(self, self.second).items()},
             "ema": None if self.ema is None else {k: a.copy() for k, a in self.ema.items()},
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore ``t``, moments and EMA (copied into the existing arrays)."""
+        """Restore ``t``, moments and EMA (copied into the existing arrays). A state of another
+        optimizer (``hparams["optimizer"]``; absent: ``"adam"``, as written before Adamax
+        existed) is refused: its statistics mean something else."""
+        who = type(self).__name__
+        hparams: dict[str, Any] = dict(state.get("hparams") or {})  # type: ignore[call-overload]
+        kind = hparams.get("optimizer", "adam")
+        if kind != self.name:
+            raise ValueError(
+                f"{who}.load_state_dict: the state is of the {kind!r} optimizer, not {self.name!r}"
+            )
         self.t = int(state["t"])  # type: ignore[arg-type]
-        for name in ("m", "v", "ema"):
+        for name in ("m", self.second, "ema"):
             dst = getattr(self, name)
             src = state.get(name)
             if dst is None:
@@ -205,14 +244,55 @@ class Adam:
                     for k, p in self.params.items():
                         dst[k][...] = p
                     continue
-                raise KeyError(f"Adam.load_state_dict: missing {name!r}")
+                raise KeyError(f"{who}.load_state_dict: missing {name!r}")
             if src.keys() != dst.keys():  # type: ignore[union-attr]
                 diff = sorted(set(src) ^ set(dst))  # type: ignore[arg-type]
-                raise KeyError(f"Adam.load_state_dict: {name} keys differ: {diff[:5]}")
+                raise KeyError(f"{who}.load_state_dict: {name} keys differ: {diff[:5]}")
             for k, a in dst.items():
                 s = np.asarray(src[k])  # type: ignore[index]
                 if s.shape != a.shape:
                     raise ValueError(
-                        f"Adam.load_state_dict: {name}/{k} has shape {s.shape}, expected {a.shape}"
+                        f"{who}.load_state_dict: {name}/{k} has shape {s.shape}, expected {a.shape}"
                     )
                 a[...] = s
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015, Algorithm 1) with bias correction, linear warmup, global-norm
+    clipping and optional EMA weights (module docstring; parameters: :class:`Optimizer`).
+    State: ``m`` and ``v``."""
+
+    name = "adam"
+    second = "v"
+
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step: float, t: int
+    ) -> None:
+        b2 = self.betas[1]
+        v *= b2
+        v += (1.0 - b2) * np.square(g)
+        p -= step * m / (np.sqrt(v / (1.0 - b2**t)) + self.eps)
+
+
+class Adamax(Optimizer):
+    """Adamax (Kingma & Ba 2015, Algorithm 2; the official training script's default) with
+    linear warmup, global-norm clipping and optional EMA weights (module docstring; parameters:
+    :class:`Optimizer`). State: ``m`` and ``u``, the exponentially weighted infinity norm."""
+
+    name = "adamax"
+    second = "u"
+
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, m: np.ndarray, u: np.ndarray, step: float, t: int
+    ) -> None:
+        np.maximum(self.betas[1] * u, np.abs(g), out=u)
+        p -= step * m / (u + self.eps)
+
+
+def make_optimizer(name: str, params: dict[str, np.ndarray], **kw: Any) -> Optimizer:
+    """``Adam(params, **kw)`` or ``Adamax(params, **kw)`` by ``name`` (one of
+    :data:`OPTIMIZERS`)."""
+    classes = {"adam": Adam, "adamax": Adamax}
+    if name not in classes:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return classes[name](params, **kw)

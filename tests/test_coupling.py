@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy.special import expit
 
 from flownp.errors import NonFiniteError
-from flownp.layers.coupling import AffineCoupling, QuadCoupling
+from flownp.layers.coupling import AdditiveCoupling, AffineCoupling, QuadCoupling
 from flownp.testing import dense_jacobian, randomize_params
 
 CLASSES = [AffineCoupling, QuadCoupling]
@@ -178,6 +178,27 @@ def test_initial_map_and_param_paths(cls, rng):
     y, logdet = exp_layer.forward(x)
     np.testing.assert_array_equal(y, x)
     np.testing.assert_array_equal(logdet, 0)
+
+
+def test_additive_coupling_is_a_shift_with_zero_logdet(rng):
+    """y = [x_a, x_b + net(x_a)], the net outputs C/2 channels (the shift only), logdet 0."""
+    C, w = 6, 5
+    layer = AdditiveCoupling(C, w, seed=2)
+    assert layer.params["net/conv_out/weight"].shape == (3, 3, w, C // 2)
+    x = rng.standard_normal((2, 3, 4, C))
+    layer.forward(x)  # data-dependent initialisation of the net's actnorms
+    layer.clear_cache()
+    randomize_params(layer, rng, 0.1)
+    y, logdet = layer.forward(x)
+    layer.clear_cache()
+    shift = layer.nets[0].forward(np.ascontiguousarray(x[..., : C // 2]))
+    layer.nets[0].clear_cache()
+    np.testing.assert_array_equal(y[..., : C // 2], x[..., : C // 2])
+    np.testing.assert_allclose(y[..., C // 2 :], x[..., C // 2 :] + shift, rtol=1e-15)
+    np.testing.assert_array_equal(logdet, np.zeros(2))
+    np.testing.assert_allclose(layer.inverse(y), x, atol=1e-14)
+    J = dense_jacobian(fwd(layer), x[:1])
+    np.testing.assert_allclose(np.diag(J), 1.0, atol=1e-8)  # unit diagonal: det 1
 
 
 def test_nets_are_seeded_independently():

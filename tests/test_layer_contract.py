@@ -24,13 +24,16 @@ import pytest
 from flownp.errors import NonFiniteError
 from flownp.layers import (
     ActNorm,
+    AdditiveCoupling,
     AffineCoupling,
+    ChannelPermutation,
     CInCConv,
     ConditionalPrior,
     Conv1x1,
     EmergingConv,
     Layer,
     LearnedPrior,
+    PeriodicConv,
     QuadCoupling,
     Split,
     Squeeze,
@@ -117,6 +120,13 @@ CASES: dict[str, Case] = {
     "emerging-guard": Case(
         lambda dt, s: EmergingConv(SHAPE[2], 3, seed=s, dtype=dt, guard=0.9), noise=0.3
     ),
+    "reverse": Case(lambda dt, s: ChannelPermutation(SHAPE[2], "reverse", dtype=dt)),
+    "shuffle": Case(lambda dt, s: ChannelPermutation(SHAPE[2], "shuffle", seed=s, dtype=dt)),
+    "periodic": Case(lambda dt, s: PeriodicConv(SHAPE[2], 3, seed=s, dtype=dt), noise=0.2),
+    "periodic-guard": Case(
+        lambda dt, s: PeriodicConv(SHAPE[2], 3, seed=s, dtype=dt, guard=0.9), noise=0.3
+    ),
+    "additive": Case(lambda dt, s: AdditiveCoupling(SHAPE[2], 6, seed=s, dtype=dt), noise=0.03),
     "affine-exp": Case(_coupling(AffineCoupling, "exp"), noise=0.03),
     "affine-sigmoid": Case(_coupling(AffineCoupling, "sigmoid"), noise=0.03),
     "quad-exp": Case(_coupling(QuadCoupling, "exp"), noise=0.03),

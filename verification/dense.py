@@ -131,6 +131,35 @@ def conv_matrix(
     return M
 
 
+def circulant_matrix(K: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Dense matrix of the *periodic* (circular) convolution with a centred ``(k, k, C, Co)``
+    kernel, ``p = (k - 1) // 2``: the padding wraps around the image, so tap ``(a, b)`` of
+    output pixel ``(i, j)`` reads input pixel ``((i + a - p) mod H, (j + b - p) mod W)``::
+
+        Y[i, j, o] = sum_{a,b<k} sum_c I[(i + a - p) mod H, (j + b - p) mod W, c] K[a, b, c, o]
+
+    Rows and columns in the paper's vectorisation. When ``k > H`` or ``k > W`` two taps can
+    reach the same input pixel; their weights add up (the only arithmetic here).
+    """
+    K = np.asarray(K)
+    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[0] % 2 == 0:
+        raise ValueError(f"circulant_matrix: kernel must be (k, k, C_in, C_out), k odd: {K.shape}")
+    k, _, C, Co = K.shape
+    p = (k - 1) // 2
+    dtype = K.dtype if K.dtype.kind == "f" else np.float64
+    M = np.zeros((H * W * Co, H * W * C), dtype=dtype)
+    for i in range(H):
+        for j in range(W):
+            for o in range(Co):
+                row = vec_index(i, j, o, W, Co)
+                for a in range(k):
+                    for b in range(k):
+                        q, r = (i + a - p) % H, (j + b - p) % W
+                        for c in range(C):
+                            M[row, vec_index(q, r, c, W, C)] += K[a, b, c, o]
+    return M
+
+
 def tap_map(k: int, H: int, W: int, padding: Padding = "top_left") -> np.ndarray:
     """``(H W, H W)`` integer array: the tap index ``a * k + b`` that links output pixel
     ``(i, j)`` (row) to input pixel ``(p, q)`` (column), ``-1`` where no tap does. Used to

@@ -125,25 +125,36 @@ def triangular_kernel_backward(
 
 # ---------------------------------------------------------------------- LU corner
 def lu_kernel(
-    weight_masked: np.ndarray, A: np.ndarray, guard: float | None, mode: str = "tanh"
+    weight_masked: np.ndarray,
+    A: np.ndarray,
+    guard: float | None,
+    mode: str = "tanh",
+    centre: tuple[int, int] = (-1, -1),
 ) -> np.ndarray:
     """Effective kernel of the ``"lu"`` corner: the taps ``weight_masked`` (corner zero) with
     the corner block ``K[k-1, k-1] = A^T`` (``A = P L U``, :func:`_linalg.lu_factors`).
 
     With guard the off-corner taps of every output channel are rescaled to an absolute sum
     ``< rho / n``, ``n = ||A^{-1}||_inf`` (:func:`guard_taps`; block ratio ``q <= rho``).
+    ``centre`` is the tap that holds ``A^T`` (the corner ``(k-1, k-1)``; the periodic
+    convolution passes its centre tap).
     """
     K = weight_masked
     if guard is not None:
         n, _ = corner_inverse_norm(A)
         K = guard_taps(weight_masked, np.full(A.shape[0], guard / n), mode)
     K = K.copy()  # (k, k, C, C)
-    K[-1, -1] = A.T
+    K[centre] = A.T
     return K
 
 
 def lu_kernel_backward(
-    dK: np.ndarray, weight_masked: np.ndarray, A: np.ndarray, guard: float | None, mode: str
+    dK: np.ndarray,
+    weight_masked: np.ndarray,
+    A: np.ndarray,
+    guard: float | None,
+    mode: str,
+    centre: tuple[int, int] = (-1, -1),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backward of :func:`lu_kernel`: ``(dweight, dA)`` from ``dK = dLoss/dK``.
 
@@ -155,13 +166,13 @@ def lu_kernel_backward(
 
     ``dA`` then goes through ``A = P L U`` (:func:`flownp.layers._linalg.lu_backward`).
     """
-    dA = dK[-1, -1].T  # (C, C), gradient w.r.t. A[o, c]
+    dA = dK[centre].T  # (C, C), gradient w.r.t. A[o, c]
     if guard is None:
         return dK, dA
     C = A.shape[0]
     n, dn_dA = corner_inverse_norm(A)
     dK_off = dK.copy()
-    dK_off[-1, -1] = 0.0
+    dK_off[centre] = 0.0
     dweight, dbudget = guard_taps_backward(
         dK_off, weight_masked, np.full(C, guard / n, dtype=weight_masked.dtype), mode
     )

@@ -1,4 +1,5 @@
-r"""Affine coupling (Glow/RealNVP) and the paper's quad coupling (Section 3.2, Eq. 3-6).
+r"""Affine and additive coupling (Glow/RealNVP/NICE) and the paper's quad coupling (Section 3.2,
+Eq. 3-6).
 
 Both are one mechanism, an *autoregressive block coupling*: the channels are cut into ``B``
 contiguous blocks ``x = [x_1, ..., x_B]`` (``edges`` ``e_0 = 0 < e_1 < ... < e_B = C``), the
@@ -26,7 +27,12 @@ Scale functions (``scale=``), ``u = raw``:
 =============  ==================  =====================  =======================
 ``"sigmoid"``  ``sigmoid(u + 2)``  ``-log(1 + e^-(u+2))``  ``1 - s = sigmoid(-(u+2))``
 ``"exp"``      ``exp(u)``          ``u``                  ``1``
+``None``       ``1``                ``0``                  (no raw channels)
 =============  ==================  =====================  =======================
+
+``scale=None`` is the *additive* coupling (NICE; Glow's ``flow_coupling 0``): the networks
+output the shift only (``|block k|`` channels, ``h_k = shift_k``), ``y_k = x_k + shift_k`` and
+the log-determinant is 0. :class:`AdditiveCoupling` is its two-block form.
 
 ``"sigmoid"`` is what the reference code (openai/glow, Emerging, official CInC) trains with
 (bounded scale in (0, 1), scale 0.88 at initialisation); ``"exp"`` is the paper's Eq. 4-6.
@@ -84,23 +90,32 @@ def scale_dlog(raw: np.ndarray, scale: str) -> np.ndarray | float:
 
 
 # ---------------------------------------------------------------------- one transformed block
-def block_forward(xb: np.ndarray, h: np.ndarray, scale: str) -> tuple[np.ndarray, np.ndarray]:
-    """``yb = (xb + h[..., 0::2]) * s(h[..., 1::2])``; returns ``(yb, log s)``, both like xb."""
+def block_forward(
+    xb: np.ndarray, h: np.ndarray, scale: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``yb = (xb + h[..., 0::2]) * s(h[..., 1::2])``; returns ``(yb, log s)``, both like xb.
+    Additive (``scale=None``): ``(xb + h, None)``."""
+    if scale is None:
+        return xb + h, None
     s, log_s = scale_forward(h[..., 1::2], scale)  # (N, H, W, Cb)
     return (xb + h[..., 0::2]) * s, log_s
 
 
-def block_inverse(yb: np.ndarray, h: np.ndarray, scale: str) -> np.ndarray:
+def block_inverse(yb: np.ndarray, h: np.ndarray, scale: str | None) -> np.ndarray:
     """``xb = yb / s(h[..., 1::2]) - h[..., 0::2]`` (inverse of :func:`block_forward`)."""
+    if scale is None:
+        return yb - h
     s, _ = scale_forward(h[..., 1::2], scale)
     return yb / s - h[..., 0::2]
 
 
 def block_backward(
-    dyb: np.ndarray, dlogdet: np.ndarray, yb: np.ndarray, h: np.ndarray, scale: str
+    dyb: np.ndarray, dlogdet: np.ndarray, yb: np.ndarray, h: np.ndarray, scale: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of ``sum(yb * dyb) + sum_n dlogdet[n] * sum log s[n]`` w.r.t. ``xb`` and
-    ``h``: returns ``(dxb, dh)`` (module docstring)."""
+    ``h``: returns ``(dxb, dh)`` (module docstring). Additive: ``(dyb, dyb)``."""
+    if scale is None:
+        return dyb, dyb.copy()
     raw = h[..., 1::2]
     s, _ = scale_forward(raw, scale)
     dxb = dyb * s  # (N, H, W, Cb)  = d/dxb and d/dshift
@@ -124,7 +139,8 @@ class BlockCoupling(Layer):
         Number of equal channel blocks B >= 2; ``C % B == 0`` is required.
     net_names : sequence of str
         Names of the ``B - 1`` conditioner networks (parameter path prefixes).
-    scale : {"sigmoid", "exp"}
+    scale : {"sigmoid", "exp"} or None
+        None: additive (the networks output the shift only).
     seed : int
         Seed of the networks' initial weights.
     dtype : float32 or float64
@@ -137,7 +153,7 @@ class BlockCoupling(Layer):
         *,
         blocks: int,
         net_names: tuple[str, ...],
-        scale: str = "sigmoid",
+        scale: str | None = "sigmoid",
         seed: int = 0,
         dtype: Any = np.float64,
     ) -> None:
@@ -149,7 +165,7 @@ class BlockCoupling(Layer):
                 f"{cls}: channels must be divisible by {blocks} ({blocks} equal channel blocks), "
                 f"got channels={C}"
             )
-        if scale not in SCALES:
+        if scale is not None and scale not in SCALES:
             raise ValueError(f"{cls}: scale must be one of {SCALES}, got {scale!r}")
         if len(net_names) != blocks - 1:
             raise ValueError(f"{cls}: {blocks} blocks need {blocks - 1} net names")
@@ -162,8 +178,9 @@ class BlockCoupling(Layer):
         self.nets: list[ConditionerNet] = []
         for k, name in enumerate(net_names, start=1):
             # net k reads blocks 1..k (e_k channels), outputs shift and raw scale of block k+1
+            out = b if scale is None else 2 * b  # the shift (and the raw scale, interleaved)
             net = ConditionerNet(
-                self.edges[k], 2 * b, self.width, seed=int(seeds[k - 1]), dtype=self.dtype
+                self.edges[k], out, self.width, seed=int(seeds[k - 1]), dtype=self.dtype
             )
             self.nets.append(self.add_layer(name, net))
 
@@ -185,7 +202,8 @@ class BlockCoupling(Layer):
         for _, net, lo, hi in self._blocks():
             h = net.forward(x[..., :lo])  # (N, H, W, 2 (hi - lo))
             y[..., lo:hi], log_s = block_forward(x[..., lo:hi], h, self.scale)
-            logdet += log_s.reshape(N, -1).sum(axis=1, dtype=np.float64)
+            if log_s is not None:
+                logdet += log_s.reshape(N, -1).sum(axis=1, dtype=np.float64)
             hs.append(h)
         self._check_finite(y, "forward", "output")
         self._check_finite(logdet, "forward", "logdet")
@@ -331,3 +349,28 @@ class QuadCoupling(BlockCoupling):
         """
         y = self.check_input(y, self.channels, name="y")
         return self._inverse(y, y[..., self.edges[3] :])
+
+
+class AdditiveCoupling(BlockCoupling):
+    """Additive coupling (NICE, Dinh et al. 2015; Glow's ``flow_coupling 0``),
+    ``y = [x_a, x_b + net(x_a)]``, log-det 0 (module docstring, ``scale=None``).
+
+    ``x_a = x[..., :C/2]``, ``x_b = x[..., C/2:]``; ``net`` outputs ``C/2`` channels, the shift.
+    C must be even. Parameters ``net/<ConditionerNet path>``.
+
+    Parameters
+    ----------
+    channels : int
+        C, even.
+    width : int
+        Hidden channels of the conditioner network.
+    seed : int
+    dtype : float32 or float64
+    """
+
+    def __init__(
+        self, channels: int, width: int, *, seed: int = 0, dtype: Any = np.float64
+    ) -> None:
+        super().__init__(
+            channels, width, blocks=2, net_names=("net",), scale=None, seed=seed, dtype=dtype
+        )
