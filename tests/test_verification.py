@@ -126,6 +126,7 @@ EXPECTED = [
     # section beyond
     "wavefront_depth",
     "quad_official_reverse_bug",
+    "periodic_convolution",
 ]
 
 
@@ -251,6 +252,21 @@ def test_quad_bug_numbers(quick_results):
             < 0.1
             < r["official reverse: max |reverse(y) - x|"]
         )
+
+
+def test_periodic_claim_fails_with_a_wrong_logdet_or_without_the_singularity_rule(monkeypatch):
+    """Counting every column of the half spectrum once (a plausible porting slip) must fail
+    the claim, and so must a layer that accepts the singular Laplacian."""
+    from flownp.layers import periodic
+
+    with monkeypatch.context() as m:
+        m.setattr(periodic, "frequency_weights", lambda W: np.ones(W // 2 + 1))
+        assert not V.claim_periodic(verbose=False).passed
+    real = periodic.block_factors
+    monkeypatch.setattr(periodic, "block_factors", lambda B, dtype, who: real(B + 1e-3, dtype, who))
+    res = V.claim_periodic(verbose=False)
+    assert not res.passed
+    assert res.numbers["Laplacian kernel: the layer refuses it"] == "NOT REFUSED"
 
 
 # --------------------------------------------------------------------------------------------

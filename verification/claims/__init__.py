@@ -43,6 +43,8 @@ Section ``beyond`` (what the paper states without proof / the public code gets w
                                    (depth of the dependency DAG of the dense matrix)
 :func:`claim_quad_official_bug`    REPRODUCTION of the official quad-coupling reverse bug: not an
                                    inverse; flownp's inverse is
+:func:`claim_periodic`             the periodic convolution against its dense circulant matrix;
+                                   singular free kernels refused; the guard's bound
 =================================  ==============================================================
 
 ``python -m verification`` writes the report.
@@ -50,6 +52,7 @@ Section ``beyond`` (what the paper states without proof / the public code gets w
 
 from verification.claims._common import describe
 from verification.claims.beyond import (
+    claim_periodic,
     claim_quad_official_bug,
     claim_wavefront,
     dependency_levels,
@@ -93,6 +96,7 @@ __all__ = [
     "claim_models",
     "claim_wavefront",
     "claim_quad_official_bug",
+    "claim_periodic",
     "dependency_levels",
     "model_jacobian",
     "tiny_model",

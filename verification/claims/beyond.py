@@ -9,6 +9,10 @@ Section ``beyond`` (what the paper states without proof / the public code gets w
                                    (depth of the dependency DAG of the dense matrix)
 :func:`claim_quad_official_bug`    REPRODUCTION of the official quad-coupling reverse bug: not an
                                    inverse; flownp's inverse is
+:func:`claim_periodic`             the periodic convolution (Emerging, Section 3.2): log-det and
+                                   inverse from its frequency blocks against the dense circulant
+                                   matrix; a free kernel can be singular (exact det 0) and is
+                                   refused; with the guard every block is invertible, bounded
 =================================  ==============================================================
 """
 
@@ -18,8 +22,9 @@ import time
 
 import numpy as np
 
-from flownp.errors import NonFiniteError
+from flownp.errors import NonFiniteError, SingularKernelError
 from flownp.layers import (
+    PeriodicConv,
     QuadCoupling,
 )
 from flownp.testing import randomize_params
@@ -227,10 +232,116 @@ def claim_quad_official_bug(quick: bool = True, seed: int = 9, verbose: bool = T
     )
 
 
+# --------------------------------------------------------------------------------------------
+# 12. The periodic convolution: frequency blocks, and invertibility by construction
+# --------------------------------------------------------------------------------------------
+
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]])
+
+
+def claim_periodic(quick: bool = True, seed: int = 12, verbose: bool = True) -> ClaimResult:
+    """The periodic convolution's log-det (sum over frequencies of log|det B(u,v)|), forward
+    and FFT inverse against its dense circulant matrix; a free kernel can make that matrix
+    singular (exact determinant 0) and the layer refuses it; with the guard every block is
+    invertible and ``||M^{-1}||_inf <= ||A^{-1}||_inf / (1 - rho)``."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    sizes = [(1, 1), (2, 1), (4, 4), (3, 5), (5, 6)] + ([] if quick else [(6, 3), (7, 7), (2, 8)])
+    rows, ok = [], True
+    for k in (1, 3, 5):
+        for C in (1, 3):
+            for H, W in sizes:
+                layer = PeriodicConv(C, k, seed=int(rng.integers(1 << 31)), init_std=0.3)
+                randomize_params(layer, rng, 0.2)
+                x = rng.standard_normal((2, H, W, C))
+                y, logdet = layer.forward(x)
+                layer.clear_cache()
+                M = D.circulant_matrix(layer.kernel, H, W)
+                sign, ld = np.linalg.slogdet(M)
+                xs = x.reshape(2, -1)
+                fwd = float(np.abs(y.reshape(2, -1) - xs @ M.T).max() / np.abs(y).max())
+                e_ld = float(np.abs(logdet - ld).max()) if sign != 0 else float("inf")
+                inv = layer.inverse(y).reshape(2, -1)
+                e_inv = float(np.abs(inv - np.linalg.solve(M, y.reshape(2, -1).T).T).max())
+                good = fwd <= 1e-12 and e_ld <= 1e-10 * max(1.0, abs(ld)) and e_inv <= 1e-10
+                ok &= good
+                rows.append(
+                    {
+                        "k": k,
+                        "C": C,
+                        "H x W": f"{H}x{W}",
+                        "|forward - M x| (rel)": fwd,
+                        "|logdet - slogdet(M)|": e_ld,
+                        "|inverse - M^-1 y|": e_inv,
+                        "cond(M)": float(np.linalg.cond(M)),
+                        "pass": good,
+                    }
+                )
+    # a free kernel: the discrete Laplacian annihilates the constant image
+    lap = PeriodicConv(1, 3)
+    lap.params["weight"][..., 0, 0] = LAPLACIAN
+    lap.params["weight"][1, 1] = 0.0
+    lap.buffers["sign"][...] = -1.0
+    lap.params["log_s"][...] = np.log(4.0)
+    det = D.exact_det(D.circulant_matrix(LAPLACIAN[..., None, None], 4, 4))
+    try:
+        lap.forward(rng.standard_normal((1, 4, 4, 1)))
+        refused = ""
+    except SingularKernelError as exc:
+        refused = str(exc)
+    singular_ok = det == 0 and "(u=0, v=0)" in refused
+    ok &= singular_ok
+    # the guard: huge raw taps, every block invertible with the bound
+    rho, worst = 0.9, 0.0
+    for trial in range(3 if quick else 10):
+        g = PeriodicConv(3, 3, seed=trial, init_std=10.0, guard=rho)
+        g.params["log_s"][...] = rng.normal(0.0, 0.5, 3)
+        bound = float(np.abs(np.linalg.inv(g.centre_matrix())).sum(axis=1).max()) / (1 - rho)
+        for H, W in [(4, 4), (3, 5), (1, 2)]:
+            M = D.circulant_matrix(g.kernel, H, W)
+            worst = max(worst, float(np.abs(np.linalg.inv(M)).sum(axis=1).max()) / bound)
+    guard_ok = worst <= 1.0 + 1e-9
+    ok &= guard_ok
+    return _emit(
+        ClaimResult(
+            name="periodic_convolution",
+            statement=(
+                "The Emerging paper's periodic convolution (Section 3.2) is a block circulant "
+                "matrix: the 2D DFT makes it one C x C block B(u,v) per frequency, log|det M| = "
+                "sum over frequencies of log|det B(u,v)| (half spectrum with weights 1/2/1), and "
+                "the inverse is B(u,v)^-1 per frequency. Nothing in the official layer keeps "
+                "the blocks invertible: a free kernel can be singular with a nonsingular centre. "
+                "flownp refuses a block singular to working precision, and with the guard "
+                "(off-centre taps below rho / ||A^-1||_inf) every block is invertible by "
+                "construction, with ||M^-1||_inf <= ||A^-1||_inf / (1 - rho)."
+            ),
+            computed=(
+                "PeriodicConv (free taps, every parameter randomised) for k in {1, 3, 5}, C in "
+                "{1, 3}, images from 1x1 to 5x6 (smaller than the kernel included; full run "
+                "more): forward, FFT log-det and FFT inverse against the dense circulant matrix "
+                "built entry by entry (verification.dense.circulant_matrix), tolerance 1e-10. "
+                "The Laplacian kernel [0 1 0; 1 -4 1; 0 1 0] on a 4x4 image: exact determinant "
+                "(Bareiss, integers) and the layer's error. Guard rho = 0.9 with raw taps "
+                "N(0, 10^2): ||M^-1||_inf of the dense matrix against the bound."
+            ),
+            numbers={
+                "layer against the dense circulant matrix": rows,
+                "Laplacian kernel, 4x4: exact det(M)": det,
+                "Laplacian kernel: the layer refuses it": refused or "NOT REFUSED",
+                "guard: max ||M^-1||_inf / bound": worst,
+            },
+            passed=bool(ok),
+            notes=f"{time.perf_counter() - t0:.2f} s",
+        ),
+        verbose,
+    )
+
+
 def run(out_dir: str = "report", quick: bool = True, verbose: bool = True) -> list:
     """Section ``beyond``: what the paper states without proof, and what the public code gets
     wrong, measured."""
     return [
         claim_wavefront(quick, verbose=verbose),
         claim_quad_official_bug(quick, verbose=verbose),
+        claim_periodic(quick, verbose=verbose),
     ]

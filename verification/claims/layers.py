@@ -17,7 +17,9 @@ import numpy as np
 
 from flownp.layers import (
     ActNorm,
+    AdditiveCoupling,
     AffineCoupling,
+    ChannelPermutation,
     CInCConv,
     ConditionalPrior,
     ConditionerNet,
@@ -25,6 +27,7 @@ from flownp.layers import (
     EmergingConv,
     LatentClassifier,
     LearnedPrior,
+    PeriodicConv,
     QuadCoupling,
     Split,
     Squeeze,
@@ -189,6 +192,19 @@ LAYER_FACTORIES: dict[str, LayerFactory] = {
         )
         for k in (1, 3, 5)
     },
+    **{
+        f"PeriodicConv(k={k}{', guard=0.9' if g else ''})": _factory(
+            lambda s, k=k, g=g: PeriodicConv(3, k, seed=s, init_std=0.3, guard=g), _S343, 0.2, False
+        )
+        for k, g in ((1, None), (3, None), (5, None), (3, 0.9))
+    },
+    **{
+        f"ChannelPermutation({kind})": _factory(
+            lambda s, kind=kind: ChannelPermutation(3, kind, seed=s), _S343, 0.0, False
+        )
+        for kind in ("reverse", "shuffle")
+    },
+    "AdditiveCoupling": _factory(lambda s: AdditiveCoupling(4, 4, seed=s), _S344, 0.03),
     "Squeeze": _factory(lambda s: Squeeze(), (4, 4, 3), 0.0, False),
     "Split": _factory(lambda s: SplitAsLayer(Split(4)), _S344, 0.2, False),
     "LearnedPrior": _factory(lambda s: LearnedPrior(_S343), _S343, 0.3, False),
