@@ -38,14 +38,12 @@ checksums existed) cannot be verified: :func:`read_checkpoint` refuses them unle
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import CheckpointError, NonFiniteError
+from flownp.files import write_atomic
 
 FORMAT = "flownp-checkpoint"
 FORMAT_VERSION = 2
@@ -271,29 +270,6 @@ def check_finite_state(ckpt: Checkpoint) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every OS/filesystem allows fsync of a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Remove the ``.<name>.*.tmp`` files a killed writer of ``path`` left behind; returns
-    them. (Only one process may write a given checkpoint path at a time.)"""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    removed = []
-    with contextlib.suppress(OSError):
-        for tmp in directory.glob(f".{path.name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
-
-
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     """The complete checkpoint file (with its checksums) as bytes, built in memory."""
     import h5py
@@ -303,30 +279,6 @@ def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
         _write(f, ckpt)
         _add_checksums(f)
     return buf.getvalue()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` -> temp file in ``path``'s directory -> fsync -> :func:`os.replace`."""
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
 
 
 def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
@@ -344,7 +296,7 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
     check_finite_state(ckpt)
     data = checkpoint_bytes(ckpt)
     try:
-        _write_bytes_atomic(path, data)
+        write_atomic(path, data)
     except OSError as exc:
         cause = exc.strerror or str(exc)
         name = errno.errorcode.get(exc.errno or 0)

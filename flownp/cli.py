@@ -2,14 +2,20 @@
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
 
 Exit codes: 0 success, 1 a check/claim failed or training diverged, 2 bad usage or bad input
-(argparse's convention), 130 interrupted.
+(argparse's convention), 130 interrupted. SIGTERM is handled as Ctrl-C in every command
+(:func:`sigterm_as_interrupt`): one line on stderr and exit code 130, output files either
+complete or untouched (they are written atomically), never a bare 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 import flownp.threads  # noqa: F401  (first: idle-thread env defaults, before NumPy loads)
@@ -77,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
 DISTRIBUTED = ("train", "evaluate", "sample", "experiment")
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM raises ``KeyboardInterrupt("SIGTERM")`` as Ctrl-C does (the previous
+    handler is restored on exit). ``flownp train`` replaces it with its own while it trains
+    (finish the step, save, then stop). Only the main thread can set handlers: elsewhere this
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     from flownp import distributed
 
@@ -106,7 +132,8 @@ def _main(argv: list[str], comm) -> int:
         )
         return 2
     try:
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:  # Ctrl-C; training saves first (TrainingInterrupted)
         return _fail(comm, args.command, f"interrupted{f': {exc}' if str(exc) else ''}", 130, exc)
     except FlownpError as exc:

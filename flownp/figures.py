@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from flownp.data.pixels import model_to_images, to_uint8
+from flownp.files import write_atomic
 
 __all__ = [
     "image_grid",
@@ -122,10 +123,7 @@ def save_image_grid(
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=9, y=1.0 - 0.05 / H_in, va="top")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save_png(fig, path)
 
 
 def save_grid(
@@ -154,10 +152,7 @@ def save_grid(
     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_loss_curve(metrics: dict[str, dict[str, list[float]]], path: str | os.PathLike) -> Path:
@@ -198,7 +193,14 @@ def plot_loss_curve(metrics: dict[str, dict[str, list[float]]], path: str | os.P
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing to label when every step was rejected
         ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save_png(fig, path)
+
+
+def _save_png(fig: object, path: str | os.PathLike) -> Path:
+    """Render ``fig`` as PNG (whatever the suffix of ``path``) and write it atomically
+    (:func:`flownp.files.write_atomic`; parent folders are created)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # type: ignore[attr-defined]
+    return write_atomic(path, buf.getvalue())

@@ -251,6 +251,23 @@ def parallel_range(fn: Callable[[int, int], Any], n: int, ns_per_item: float) ->
     parallel_for(lambda c: fn(b[c], b[c + 1]), len(b) - 1)
 
 
+def thread_count_option(text: str) -> int:
+    """argparse ``type`` of every ``--threads`` option: an int in ``1 .. usable_cpus()``
+    (a bad value is a one-line usage error naming the rule)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    most = usable_cpus()
+    if not 1 <= n <= most:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {most} (the CPUs this process may use), got {n}"
+        )
+    return n
+
+
 def _check_n(n: Any, where: str) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{where}: n must be a positive int, got {n!r}")

@@ -211,4 +211,4 @@ def test_export_command_writes_a_checkable_file(tmp_path, capsys):
     assert cli.main(["export-reference", str(out)]) == 0
     assert cli.main(["check-reference", str(out)]) == 0
     assert cli.main(["export-reference", str(tmp_path / "x.h5"), "--dtype", "float32"]) == 2
-    assert "needs --replay" in capsys.readouterr().out
+    assert "needs --replay" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from flownp import checkpoint as ck
-from flownp import cli, figures
+from flownp import cli, figures, files
 from flownp import train as T
 from flownp.errors import CheckpointError, DataError, NonFiniteError, SingularKernelError
 from flownp.model import FlowConfig, FlowModel
@@ -208,11 +208,11 @@ def test_disk_full_at_each_write_call_loses_nothing(tmp_path, rng, monkeypatch, 
                 _enospc()
             return real_write(fd, bytes(data[:4096]))
 
-        monkeypatch.setattr(ck.os, "write", write)
+        monkeypatch.setattr(files.os, "write", write)
     elif call == "mkstemp":
-        monkeypatch.setattr(ck.tempfile, "mkstemp", _enospc)
+        monkeypatch.setattr(files.tempfile, "mkstemp", _enospc)
     else:
-        monkeypatch.setattr(ck.os, call, _enospc)
+        monkeypatch.setattr(files.os, call, _enospc)
     with pytest.raises(CheckpointError) as info:
         ck.save_checkpoint(path, model)
     msg = str(info.value)
@@ -442,7 +442,13 @@ TINY += ["--init-batch-size", "32", "--eval-every", "0", "--no-progress"]
         (["train", "--ema-decay", "1.5"], "argument --ema-decay: must be a finite number in"),
         (["train", "--max-grad-norm", "-1"], "argument --max-grad-norm: must be a finite"),
         (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
-        (["train", "--threads", "100000"], "argument --threads: must be at most"),
+        (["train", "--threads", "100000"], "argument --threads: must be between 1 and"),
+        (["bench", "--threads", "0"], "argument --threads: must be between 1 and"),
+        (["evaluate", "c.h5", "--threads", "0"], "argument --threads: must be between 1 and"),
+        (["check-reference", "p.h5", "--rtol", "-1"], "argument --rtol: must be a finite"),
+        (["check-reference", "p.h5", "--rtol", "nan"], "argument --rtol: must be a finite"),
+        (["check-reference", "p.h5", "--rtol", "inf"], "argument --rtol: must be a finite"),
+        (["check-reference", "p.h5", "--atol=-1e-9"], "argument --atol: must be a finite"),
         (["train", "--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
         (["train", "--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
         (["train", "--steps", "0"], "argument --steps: must be >= 1"),

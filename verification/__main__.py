@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from flownp.errors import UsageError
 from verification.result import ClaimResult
 
 #: section name -> (title, "module:function"); the function is ``run(out_dir, quick)``
@@ -156,12 +157,21 @@ def write_report(
 
 
 def run_verification(
-    out_dir: str = "report", quick: bool = False, sections: Sequence[str] | None = None
+    out_dir: str = "report",
+    quick: bool = False,
+    sections: Sequence[str] | None = None,
+    *,
+    overwrite: bool = True,
 ) -> int:
     """Run the chosen sections (default: all), print every claim and a summary, write
-    ``out_dir/report.md``. Returns the exit status: 0 if every claim passes, else 1."""
+    ``out_dir/report.md``. Returns the exit status: 0 if every claim passes, else 1.
+    ``overwrite=False`` refuses an ``out_dir`` holding the report of an earlier run
+    (:class:`~flownp.errors.UsageError`, before any work)."""
     from flownp import threads
+    from flownp.files import refuse_existing_in
     from verification.claims import describe
+
+    refuse_existing_in(out_dir, ["report.md"], overwrite, option="--out")
 
     names = list(SECTIONS) if not sections else list(sections)
     unknown = [n for n in names if n not in SECTIONS]
@@ -203,6 +213,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(SECTIONS),
         help="run only this section (repeatable; default: all)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report of an earlier run in --out",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_verification(args.out, quick=args.quick, sections=args.section)
+    try:
+        return run_verification(
+            args.out, quick=args.quick, sections=args.section, overwrite=args.overwrite
+        )
+    except UsageError as exc:  # e.g. an --out holding an earlier report: one line, exit 2
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ format.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -71,6 +72,8 @@ import h5py
 import numpy as np
 
 from flownp import threads
+from flownp.errors import DataError
+from flownp.files import write_atomic
 from flownp.model import FlowConfig, FlowModel, FlowStep
 from flownp.optim import Adam
 from flownp.testing import randomize_params
@@ -261,7 +264,7 @@ def replay(
     configuration (in ``dtype``, another seed), its parameters and buffers loaded from
     ``model/``, then :func:`compute` on the file's inputs."""
     res = {}
-    with h5py.File(ref_path, "r") as f:
+    with _open_h5(ref_path) as f:
         _check_format(f, ref_path)
         for name in json.loads(f.attrs["models"]):
             g = f[name]
@@ -292,10 +295,9 @@ def write(
     from flownp import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    buf = io.BytesIO()  # built in memory, then written atomically: nothing half-written
     # libver="latest": compact object headers (the file has ~800 small datasets)
-    with h5py.File(tmp, "w", libver="latest") as f:
+    with h5py.File(buf, "w", libver="latest") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["flownp_version"] = __version__
@@ -326,15 +328,17 @@ def write(
                     dcpl.set_layout(h5py.h5d.COMPACT)
                     kw["dcpl"] = dcpl
                 g.create_dataset(key, data=a, **kw)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def _check_format(f: h5py.File, path: Any) -> None:
     if f.attrs.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a flownp reference-vector file (attribute format)")
+        raise DataError(
+            f"{path}: not a flownp reference-vector file (no attribute format={FORMAT!r}); "
+            "give the file written by flownp export-reference"
+        )
     if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{path}: format_version {f.attrs['format_version']} is newer than {FORMAT_VERSION}"
         )
 
@@ -355,13 +359,23 @@ def read(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """``{model: {path: array}}`` from a reference (or port) file written in this layout.
     Port files need no attributes; every dataset under a top-level group is read."""
     res: dict[str, dict[str, np.ndarray]] = {}
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         for name, g in f.items():
             if not isinstance(g, h5py.Group):
                 continue
             arrays = _datasets(g)
             res[name] = arrays
     return res
+
+
+def _open_h5(path: str | os.PathLike) -> h5py.File:
+    """``path`` opened read-only; a missing or non-HDF5 file is a one-line DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
 
 
 # ---------------------------------------------------------------------- the checker
@@ -431,7 +445,7 @@ def forward_order(config: FlowConfig) -> Callable[[str], tuple]:
 
 def read_configs(path: str | os.PathLike) -> dict[str, FlowConfig]:
     """``{model: FlowConfig}`` of a reference file, in the order of its ``models`` attribute."""
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         _check_format(f, path)
         return {
             name: FlowConfig.from_json(f[name].attrs["config"])
@@ -499,7 +513,15 @@ def check_reference(
     computation order (model by model, the layers in forward order), the first mismatch and
     a summary; return 0 if every tensor is OK (or skipped), else 1."""
     configs = read_configs(ref_path)
-    rows = compare(read(port_path), read(ref_path), rtol, atol, allow_missing, configs)
+    port = read(port_path)
+    rows = compare(port, read(ref_path), rtol, atol, allow_missing, configs)
+    if rows and all(r.status in ("MISSING", "SKIPPED") for r in rows):
+        groups = ", ".join(sorted(port)) or "none"
+        raise DataError(
+            f"{port_path}: holds none of the {len(rows)} tensors of the reference (its groups: "
+            f"{groups}; expected {', '.join(configs)} with the reference's paths, "
+            "docs/reference-vectors.md)"
+        )
     for r in rows:
         print_fn(str(r))
     bad = failed(rows)

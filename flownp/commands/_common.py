@@ -11,6 +11,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from flownp import threads as _threads
+
 
 # ---------------------------------------------------------------------- option value types
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -62,20 +64,19 @@ nonnegative_float = finite_float(lo=0.0)
 decay_float = finite_float(lo=0.0, hi=1.0, hi_open=True)
 
 
-def thread_count(text: str) -> int:
-    """argparse ``type``: a number of threads in ``1 .. the usable CPUs``."""
-    from flownp.threads import usable_cpus
-
-    n = positive_int(text)
-    most = usable_cpus()
-    if n > most:
-        raise argparse.ArgumentTypeError(
-            f"must be at most {most} (the CPUs this process may use), got {n}"
-        )
-    return n
+#: argparse ``type`` of ``--threads``: 1 .. the usable CPUs.
+thread_count = _threads.thread_count_option
 
 
 # ---------------------------------------------------------------------- shared options
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: the command's output files may replace existing ones (without it an
+    existing output is refused before any work, :func:`flownp.files.refuse_existing`)."""
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace output files that already exist"
+    )
+
+
 def add_threads_and_ema(parser: argparse.ArgumentParser) -> None:
     """``--threads N`` and ``--no-ema`` for commands that run a checkpoint."""
     parser.add_argument(

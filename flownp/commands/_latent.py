@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from flownp import latent
-from flownp.commands._common import positive_int
+from flownp.commands._common import add_overwrite, positive_int
 from flownp.data import attributes
 from flownp.errors import DataError
 
@@ -41,6 +41,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=128, help="images per model call"
     )
     parser.add_argument("--out", default=None, help="output PNG (default: next to the checkpoint)")
+    add_overwrite(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -99,7 +100,10 @@ def load_examples(args: argparse.Namespace, model: Any, n: int) -> tuple[np.ndar
     return images, f"{args.data} held-out images 0..{len(images) - 1}"
 
 
-def default_out(args: argparse.Namespace, name: str) -> Path:
-    if args.out:
-        return Path(args.out)
-    return Path(args.checkpoint).resolve().parent / name
+def figure_path(args: argparse.Namespace, name: str) -> Path:
+    """The figure to write: ``--out``, else ``name`` next to the checkpoint; a ``.png`` that
+    does not exist yet unless ``--overwrite`` (checked before the work)."""
+    from flownp.files import refuse_existing
+
+    path = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / name
+    return refuse_existing(path, args.overwrite, option="--out", suffixes=(".png",))

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--threads", str(args.threads)]
     if args.compete:
         argv += ["--compete"]
+    if args.overwrite:
+        argv += ["--overwrite"]
     for m in args.model or []:
         argv += ["--model", m]
     return main(argv, prog="flownp bench")

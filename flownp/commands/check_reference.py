@@ -8,7 +8,9 @@ computation order (the layers in forward order, then latent, loss, gradients, in
 Adam): name, max |port - reference|, the tolerance, OK / NOT OK; a failing check ends by
 naming the first mismatch. A tensor is OK when
 ``max|diff| <= atol + rtol * max|reference|``. Exit status 1 if any tensor is NOT OK or
-missing (--allow-missing: missing ones are skipped, for a port that is not finished).
+missing (--allow-missing: missing ones are skipped, for a port that is not finished; a file
+holding none of the reference's tensors is refused, exit status 2, as is a --reference that is
+not a reference file).
 
 Suggested tolerances: the defaults for a float64 port; --rtol 1e-4 --atol 1e-5 as a starting
 point for a float32 port (flownp's own float32 replay: docs/reference-vectors.md).
@@ -17,7 +19,8 @@ point for a float32 port (flownp's own float32 replay: docs/reference-vectors.md
 from __future__ import annotations
 
 import argparse
-import os
+
+from flownp.commands._common import nonnegative_float
 
 HELP = "compare a port's tensors with the reference vectors (one line per tensor)"
 
@@ -32,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REF.h5",
         help="reference file (default: the committed verification/data/reference_vectors.h5)",
     )
-    parser.add_argument("--rtol", type=float, default=R.RTOL, help="relative tolerance")
-    parser.add_argument("--atol", type=float, default=R.ATOL, help="absolute tolerance")
+    parser.add_argument("--rtol", type=nonnegative_float, default=R.RTOL, help="relative tolerance")
+    parser.add_argument("--atol", type=nonnegative_float, default=R.ATOL, help="absolute tolerance")
     parser.add_argument(
         "--allow-missing", action="store_true", help="skip tensors the port does not provide"
     )
@@ -42,10 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from verification import reference as R
 
-    for path in (args.port, args.reference):
-        if not os.path.exists(path):
-            print(f"flownp check-reference: error: no such file {path}")
-            return 2
     return R.check_reference(
         args.port, args.reference, args.rtol, args.atol, allow_missing=args.allow_missing
     )

@@ -25,7 +25,7 @@ from flownp.commands._common import (
     positive_int,
     run_with_threads,
 )
-from flownp.errors import DataError
+from flownp.errors import DataError, UsageError
 
 HELP = "print held-out bits/dim of a checkpoint"
 
@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--holdout",
         type=positive_int,
         default=None,
-        help="held-out images (default: the checkpoint's training setting)",
+        help="held-out images (default: the checkpoint's training setting); at most the "
+        "training's held-out count, so that no training image is evaluated",
     )
     parser.add_argument(
         "--split",
@@ -100,10 +101,13 @@ def _run(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     tc = ckpt.train_config or {}
     spec = args.dataset or tc.get("dataset", "mnist")
-    holdout = args.holdout if args.holdout is not None else tc.get("holdout")
+    trained = tc.get("holdout")
+    holdout = args.holdout if args.holdout is not None else trained
     data = load_data(spec, holdout)
     if not args.other_data:
         check_fingerprint(data, tc.get("dataset_fingerprint"), f"dataset {spec!r}")
+        if args.split == "test" and holdout != trained:
+            _check_held_out(data, load_data(spec, trained), args.holdout)
     images = data.test if args.split == "test" else data.train
     if args.limit is not None:
         images = images[: args.limit]
@@ -123,6 +127,23 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{spec} {args.split}: {len(images)} images, {weights} weights, {dt:.1f} s")
     print(f"bits/dim: {bpd:.4f}")
     return 0 if math.isfinite(bpd) else 1
+
+
+def _check_held_out(data, training_split, holdout: int) -> None:
+    """Refuse a ``--holdout`` whose held-out images are not all held out of the training: the
+    evaluated images must be the last images of the held-out set the model never saw."""
+    import numpy as np
+
+    seen = training_split.test
+    k = len(data.test)
+    if k <= len(seen) and np.array_equal(data.test, seen[len(seen) - k :]):
+        return
+    raise UsageError(
+        f"--holdout {holdout}: the model was trained with {len(seen)} images held out, so "
+        f"these {k} would include images it was trained on; give "
+        f"--holdout {len(seen)} or less, --split train to evaluate on training images, or "
+        "--other-data with --dataset for other data"
+    )
 
 
 def _stability_report(model, images, args: argparse.Namespace) -> None:

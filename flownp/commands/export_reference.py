@@ -10,9 +10,11 @@ With --replay REF.h5 the vectors are recomputed from the configurations, weights
 optionally in float32: this is what a port does, and the output is a port file for
 ``flownp check-reference``. An edited REF.h5 (another guard in a group's config, other
 weights) gives the reference of that edited model (docs/reference-vectors.md, "--replay").
+An existing output file is refused unless --overwrite.
 
 Examples:
-  flownp export-reference verification/data/reference_vectors.h5   # regenerate the committed file
+  # regenerate the committed file
+  flownp export-reference verification/data/reference_vectors.h5 --overwrite
   flownp export-reference port32.h5 --replay verification/data/reference_vectors.h5 --dtype float32
 """
 
@@ -21,11 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from flownp.commands._common import add_overwrite
+from flownp.errors import UsageError
+
 HELP = "write the reference vectors (weights, inputs, every intermediate) for ports"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output HDF5 file")
+    parser.add_argument("out", help="output HDF5 file (.h5 or .hdf5)")
     parser.add_argument(
         "--replay",
         metavar="REF.h5",
@@ -37,26 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float64",
         help="dtype of the replay (--replay only)",
     )
+    add_overwrite(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flownp.files import refuse_existing
     from verification import reference as R
 
+    out = refuse_existing(args.out, args.overwrite, suffixes=(".h5", ".hdf5"))
     if args.replay:
-        if not os.path.exists(args.replay):
-            print(f"flownp export-reference: error: no such file {args.replay}")
-            return 2
         vectors = R.replay(args.replay, args.dtype)
         configs = R.read_configs(args.replay)  # an edited configuration is kept as it is
     else:
         if args.dtype != "float64":
-            print(
-                "flownp export-reference: error: --dtype needs --replay (the reference is float64)"
-            )
-            return 2
+            raise UsageError("--dtype needs --replay (the reference is float64)")
         vectors = R.generate()
         configs = None
-    path = R.write(args.out, vectors, configs)
+    path = R.write(out, vectors, configs)
     n = sum(len(v) for v in vectors.values())
     size = os.path.getsize(path)
     print(f"wrote {path}: {len(vectors)} models, {n} tensors, {size / 1024:.0f} KiB")

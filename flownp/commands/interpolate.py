@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         if args.num_pairs < 1:
             raise DataError(f"--num-pairs must be >= 1, got {args.num_pairs}")
         pairs = [(2 * i, 2 * i + 1) for i in range(args.num_pairs)]
+    out = common.figure_path(args, f"interpolate_{args.method}.png")
     model = common.load_model(args)
     need = max(max(p) for p in pairs) + 1
     images, where = common.load_examples(args, model, need)
@@ -77,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(pairs)} pair(s) of {where}, {args.steps} steps, {args.method}")
     print(f"endpoint reconstruction max |error| = {err:.3e}")
     t = np.linspace(0.0, 1.0, args.steps)
-    out = common.default_out(args, f"interpolate_{args.method}.png")
     figures.save_image_grid(
         paths,
         out,

@@ -17,7 +17,6 @@ the last rows of the file, CelebA's official test partition).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from flownp.commands import _latent as common
 from flownp.commands._common import positive_float, positive_int
 from flownp.data import attributes, pixels
 from flownp.errors import DataError
+from flownp.files import npz_bytes, refuse_existing, write_atomic
 
 HELP = "edit images along attribute directions of the latent space (paper Figure 5)"
 
@@ -124,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             f"unknown attribute(s) {unknown}; available: {', '.join(data.attribute_names)}"
         )
     cols = [data.attribute_names.index(a) for a in wanted]
+    out = common.figure_path(args, f"manipulate_{'_'.join(wanted)}.png")
+    if args.save_directions:
+        refuse_existing(
+            args.save_directions, args.overwrite, option="--save-directions", suffixes=(".npz",)
+        )
     print(f"directions ({args.method}) from {len(data.images)} images of {data.name}")
     stats = latent.encode_statistics(
         model,
@@ -140,15 +145,15 @@ def run(args: argparse.Namespace) -> int:
             f"|direction| = {np.linalg.norm(V[k]):.4g} (latent dim {V.shape[1]})"
         )
     if args.save_directions:
-        Path(args.save_directions).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            args.save_directions,
+        data_npz = npz_bytes(
+            compressed=False,
             directions=V,
             names=np.array(wanted),
             method=np.array(args.method),
             n_pos=stats.n_pos,
             n_neg=stats.n_neg,
         )
+        write_atomic(args.save_directions, data_npz)
         print(f"directions saved to {args.save_directions}")
 
     examples, where = common.load_examples(args, model, args.num_images)
@@ -166,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     grid = np.concatenate(rows, axis=0)
     print(f"edited {len(examples)} images ({where}), strengths {np.round(strengths, 4).tolist()}")
     print(f"reconstruction (s = 0) max |error| = {worst:.3e}")
-    out = common.default_out(args, f"manipulate_{'_'.join(wanted)}.png")
     figures.save_image_grid(
         grid,
         out,

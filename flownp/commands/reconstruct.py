@@ -40,18 +40,18 @@ def run(args: argparse.Namespace) -> int:
     common.check_args(args)
     if args.num_images < 1:
         raise DataError(f"--num-images must be >= 1, got {args.num_images}")
+    out = common.figure_path(args, "reconstruct.png") if args.figure or args.out else None
     model = common.load_model(args)
     images, where = common.load_examples(args, model, args.num_images)
     report, rec = latent.reconstruction_report(model, images, batch_size=args.batch_size)
     print(f"{where}")
     print(report)
-    if args.figure or args.out:
+    if out is not None:
         n = min(8, len(images))
         x = pixels.images_to_model(images[:n], np.float64)
         err = np.abs(rec[:n].astype(np.float64) - x)  # (n, H, W, C)
         scale = max(report.max_abs_error, np.finfo(np.float64).tiny)
         grid = np.stack([x, rec[:n].astype(np.float64), err / scale - 0.5], axis=0)
-        out = common.default_out(args, "reconstruct.png")
         figures.save_image_grid(
             grid,
             out,

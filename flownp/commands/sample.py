@@ -7,6 +7,9 @@ checkpoint has them.
 --solve-precision sets the precision of the CInC/emerging substitutions (docs/stability.md):
 "model" (the checkpoint's dtype, default), "float64" (as the official code) or "auto"
 (float64 only for the layers whose amplification is not provably bounded).
+
+The grid shows at most the first 1024 samples; --npz holds all of them. Existing output files
+are refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flownp.commands._common import (
+    add_overwrite,
     add_threads_and_ema,
     nonnegative_float,
     nonnegative_int,
@@ -25,10 +29,14 @@ from flownp.commands._common import (
     run_with_threads,
 )
 from flownp.digits import report_samples
-from flownp.errors import DataError
+from flownp.errors import UsageError
 from flownp.model import SAMPLE_TEMPERATURE
 
 HELP = "write a PNG grid of samples from a checkpoint"
+#: Samples drawn per model call (the latent stream is the same as one call for all of them).
+SAMPLE_BATCH = 1024
+#: Samples shown in the PNG grid at most (all of them go to --npz).
+GRID_MAX = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--npz", default=None, help="also save the uint8 samples (N, H, W, C) to this .npz file"
     )
+    add_overwrite(parser)
     add_threads_and_ema(parser)
     parser.add_argument(
         "--solve-precision",
@@ -71,48 +80,66 @@ def _run(args: argparse.Namespace) -> int:
     from flownp.checkpoint import load_model
     from flownp.data.pixels import to_uint8
     from flownp.figures import save_grid
+    from flownp.files import npz_bytes, refuse_existing, write_atomic
+    from flownp.limits import check_allocation
 
-    if args.num < 1:
-        raise DataError(f"--num must be >= 1, got {args.num}")
-    if not args.temperature >= 0:
-        raise DataError(f"--temperature must be >= 0, got {args.temperature}")
-    _output_path(args)  # refuse a bad --out before the work
+    out = _output_path(args)  # refuse a bad or existing output before the work
+    if args.npz:
+        refuse_existing(args.npz, args.overwrite, option="--npz", suffixes=(".npz",))
     model = load_model(args.checkpoint, use_ema=not args.no_ema)
-    x = model.sample(
-        args.num,
-        temperature=args.temperature,
-        seed=args.seed,
-        solve_precision=args.solve_precision,
+    shape = tuple(model.config.image_shape)
+    # the samples, their uint8 pixels and two float64 copies (the digit classifier's features)
+    per_image = int(np.prod(shape)) * (np.dtype(model.dtype).itemsize + 1 + 16)
+    check_allocation(
+        args.num * per_image,
+        f"-n {args.num}: {args.num} samples of {shape}",
+        UsageError,
+        hint="ask for fewer samples",
     )
+    rng = np.random.default_rng(args.seed)
+    x = np.empty((args.num, *shape), model.dtype)
+    for start in range(0, args.num, SAMPLE_BATCH):  # one latent stream, drawn in order
+        stop = min(args.num, start + SAMPLE_BATCH)
+        x[start:stop] = model.sample(
+            stop - start,
+            temperature=args.temperature,
+            seed=rng,
+            solve_precision=args.solve_precision,
+        )
     if not np.isfinite(x).all():
         print(
             f"warning: {np.size(x) - np.count_nonzero(np.isfinite(x))} non-finite pixel "
             "values in the samples (drawn black)",
             file=sys.stderr,
         )
-    out = _output_path(args)
-    save_grid(x, out, ncols=args.ncols, title=f"{args.num} samples, T = {args.temperature:g}")
-    print(f"{args.num} samples ({model.config.image_shape}, T = {args.temperature:g}): {out}")
+    shown = min(args.num, GRID_MAX)
+    what = f"{args.num} samples" if shown == args.num else f"the first {shown} of {args.num}"
+    save_grid(x[:shown], out, ncols=args.ncols, title=f"{what}, T = {args.temperature:g}")
+    print(f"{args.num} samples ({shape}, T = {args.temperature:g}): {out}")
     report_samples(x)  # MNIST-shaped: share of samples a digit classifier is sure of
     if args.npz:
-        np.savez_compressed(args.npz, images=to_uint8(x))
+        write_atomic(args.npz, npz_bytes(images=to_uint8(x)))
         print(f"uint8 samples: {args.npz}")
     return 0
 
 
 def _output_path(args: argparse.Namespace) -> Path:
     """The PNG to write: ``--out`` itself when it ends in ``.png``, else ``--out`` is a folder
-    and the file ``samples_T<T>.png`` goes into it; without ``--out``, next to the checkpoint."""
+    and the file ``samples_T<T>.png`` goes into it; without ``--out``, next to the checkpoint.
+    An existing file is refused without ``--overwrite``."""
+    from flownp.files import refuse_existing
+
     name = f"samples_T{args.temperature:g}.png"
     if args.out is None:
-        return Path(args.checkpoint).resolve().parent / name
-    out = Path(args.out)
-    if out.suffix.lower() == ".png" and not out.is_dir():
-        return out
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {args.out}: exists and is not a folder or a .png file")
-    if out.suffix and not out.is_dir():
-        raise DataError(
+        path = Path(args.checkpoint).resolve().parent / name
+    elif Path(args.out).suffix.lower() == ".png" and not Path(args.out).is_dir():
+        path = Path(args.out)
+    elif Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder or a .png file")
+    elif Path(args.out).suffix and not Path(args.out).is_dir():
+        raise UsageError(
             f"--out {args.out}: give a .png file or a folder (samples are written as PNG)"
         )
-    return out / name
+    else:
+        path = Path(args.out) / name
+    return refuse_existing(path, args.overwrite, option="--out", suffixes=(".png",))

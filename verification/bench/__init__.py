@@ -92,11 +92,17 @@ def run_bench(
     compete: bool = False,
     models: list[str] | None = None,
     command: str | None = None,
+    *,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the suite, write ``out/report.md``, ``out/results.json`` and the figure; return
-    the results. ``sections``: a subset of :data:`SECTION_NAMES` (default all)."""
+    the results. ``sections``: a subset of :data:`SECTION_NAMES` (default all).
+    ``overwrite=False`` refuses an ``out`` holding the report of an earlier run
+    (:class:`~flownp.errors.UsageError`, before any work)."""
+    from flownp.files import refuse_existing_in
+
     t_start = time.perf_counter()
-    outdir = Path(out)
+    outdir = refuse_existing_in(out, ["report.md", "results.json"], overwrite, option="--out")
     outdir.mkdir(parents=True, exist_ok=True)
     threads.configure(n_threads)
     sections = list(sections or SECTION_NAMES)
@@ -174,7 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run only this section (repeatable; default all)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="threads of flownp (default: usable CPUs)"
+        "--threads",
+        type=threads.thread_count_option,
+        default=None,
+        help="threads of flownp (default: usable CPUs)",
     )
     parser.add_argument(
         "--compete",
@@ -188,6 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="threads section: only the models whose name contains this (repeatable), "
         "e.g. 'mnist', 'cifar d4'",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the report of an earlier run in --out"
     )
 
 
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None, prog: str = "python3 -m verification.ben
         compete=args.compete,
         models=args.model,
         command=" ".join([prog, shlex.join(argv)]).strip(),
+        overwrite=args.overwrite,
     )
     checks = [c for s in res["sections"].values() for c in s.get("checks", [])]
     for c in checks:
