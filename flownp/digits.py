@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
-from flownp.model import SAMPLE_TEMPERATURE
 from flownp.optim import Adam
 
 DIGIT_SHAPE = (28, 28, 1)
@@ -358,38 +357,6 @@ def report_samples(samples: np.ndarray, print_fn: Callable[[str], None] = print)
     score = score_samples(samples)
     if score is not None:
         print_fn(score.format())
-
-
-def report_training(
-    trainer: Any, *, n: int = 100, temperature: float = SAMPLE_TEMPERATURE
-) -> DigitScore | None:
-    """End-of-training report of a :class:`flownp.train.Trainer` with an MNIST-shaped model.
-
-    Draws ``n`` samples at ``temperature`` with the EMA weights (seed = the run's seed), scores
-    them against the run's own held-out images, logs one line and appends a row to
-    ``trainer.metrics["digits"]`` (columns ``step, temperature, samples, share, real_share``;
-    saved with the checkpoint). Returns None for other image shapes or when sampling fails
-    (which is logged).
-    """
-    model = trainer.model
-    if not is_digit_shaped(model.config.image_shape):
-        return None
-    try:
-        with trainer.optimizer.ema_weights():
-            x = model.sample(n, temperature=temperature, seed=trainer.config.seed)
-    except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
-        trainer.log(f"digit classifier: not measured, sampling failed: {exc}")
-        return None
-    score = score_samples(x, trainer.data.test)
-    assert score is not None
-    trainer.log(f"step {trainer.step}: {score.format()} (T = {temperature:g})")
-    table = trainer.metrics.setdefault(
-        "digits", {c: [] for c in ("step", "temperature", "samples", "share", "real_share")}
-    )
-    row = (trainer.step, temperature, score.num_samples, score.share, score.real_share)
-    for c, v in zip(table, row, strict=True):
-        table[c].append(float(v))
-    return score
 
 
 def temperature_sweep(

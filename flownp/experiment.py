@@ -58,8 +58,8 @@ import numpy as np
 from flownp.data.pixels import dequantize
 from flownp.digits import MEASURE as DIGIT_MEASURE
 from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
-from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel
-from flownp.train import TrainConfig, Trainer, TrainingDiverged, bpd_loss
+from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel, bpd_loss
+from flownp.train import TrainConfig, Trainer, TrainingDiverged
 
 BUDGETS = ("steps", "seconds")
 RESULT_FILE = "result.json"
@@ -564,7 +564,7 @@ def run_grid(
     ``train=False`` trains nothing: the report is built from the finished runs. Returns the
     results of the finished runs, in grid order.
     """
-    from flownp.train import load_data
+    from flownp.train.data_stream import load_data
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

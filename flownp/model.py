@@ -87,6 +87,8 @@ SAMPLE_TEMPERATURE = 0.8
 LOG_2PI = float(np.log(2.0 * np.pi))
 #: Most classes a class-conditional model may have (its label embedding is (K, C) per prior).
 MAX_CLASSES = 100_000
+LN2 = float(np.log(2.0))
+LN256 = float(np.log(256.0))
 
 
 @dataclass(frozen=True)
@@ -668,7 +670,7 @@ class FlowModel(Layer):
     def log_prob(self, x: np.ndarray, labels: Any = None) -> np.ndarray:
         """``log p(x)`` (``log p(x | y)`` for a class-conditional model, which needs
         ``labels``) per sample (float64, nats), for ``x`` in model space (no dequantisation
-        offset; see :func:`flownp.train.bits_per_dim`)."""
+        offset; see :func:`bits_per_dim`)."""
         self._need_labels(labels, "log_prob")
         z, logdet = self.forward(x, labels)
         self.clear_cache()
@@ -752,3 +754,34 @@ def log_normal(z: np.ndarray) -> np.ndarray:
     """``sum_i log N(z_i; 0, 1)`` per row of ``z (N, D)``, in float64."""
     z64 = z.astype(np.float64, copy=False)
     return -0.5 * np.einsum("nd,nd->n", z64, z64) - 0.5 * z.shape[1] * LOG_2PI
+
+
+# ---------------------------------------------------------------------- bits/dim, the loss
+def bits_per_dim(z: np.ndarray, logdet: np.ndarray) -> np.ndarray:
+    """Per-sample bits/dim ``(-log p(x) + D ln 256) / (D ln 2)`` from :meth:`FlowModel.forward`'s
+    outputs (``z`` of shape ``(N, D)``), in float64. The ``D ln 256`` term accounts for the
+    pixel bins of width 1/256 (uniform dequantisation): a uniform model scores 8 bits/dim."""
+    D = z.shape[1]
+    log_p = log_normal(z) + logdet.astype(np.float64)
+    return (-log_p + D * LN256) / (D * LN2)
+
+
+def bpd_loss(
+    z: np.ndarray, logdet: np.ndarray, *, num_images: int | None = None
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The training loss and its gradients ``(loss, dz, dlogdet)``::
+
+        loss              = sum_n bits_per_dim(z, logdet)_n / num_images
+        d loss / d z      = z / (num_images D ln 2)
+        d loss / d logdet = -1 / (num_images D ln 2)
+
+    ``num_images`` defaults to the batch's own size ``N``: the loss is the batch mean. A step
+    whose batch is split over several processes gives each the global image count, so that
+    the processes' losses and gradients add up to those of the whole batch."""
+    N, D = z.shape
+    n = N if num_images is None else int(num_images)
+    loss = float(np.sum(bits_per_dim(z, logdet))) / n  # == np.mean for n = N
+    c = 1.0 / (n * D * LN2)
+    dz = z * z.dtype.type(c)  # (N, D)
+    dlogdet = np.full(N, -c)  # (N,)
+    return loss, dz, dlogdet

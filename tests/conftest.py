@@ -28,11 +28,11 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def serve_dataset(monkeypatch):
     """``serve(data)``: the commands and trainers under test load ``data`` whatever dataset
-    they are given (``flownp.train.load_data`` patched); returns ``data``."""
-    from flownp import train
+    they are given (``flownp.train.data_stream.load_data`` patched); returns ``data``."""
+    from flownp.train import data_stream
 
     def serve(data):
-        monkeypatch.setattr(train, "load_data", lambda spec, holdout=None: data)
+        monkeypatch.setattr(data_stream, "load_data", lambda spec, holdout=None: data)
         return data
 
     return serve

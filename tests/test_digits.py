@@ -165,7 +165,9 @@ def test_sweep_command_averages_the_given_checkpoints(mnist, monkeypatch, capsys
     assert float(cells[0].split(" ± ")[0]) > 20 and cells[1].startswith("0.0")  # digits, noise
 
 
-def test_report_training_and_temperature_sweep(mnist):
+def test_digit_observer_and_temperature_sweep(mnist):
+    from flownp.train.observers import observe_digits
+
     Fake = lambda: _digits_below_half(mnist)  # noqa: E731
     rows = G.temperature_sweep(Fake(), [0.3, 1.0], n=100)
     assert rows[0][1].share > 0.3 and rows[1][1].share == 0.0
@@ -173,23 +175,16 @@ def test_report_training_and_temperature_sweep(mnist):
     with pytest.raises(DataError, match="temperatures"):
         G.temperature_sweep(Fake(), [-1.0])
 
-    import contextlib
-
     logs = []
-    trainer = SimpleNamespace(
-        model=Fake(),
-        optimizer=SimpleNamespace(ema_weights=contextlib.nullcontext),
-        config=SimpleNamespace(seed=0),
-        data=SimpleNamespace(test=mnist.test),
-        log=logs.append,
-        step=7,
-        metrics={},
+    row, score = observe_digits(
+        Fake(), mnist.test, step=7, seed=0, log=logs.append, n=50, temperature=0.4
     )
-    score = G.report_training(trainer, n=50, temperature=0.4)
     assert score.num_samples == 50 and score.num_confident > 0
-    assert trainer.metrics["digits"]["step"] == [7.0]
-    assert trainer.metrics["digits"]["share"] == [score.share]
+    assert row["step"] == 7.0 and row["share"] == score.share and row["samples"] == 50.0
+    assert row["real_share"] == score.real_share and row["temperature"] == 0.4
     assert "step 7: digit classifier" in logs[0]
+    other = SimpleNamespace(config=SimpleNamespace(image_shape=(8, 8, 1)))
+    assert observe_digits(other, mnist.test, step=1, seed=0, log=logs.append) == (None, None)
 
 
 def test_training_run_reports_the_share(tmp_path, mnist):

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flownp.model import FlowConfig, FlowModel
+from flownp.model import FlowConfig, FlowModel, bpd_loss
 from flownp.testing import randomize_params
-from flownp.train import bpd_loss
 
 CONFIGS = [
     FlowConfig((8, 8, 1), 2, 2, 8, "cinc", "quad", dtype="float64"),

@@ -24,10 +24,17 @@ import pytest
 from flownp import checkpoint as ck
 from flownp import cli, figures, files
 from flownp import train as T
-from flownp.errors import CheckpointError, DataError, NonFiniteError, SingularKernelError
+from flownp.errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    SingularKernelError,
+    UsageError,
+)
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
 from flownp.testing import rectangles_dataset
+from flownp.train import step as step_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 1)
@@ -309,11 +316,11 @@ def test_a_climbing_finite_loss_stops_training(tmp_path, monkeypatch):
     )
     real = T.bpd_loss
 
-    def climbing(z, logdet):
-        loss, dz, dld = real(z, logdet)
+    def climbing(z, logdet, **kw):
+        loss, dz, dld = real(z, logdet, **kw)
         return (loss + 200.0 if tr.step >= 12 else loss), dz, dld
 
-    monkeypatch.setattr(T, "bpd_loss", climbing)
+    monkeypatch.setattr(step_module, "bpd_loss", climbing)
     with pytest.raises(T.TrainingDiverged, match="5 bad steps in a row.*more than twice"):
         tr.run()
     assert tr.step == 17
@@ -324,11 +331,11 @@ def test_single_spikes_do_not_stop_training(monkeypatch):
     tr = quiet(T.Trainer(tiny_model(), tiny_train(steps=30), make_data()))
     real = T.bpd_loss
 
-    def spiky(z, logdet):
-        loss, dz, dld = real(z, logdet)
+    def spiky(z, logdet, **kw):
+        loss, dz, dld = real(z, logdet, **kw)
         return (loss * 10 if tr.step in (14, 20, 21) else loss), dz, dld
 
-    monkeypatch.setattr(T, "bpd_loss", spiky)
+    monkeypatch.setattr(step_module, "bpd_loss", spiky)
     assert tr.run().steps == 30
 
 
@@ -407,7 +414,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path):
     tr = quiet(T.Trainer(tiny_model(), tiny_train(steps=2), make_data(), out_dir=tmp_path))
     tr.run()
     before = (tmp_path / "checkpoint.h5").read_bytes()
-    with pytest.raises(T.UsageError, match="already holds a training run.*--overwrite"):
+    with pytest.raises(UsageError, match="already holds a training run.*--overwrite"):
         T.Trainer(tiny_model(), tiny_train(steps=2), make_data(), out_dir=tmp_path)
     assert (tmp_path / "checkpoint.h5").read_bytes() == before
     quiet(

@@ -12,8 +12,10 @@ from flownp import cli
 from flownp import train as T
 from flownp.checkpoint import read_checkpoint
 from flownp.data import pixels
+from flownp.errors import DataError
 from flownp.model import FlowConfig
 from flownp.testing import rectangles_dataset
+from flownp.train import step as step_module
 
 SHAPE = (8, 8, 1)
 
@@ -54,7 +56,7 @@ def test_dequantize_stays_in_the_pixel_bin(dtype):
     np.testing.assert_array_equal(pixels.to_uint8(x), u)
     centre = pixels.dequantize(u[:1], None, np.float64)
     np.testing.assert_array_equal(centre, (u[:1] + 0.5) / 256 - 0.5)
-    with pytest.raises(T.DataError, match="uint8"):
+    with pytest.raises(DataError, match="uint8"):
         pixels.dequantize(u.astype(np.int16), None, dtype)
 
 
@@ -91,9 +93,9 @@ def test_config_validation():
         T.TrainConfig(lr=-1.0)
     with pytest.raises(ValueError, match="unknown field"):
         T.TrainConfig.from_dict({"stepz": 3})
-    with pytest.raises(T.DataError, match="batch_size 200 exceeds"):
+    with pytest.raises(DataError, match="batch_size 200 exceeds"):
         T.Trainer(tiny_model(), tiny_train(batch_size=200), make_data())
-    with pytest.raises(T.DataError, match="model expects"):
+    with pytest.raises(DataError, match="model expects"):
         T.Trainer(
             FlowConfig(image_shape=(16, 16, 1), levels=2, depth=1, width=4),
             tiny_train(),
@@ -175,15 +177,17 @@ def test_non_finite_step_is_rejected_and_training_continues(tmp_path, monkeypatc
 
 def test_rejected_step_keeps_the_last_good_parameters():
     tr = T.Trainer(tiny_model(), tiny_train(), make_data())
-    x = tr.next_batch()
+    batch = tr.next_batch()
     before = {k: p.copy() for k, p in tr.model.params.items()}
-    bad = x.copy()
+    bad = batch.x.copy()
     bad[0, 0, 0, 0] = np.nan
-    rec = tr.train_step(bad)
-    assert not rec["ok"] and "NaN" in rec["error"]
+    rec = tr.train_step(T.Batch(bad))
+    assert not rec.accepted and rec.bad and "NaN" in rec.error
+    assert tr.rejected_total == tr.consecutive_bad == 1 and tr.optimizer.t == 0
     for k, p in tr.model.params.items():
         np.testing.assert_array_equal(p, before[k])
-    assert tr.train_step(x)["ok"]  # no stale cache from the failed forward
+    assert tr.train_step(batch).accepted  # no stale cache from the failed forward
+    assert tr.consecutive_bad == 0 and tr.optimizer.t == 1
 
 
 def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
@@ -197,11 +201,11 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
     good_steps = 2
     real_loss = T.bpd_loss
 
-    def diverging_loss(z, logdet):
-        loss, dz, dld = real_loss(z, logdet)
+    def diverging_loss(z, logdet, **kw):
+        loss, dz, dld = real_loss(z, logdet, **kw)
         return (loss if tr.step < good_steps else float("inf")), dz, dld
 
-    monkeypatch.setattr(T, "bpd_loss", diverging_loss)
+    monkeypatch.setattr(step_module, "bpd_loss", diverging_loss)
     with pytest.raises(T.TrainingDiverged, match="3 bad steps in a row") as info:
         tr.run()
     # the bad state is not written: the folder keeps the last usable checkpoint (the initial
@@ -215,7 +219,7 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, monkeypatch):
     advice = str(info.value).split("flownp train ")[1].split()
     assert advice[:2] == ["--resume", str(tmp_path / "checkpoint.h5")]
     lr, warmup = float(advice[advice.index("--lr") + 1]), int(advice[-1])
-    monkeypatch.setattr(T, "bpd_loss", real_loss)
+    monkeypatch.setattr(step_module, "bpd_loss", real_loss)
     resumed = T.Trainer.from_checkpoint(
         tmp_path / "checkpoint.h5", make_data(), lr=lr, warmup_steps=warmup, steps=4
     )
@@ -309,7 +313,7 @@ def test_commands_exit_codes_on_bad_input(tmp_path, fake_dataset, capsys):
 
 
 def test_train_command_diverged_exit_code(tmp_path, fake_dataset, monkeypatch, capsys):
-    monkeypatch.setattr(T, "bpd_loss", lambda z, ld: (float("nan"), z, ld))
+    monkeypatch.setattr(step_module, "bpd_loss", lambda z, ld, **kw: (float("nan"), z, ld))
     rc = cli.main(
         ["train", "--steps", "10", "--max-bad-steps", "2", "--out", str(tmp_path), *TINY_ARGS]
     )
@@ -336,3 +340,39 @@ def test_train_help_documents_every_option(capsys):
         "--dataset",
     ):
         assert opt in text, opt
+
+
+# ---------------------------------------------------------------------- the step's two parts
+def test_batch_gradients_of_two_halves_add_up_to_the_whole_batch():
+    """(a) with ``num_images`` = the whole batch's count: the halves' losses and gradients sum
+    to the whole batch's (what combining the batches of several processes relies on)."""
+    tr = T.Trainer(tiny_model(), tiny_train(), make_data())
+    batch = tr.next_batch()
+    whole = T.batch_gradients(tr.model, batch)
+    whole_grads = {k: g.copy() for k, g in whole.grads.items()}
+    n = batch.num_images
+    halves = [T.Batch(batch.x[: n // 2]), T.Batch(batch.x[n // 2 :])]
+    parts = []
+    for half in halves:
+        g = T.batch_gradients(tr.model, half, num_images=n)
+        parts.append((g.loss, {k: v.copy() for k, v in g.grads.items()}, g.batch_images))
+    assert [p[2] for p in parts] == [n // 2, n - n // 2] and whole.batch_images == n
+    assert parts[0][0] + parts[1][0] == pytest.approx(whole.loss, rel=1e-13)
+    assert parts[0][0] == pytest.approx(whole.loss / 2, rel=0.2)  # each half about half
+    for k, g in whole_grads.items():
+        np.testing.assert_allclose(parts[0][1][k] + parts[1][1][k], g, rtol=1e-9, atol=1e-12)
+
+
+def test_step_rule_judges_and_counts():
+    tr = T.Trainer(tiny_model(), tiny_train(), make_data())
+    rule = T.StepRule(T.LossMonitor(window=50, margin=1.0, min_history=2))
+    rule.replay([3.0, 3.0, 50.0], [0.0, 0.0, 1.0])  # a rejected loss is not part of the level
+    assert rule.monitor.level() == 3.0
+    g = T.batch_gradients(tr.model, tr.next_batch())
+    rec = rule.apply(tr.model, tr.optimizer, g)  # the first real loss is > 6: high, applied
+    assert rec.accepted and rec.high and rec.bad and "more than twice" in rec.error
+    assert tr.optimizer.t == 1 and rule.consecutive_bad == 1 and rule.rejected_total == 0
+    bad = T.BatchGradients(float("nan"), 4, None, "loss is nan")
+    rec = rule.apply(tr.model, tr.optimizer, bad)
+    assert not rec.accepted and rec.error == "loss is nan" and tr.optimizer.t == 1
+    assert rule.consecutive_bad == 2 and rule.rejected_total == 1

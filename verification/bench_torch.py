@@ -127,7 +127,7 @@ def _first_loss_check(model, tmodel, x: np.ndarray) -> float:
     """|flownp loss - PyTorch loss| on the benchmark batch (the two run the same function)."""
     import torch
 
-    from flownp.train import bpd_loss as np_bpd_loss
+    from flownp.model import bpd_loss as np_bpd_loss
     from verification.torch_port import bpd_loss, nchw
 
     z, logdet = model.forward(x)

@@ -74,10 +74,9 @@ import numpy as np
 from flownp import threads
 from flownp.errors import DataError
 from flownp.files import write_atomic
-from flownp.model import FlowConfig, FlowModel, FlowStep
+from flownp.model import FlowConfig, FlowModel, FlowStep, bits_per_dim, bpd_loss
 from flownp.optim import Adam
 from flownp.testing import randomize_params
-from flownp.train import bits_per_dim, bpd_loss
 
 FORMAT = "flownp-reference"
 FORMAT_VERSION = 1

@@ -450,7 +450,8 @@ def compare_checkpoints(
     ``repeats``, interleaved, same process)."""
     from flownp.checkpoint import model_from_checkpoint, read_checkpoint
     from flownp.data.pixels import dequantize
-    from flownp.train import evaluate_bpd, load_data
+    from flownp.train import evaluate_bpd
+    from flownp.train.data_stream import load_data
 
     out = []
     for path in paths:

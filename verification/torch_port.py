@@ -789,7 +789,7 @@ def compare_with_flownp(flownp_model: Any, x_nhwc: np.ndarray) -> dict[str, floa
     float64: every node's output and log-det (``forward``), the latent, the log-det, the loss,
     the input and parameter gradients (``grads``), the inverse of flownp's latent
     (``inverse``) and of a fresh latent (``sample``)."""
-    from flownp.train import bpd_loss as np_bpd_loss
+    from flownp.model import bpd_loss as np_bpd_loss
     from verification.reference import forward_intermediates
 
     fm = flownp_model

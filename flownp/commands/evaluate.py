@@ -91,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from flownp.checkpoint import model_from_checkpoint, read_checkpoint
     from flownp.data import check_fingerprint
-    from flownp.train import evaluate_bpd, load_data
+    from flownp.train import evaluate_bpd
+    from flownp.train.data_stream import load_data
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")

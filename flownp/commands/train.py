@@ -357,13 +357,8 @@ def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from flownp.model import FlowConfig
-    from flownp.train import (
-        Trainer,
-        TrainingDiverged,
-        TrainingInterrupted,
-        check_run_folder,
-        load_data,
-    )
+    from flownp.train import Trainer, TrainingDiverged, TrainingInterrupted, check_run_folder
+    from flownp.train.data_stream import load_data
 
     progress = not args.no_progress
     t0 = time.perf_counter()

@@ -54,8 +54,7 @@ def _memory_row(base, D: int, batch: int) -> dict[str, Any]:
 
 
 def bench_memory(quick: bool) -> dict[str, Any]:
-    from flownp.model import FlowConfig
-    from flownp.train import bpd_loss
+    from flownp.model import FlowConfig, bpd_loss
 
     # gradients of the two paths, float64 (equal up to the round-off of the inverses)
     cfg64 = FlowConfig((8, 8, 3), 2, 2, 16, "cinc", "quad", dtype="float64")

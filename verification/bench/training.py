@@ -41,8 +41,8 @@ def train_step_fn(model, x, recompute: bool = False):
     """One training step (forward, loss, backward, Adam), as :meth:`flownp.train.Trainer.train_step`
     without the bookkeeping; ``recompute=True`` uses the model's memory-saving backward
     (:class:`flownp.model.FlowModel` ``recompute``: no stored activations)."""
+    from flownp.model import bpd_loss
     from flownp.optim import Adam
-    from flownp.train import bpd_loss
 
     opt = Adam(model.params, lr=1e-5)
 

@@ -1,0 +1,117 @@
+r"""The training data stream: which images each step sees, and their dequantisation noise.
+
+::
+
+    order of epoch e   perm_e = default_rng([seed, 3, e]).permutation(n)      (n training images)
+    a batch            the next batch_size indices of perm_e, sorted; an epoch's incomplete
+                       last batch is dropped (the next epoch starts)
+    its pixels         x = u / 256 - 0.5 + U(0, 1/256),  noise from default_rng([seed, 1])
+    initialisation     init_batch_size images drawn by default_rng([seed, 2]) (no repeats,
+                       sorted), dequantised by the same generator
+
+The stream's whole state is ``(epoch, position, noise generator state)``
+(:meth:`DataStream.state`); the checkpoint stores it, so a resumed run sees the same batches
+with the same noise as an uninterrupted one.
+
+A :class:`Batch` is what one training step consumes: today the dequantised images only;
+anything else a step may need from the data (labels of a class-conditional model) belongs in
+it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flownp.data.pixels import dequantize
+from flownp.errors import DataError
+
+
+def load_data(spec: str, holdout: int | None = None) -> Any:
+    """:func:`flownp.data.load_dataset` (imported lazily)."""
+    from flownp.data import load_dataset
+
+    return load_dataset(spec, holdout=holdout)
+
+
+def check_data(data: Any, image_shape: tuple[int, ...], batch_size: int) -> None:
+    """``data.train`` and ``data.test`` must be non-empty uint8 NHWC arrays of ``image_shape``
+    images, with at least ``batch_size`` training images (:class:`~flownp.errors.DataError`)."""
+    tr, te = getattr(data, "train", None), getattr(data, "test", None)
+    for name, arr in (("train", tr), ("test", te)):
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4:
+            raise DataError(f"Trainer: data.{name} must be a uint8 NHWC array")
+        if arr.shape[1:] != image_shape:
+            raise DataError(
+                f"Trainer: data.{name} images are {arr.shape[1:]}, the model expects {image_shape}"
+            )
+        if len(arr) == 0:
+            raise DataError(f"Trainer: data.{name} is empty")
+    if batch_size > len(tr):
+        raise DataError(f"Trainer: batch_size {batch_size} exceeds the {len(tr)} training images")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's data: ``x``, the dequantised images ``(N, H, W, C)`` in model space."""
+
+    x: np.ndarray
+
+    @property
+    def num_images(self) -> int:
+        return int(self.x.shape[0])
+
+
+class DataStream:
+    """Batches of ``images`` (uint8 NHWC) in the order of the module docstring.
+
+    ``epoch``, ``position`` (index into the epoch's permutation) and ``rng`` (the noise
+    generator) are the state; :meth:`state` / :meth:`restore` save and set it.
+    """
+
+    def __init__(self, images: np.ndarray, *, seed: int, dtype: Any) -> None:
+        self.images = images
+        self.seed = int(seed)
+        self.dtype = dtype
+        self.rng = np.random.default_rng([self.seed, 1])
+        self.epoch = 0
+        self.position = 0
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of epoch ``epoch``."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, 3, epoch]).permutation(len(self.images))
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next batch (advances epoch / position and the noise generator)."""
+        if self.position + batch_size > len(self.images):  # drop the incomplete last batch
+            self.epoch += 1
+            self.position = 0
+        idx = self.permutation(self.epoch)[self.position : self.position + batch_size]
+        self.position += batch_size
+        return Batch(dequantize(self.images[np.sort(idx)], self.rng, self.dtype))
+
+    def init_batch(self, size: int) -> np.ndarray:
+        """The images of the data-dependent initialisation (their own generator: the stream's
+        state is not touched)."""
+        rng = np.random.default_rng([self.seed, 2])
+        n = len(self.images)
+        idx = np.sort(rng.choice(n, size=min(size, n), replace=False))
+        return dequantize(self.images[idx], rng, self.dtype)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "rng_state": self.rng.bit_generator.state,
+        }
+
+    def restore(self, epoch: int, position: int, rng_state: dict[str, Any]) -> None:
+        self.epoch = int(epoch)
+        self.position = int(position)
+        self.rng.bit_generator.state = rng_state

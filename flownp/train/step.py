@@ -1,0 +1,188 @@
+r"""One training step, in two parts.
+
+(a) :func:`batch_gradients`: forward, loss and backward of one batch
+    (:class:`~flownp.train.data_stream.Batch`; a function of the model and the batch
+    only): the loss, the image count and the
+    gradients, or the error that makes them unusable (a NaN/Inf loss, a NaN inside a layer).
+(b) :meth:`StepRule.apply`: the one place where the optimizer applies the update and the
+    step is judged. A step is *rejected* when (a) failed or the gradient is not finite: the
+    update is not applied, the parameters stay at the last good state. A step is *high* when
+    its loss is far above its recent level (:class:`LossMonitor`); its update is applied.
+    Rejected and high steps are *bad*; :attr:`StepRule.consecutive_bad` counts them in a row
+    (the loop stops after ``max_bad_steps``).
+
+Between (a) and (b) the gradients of several batches (several processes) could be combined:
+:func:`batch_gradients` takes the image count its loss is divided by.
+
+Blow-up rule (:class:`LossMonitor`): a loss is high when ``loss > level + max(BLOWUP_MARGIN,
+level)``, ``BLOWUP_MARGIN`` = 1 bit/dim, ``level`` the median of the last ``BLOWUP_WINDOW`` = 50
+accepted, not-high losses (judged once ``BLOWUP_MIN_HISTORY`` = 10 such losses exist). Single
+spikes of small batches recover within a step or two; a blow-up does not.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flownp.errors import NonFiniteError, SingularKernelError
+from flownp.model import FlowModel, bpd_loss
+from flownp.train.data_stream import Batch
+
+BLOWUP_WINDOW = 50  # accepted losses the recent level is the median of
+BLOWUP_MARGIN = 1.0  # bad: loss > level + max(BLOWUP_MARGIN, level) (bits/dim)
+BLOWUP_MIN_HISTORY = 10  # losses needed before the rule judges
+
+#: What a failing forward / loss / backward / update raises; the step is rejected.
+STEP_ERRORS = (NonFiniteError, FloatingPointError, SingularKernelError)
+
+
+class LossMonitor:
+    """The blow-up rule: is a loss far above its recent level?
+
+    ``level`` is the median of the last ``window`` accepted losses that were not themselves
+    high; a loss is *high* when ``loss > level + max(margin, level)`` (bits/dim: more than
+    twice the level, and at least ``margin`` above it), once ``min_history`` losses exist. A
+    high loss is not added to the window, so a sustained climb stays high.
+    """
+
+    def __init__(
+        self,
+        window: int = BLOWUP_WINDOW,
+        margin: float = BLOWUP_MARGIN,
+        min_history: int = BLOWUP_MIN_HISTORY,
+    ) -> None:
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.margin = float(margin)
+        self.min_history = int(min_history)
+
+    def level(self) -> float:
+        """Median of the recent losses (NaN while fewer than ``min_history``)."""
+        if len(self.recent) < self.min_history:
+            return float("nan")
+        return float(np.median(np.asarray(self.recent)))
+
+    def is_high(self, loss: float) -> bool:
+        lvl = self.level()
+        return bool(np.isfinite(lvl) and loss > lvl + max(self.margin, lvl))
+
+    def threshold(self) -> float:
+        """The loss above which a step is high: ``level + max(margin, level)``."""
+        lvl = self.level()
+        return lvl + max(self.margin, lvl)
+
+    def add(self, loss: float) -> None:
+        if np.isfinite(loss):
+            self.recent.append(float(loss))
+
+
+# ---------------------------------------------------------------------- (a) the gradients
+@dataclass
+class BatchGradients:
+    """What :func:`batch_gradients` computed.
+
+    ``loss``: the batch's bits/dim summed and divided by the ``num_images`` given to
+    :func:`batch_gradients` (by default the batch's own: the mean); ``batch_images``: the
+    batch's image count; ``grads``: the parameter gradients of ``loss`` (the model's
+    ``grads`` dict, None on error); ``error``: why the batch is unusable, or None.
+    """
+
+    loss: float
+    batch_images: int
+    grads: dict[str, np.ndarray] | None
+    error: str | None = None
+
+
+def batch_gradients(
+    model: FlowModel, batch: Batch, *, num_images: int | None = None
+) -> BatchGradients:
+    """Forward, bits/dim loss (:func:`flownp.model.bpd_loss`) and backward of ``batch``.
+
+    ``num_images`` is the count the loss sum is divided by (default: the batch's). A NaN/Inf
+    loss or a NaN inside a layer gives ``error`` (and a clean model: no cache, zero grads).
+    """
+    model.zero_grad()
+    loss = float("nan")
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            z, logdet = model.forward(batch.x)  # checked explicitly just below
+            if num_images is None:
+                loss, dz, dlogdet = bpd_loss(z, logdet)
+            else:
+                loss, dz, dlogdet = bpd_loss(z, logdet, num_images=num_images)
+            if not np.isfinite(loss):
+                raise NonFiniteError(f"loss is {loss}")
+            model.backward(dz, dlogdet)
+    except STEP_ERRORS as exc:
+        model.clear_cache()
+        model.zero_grad()
+        return BatchGradients(loss, batch.num_images, None, str(exc))
+    return BatchGradients(loss, batch.num_images, model.grads)
+
+
+# ---------------------------------------------------------------------- (b) update and judge
+@dataclass
+class StepRecord:
+    """The outcome of one step: ``accepted`` (the update was applied), ``high`` (the loss is a
+    blow-up), ``bpd`` (the loss), ``lr`` and ``grad_norm`` (of the update; NaN when rejected)
+    and ``error`` (why the step is bad, or None)."""
+
+    accepted: bool
+    high: bool
+    bpd: float
+    lr: float
+    grad_norm: float
+    error: str | None = None
+
+    @property
+    def bad(self) -> bool:
+        return self.high or not self.accepted
+
+
+class StepRule:
+    """Applies updates and judges steps (module docstring, part (b)); counts bad steps in a
+    row (``consecutive_bad``) and rejected steps (``rejected_total``)."""
+
+    def __init__(self, monitor: LossMonitor | None = None) -> None:
+        self.monitor = monitor if monitor is not None else LossMonitor()
+        self.consecutive_bad = 0
+        self.rejected_total = 0
+
+    def apply(self, model: FlowModel, optimizer: Any, g: BatchGradients) -> StepRecord:
+        """Apply ``g`` with ``optimizer`` (unless it is unusable or not finite) and judge it."""
+        error, info = g.error, None
+        if error is None:
+            try:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    info = optimizer.step(g.grads)  # refuses non-finite gradients
+            except STEP_ERRORS as exc:
+                model.clear_cache()
+                model.zero_grad()
+                error = str(exc)
+        if error is not None or info is None:
+            self.consecutive_bad += 1
+            self.rejected_total += 1
+            return StepRecord(False, False, g.loss, float("nan"), float("nan"), error)
+        rec = StepRecord(True, False, g.loss, info["lr"], info["grad_norm"])
+        if self.monitor.is_high(g.loss):
+            self.consecutive_bad += 1
+            rec.high = True
+            rec.error = (
+                f"loss {g.loss:.4g} bits/dim is more than twice its recent level "
+                f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
+            )
+        else:
+            self.consecutive_bad = 0
+            self.monitor.add(g.loss)
+        return rec
+
+    def replay(self, losses: Iterable[float], rejected: Iterable[float]) -> None:
+        """Refill the monitor from a run's recorded losses, judging them as the live run did
+        (a resumed run applies the same rule as an uninterrupted one)."""
+        for bpd, rej in zip(losses, rejected, strict=True):
+            if not rej and not self.monitor.is_high(bpd):
+                self.monitor.add(bpd)
