@@ -22,7 +22,7 @@ the wider bin ``[v / 2^N - 1/2, (v + 1) / 2^N - 1/2)``::
 so a model of N-bit data sees ``2^N`` levels per pixel, and its samples come back as uint8
 images on the same ``2^(8-N)`` grid (:func:`quantize` puts data on that grid, for pictures and
 exact comparisons). Bits/dim of such a model counts ``D ln 2^N`` instead of ``D ln 256``
-(:func:`flownp.train.bits_per_dim`): a uniform model scores exactly N bits/dim.
+(:func:`flownp.model.bits_per_dim`): a uniform model scores exactly N bits/dim.
 """
 
 from __future__ import annotations
