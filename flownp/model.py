@@ -29,7 +29,7 @@ lists the pieces.
 Parameter paths (keys of ``params``/``grads``/``buffers``, also the HDF5 paths)::
 
     level{l}/step{d}/actnorm/{bias,logs}
-    level{l}/step{d}/conv/...            (conv1x1/... first for conv="1x1+emerging")
+    level{l}/step{d}/conv/...            (conv1x1/... first for "1x1+emerging", "1x1+cinc")
     level{l}/step{d}/coupling/...
     level{l}/split/prior/{weight,bias}   (l < L-1)
     prior/{mean,logs}                    (top prior)
@@ -70,13 +70,17 @@ from flownp.layers.base import Layer, Module, check_dtype
 from flownp.layers.cinc import CInCConv
 from flownp.layers.conditional import ConditionalPrior, LatentClassifier, check_labels
 from flownp.layers.conv1x1 import Conv1x1
-from flownp.layers.coupling import AffineCoupling, QuadCoupling
+from flownp.layers.coupling import AdditiveCoupling, AffineCoupling, QuadCoupling
 from flownp.layers.emerging import EmergingConv
+from flownp.layers.periodic import PeriodicConv
+from flownp.layers.permute import ChannelPermutation
 from flownp.layers.split import LearnedPrior, Split
 from flownp.layers.squeeze import Squeeze
 
-CONVS = ("cinc", "emerging", "1x1", "1x1+emerging")
-COUPLINGS = ("quad", "affine")
+CONVS = ("cinc", "emerging", "1x1", "1x1+emerging", "1x1+cinc", "periodic", "reverse", "shuffle")
+COUPLINGS = ("quad", "affine", "additive")
+#: Convolutions whose inverse is no substitution and that have no taps to guard.
+UNGUARDED_CONVS = ("1x1", "reverse", "shuffle")
 SCALES = ("sigmoid", "exp")
 CINC_CORNERS = ("triangular", "unit", "lu")
 #: Latent temperature of the samples that the commands draw by default (``flownp train``
@@ -105,25 +109,30 @@ class FlowConfig:
         Steps per level D.
     width : int
         Hidden channels of the coupling conditioner networks.
-    conv : {"cinc", "emerging", "1x1", "1x1+emerging"}
-        Invertible convolution of each step (the paper's CInC, Emerging, Glow, or the
-        paper's Emerging baseline preceded by a 1x1 convolution).
-    coupling : {"quad", "affine"}
-        Quad coupling (paper Eq. 3-6) or Glow's affine coupling.
+    conv : {"cinc", "emerging", "1x1", "1x1+emerging", "1x1+cinc", "periodic", "reverse", "shuffle"}
+        Invertible convolution of each step: the paper's CInC, Emerging, Glow's 1x1, the
+        paper's Emerging baseline preceded by a 1x1 convolution, a 1x1 convolution then CInC
+        (the official script's option 6), Emerging's periodic convolution (FFT), or a fixed
+        channel reversal / random channel shuffle (log-det 0).
+    coupling : {"quad", "affine", "additive"}
+        Quad coupling (paper Eq. 3-6), Glow's affine coupling, or the additive coupling
+        (log-det 0; ``scale`` is not used).
     kernel_size : int
-        k of the CInC / Emerging convolution.
+        k of the CInC / Emerging / periodic convolution.
     scale : {"sigmoid", "exp"}
         Coupling scale function (``sigmoid(h + 2)`` as the official code, or ``exp``).
     dtype : {"float32", "float64"}
     cinc_corner : {"triangular", "unit", "lu"}
         Corner parameterisation of :class:`~flownp.layers.cinc.CInCConv`.
     lu : bool
-        LU-parameterised 1x1 convolutions (``conv`` = "1x1" / "1x1+emerging").
+        LU-parameterised 1x1 convolutions (``conv`` = "1x1", "1x1+emerging", "1x1+cinc").
     guard : float or None
-        Stability guard ``rho`` in (0, 1) of every CInC / Emerging convolution (``docs/
-        stability.md``): their substitutions stay inside a diagonal-dominance region, so the
-        inverse amplifies round-off by a bounded factor on every image size. None: no guard.
-        Not used (stored as None) with ``conv="1x1"``, which has no substitution. Default 0.9
+        Stability guard ``rho`` in (0, 1) of every CInC / Emerging / periodic convolution
+        (``docs/stability.md``): their substitutions stay inside a diagonal-dominance region,
+        so the inverse amplifies round-off by a bounded factor on every image size, and every
+        frequency block of the periodic convolution is invertible by construction. None: no
+        guard. Not used (stored as None) with ``conv`` = "1x1", "reverse" or "shuffle", which
+        have no taps to guard. Default 0.9
         (measured on MNIST: ``docs/stability.md``, section 7); a checkpoint written before the
         field existed loads with None.
     num_classes : int
@@ -195,12 +204,18 @@ class FlowConfig:
             g = self.guard
             if isinstance(g, bool) or not isinstance(g, (int, float, np.number)) or not 0 < g < 1:
                 raise ValueError(f"FlowConfig: guard (rho) must be in (0, 1) or None, got {g!r}")
-            # conv="1x1" has no substitution to guard (its inverse is a C x C matrix inverse)
-            object.__setattr__(self, "guard", None if self.conv == "1x1" else float(g))
+            # a 1x1 convolution or a permutation has no taps to guard
+            unguarded = self.conv in UNGUARDED_CONVS
+            object.__setattr__(self, "guard", None if unguarded else float(g))
         if "emerging" in self.conv and self.kernel_size % 2 == 0:
             raise ValueError(
                 f"FlowConfig: the emerging convolution needs an odd kernel_size (two "
                 f"(k+1)/2 convolutions), got {self.kernel_size}"
+            )
+        if self.conv == "periodic" and self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"FlowConfig: the periodic convolution needs an odd kernel_size (a centred "
+                f"kernel), got {self.kernel_size}"
             )
         k = self.num_classes
         if (
@@ -359,34 +374,41 @@ def _seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] >> 1)
 
 
+def make_convs(config: FlowConfig, channels: int, seed: int) -> list[tuple[str, Layer]]:
+    """The invertible convolution(s) of one step: ``[("conv", layer)]``, or
+    ``[("conv1x1", Conv1x1), ("conv", layer)]`` for ``"1x1+emerging"`` / ``"1x1+cinc"`` (the
+    1x1 convolution seeded with ``seed``, the second layer with ``seed + 1``)."""
+    dt, k, guard, kind = config.dtype, config.kernel_size, config.guard, config.conv
+    out: list[tuple[str, Layer]] = []
+    if kind.startswith("1x1+"):
+        out.append(("conv1x1", Conv1x1(channels, lu=config.lu, seed=seed, dtype=dt)))
+        kind, seed = kind[len("1x1+") :], seed + 1
+    conv: Layer
+    if kind == "cinc":
+        conv = CInCConv(channels, k, corner=config.cinc_corner, seed=seed, dtype=dt, guard=guard)
+    elif kind == "emerging":
+        conv = EmergingConv(channels, k, seed=seed, dtype=dt, guard=guard)
+    elif kind == "periodic":
+        conv = PeriodicConv(channels, k, seed=seed, dtype=dt, guard=guard)
+    elif kind == "1x1":
+        conv = Conv1x1(channels, lu=config.lu, seed=seed, dtype=dt)
+    else:  # "reverse" / "shuffle"
+        conv = ChannelPermutation(channels, kind, seed=seed, dtype=dt)
+    return out + [("conv", conv)]
+
+
 def make_step(config: FlowConfig, channels: int, seed: int) -> FlowStep:
     """``actnorm -> conv -> coupling`` for ``channels`` channels, following ``config``."""
     dt = config.dtype
-    k = config.kernel_size
     layers: list[tuple[str, Layer]] = [("actnorm", ActNorm(channels, dtype=dt))]
-    if config.conv == "cinc":
-        layers.append(
-            (
-                "conv",
-                CInCConv(
-                    channels, k, corner=config.cinc_corner, seed=seed, dtype=dt, guard=config.guard
-                ),
-            )
-        )
-    elif config.conv == "emerging":
-        layers.append(("conv", EmergingConv(channels, k, seed=seed, dtype=dt, guard=config.guard)))
+    layers += make_convs(config, channels, seed)
+    coupling: Layer
+    if config.coupling == "additive":
+        coupling = AdditiveCoupling(channels, config.width, seed=seed + 2, dtype=dt)
     else:
-        conv1 = Conv1x1(channels, lu=config.lu, seed=seed, dtype=dt)
-        if config.conv == "1x1":
-            layers.append(("conv", conv1))
-        else:
-            layers.append(("conv1x1", conv1))
-            emerging = EmergingConv(channels, k, seed=seed + 1, dtype=dt, guard=config.guard)
-            layers.append(("conv", emerging))
-    cls = QuadCoupling if config.coupling == "quad" else AffineCoupling
-    layers.append(
-        ("coupling", cls(channels, config.width, scale=config.scale, seed=seed + 2, dtype=dt))
-    )
+        cls = QuadCoupling if config.coupling == "quad" else AffineCoupling
+        coupling = cls(channels, config.width, scale=config.scale, seed=seed + 2, dtype=dt)
+    layers.append(("coupling", coupling))
     return FlowStep(layers, dtype=dt)
 
 

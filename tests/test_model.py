@@ -53,11 +53,12 @@ def images(rng: np.random.Generator, config: FlowConfig, n: int) -> np.ndarray:
         ({"depth": 0}, "depth"),
         ({"width": -1}, "width"),
         ({"conv": "3x3"}, "conv must be one of"),
-        ({"coupling": "additive"}, "coupling must be one of"),
+        ({"coupling": "multiplicative"}, "coupling must be one of"),
         ({"scale": "softplus"}, "scale must be one of"),
         ({"dtype": "float16"}, "float32 or float64"),
         ({"cinc_corner": "full"}, "cinc_corner"),
         ({"conv": "emerging", "kernel_size": 2}, "odd kernel_size"),
+        ({"conv": "periodic", "kernel_size": 4}, "periodic convolution needs an odd kernel_size"),
     ],
 )
 def test_config_rejects_bad_values(kw, match):
@@ -95,6 +96,49 @@ def test_latent_layout_and_param_paths(rng):
     p = model.params["prior/mean"]
     p += 1.0
     assert np.all(model.prior.params["mean"] == 1.0)
+
+
+@pytest.mark.parametrize(
+    "conv, layers",
+    [
+        ("cinc", ["actnorm", "conv:CInCConv", "coupling"]),
+        ("1x1+cinc", ["actnorm", "conv1x1:Conv1x1", "conv:CInCConv", "coupling"]),
+        ("1x1+emerging", ["actnorm", "conv1x1:Conv1x1", "conv:EmergingConv", "coupling"]),
+        ("periodic", ["actnorm", "conv:PeriodicConv", "coupling"]),
+        ("reverse", ["actnorm", "conv:ChannelPermutation", "coupling"]),
+        ("shuffle", ["actnorm", "conv:ChannelPermutation", "coupling"]),
+    ],
+)
+def test_step_layout_and_guard_per_conv(conv, layers):
+    """The layers of a step, in order, and where the model's guard goes."""
+    cfg = FlowConfig((8, 8, 1), levels=2, depth=2, width=4, conv=conv, guard=0.8)
+    step = FlowModel(cfg, seed=1).levels[0].layers[1][1]
+    assert [
+        f"{n}:{type(l).__name__}" if n != "actnorm" and n != "coupling" else n
+        for n, l in step._layers.items()
+    ] == layers
+    conv_layer = step._layers["conv"]
+    if conv in ("reverse", "shuffle"):
+        assert cfg.guard is None and conv_layer.kind == conv
+    else:
+        assert cfg.guard == 0.8 and conv_layer.guard == 0.8
+    if conv == "1x1+cinc":  # the same seeds as "1x1+emerging": the 1x1 convolutions agree
+        other = FlowModel(FlowConfig((8, 8, 1), 2, 2, 4, conv="1x1+emerging"), seed=1)
+        a = step._layers["conv1x1"].params["weight"]
+        b = other.levels[0].layers[1][1]._layers["conv1x1"].params["weight"]
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shuffle_permutations_differ_between_steps_and_levels():
+    model = FlowModel(FlowConfig((8, 8, 1), 2, 3, 4, conv="shuffle"), seed=0)
+    perms = [tuple(v) for k, v in model.buffers.items() if k.endswith("conv/perm")]
+    assert len(perms) == 6 and len(set(perms)) == 6
+
+
+def test_additive_coupling_model_has_shift_only_networks():
+    model = FlowModel(FlowConfig((8, 8, 1), 2, 1, 4, coupling="additive"), seed=0)
+    w = model.params["level0/step0/coupling/net/conv_out/weight"]
+    assert w.shape == (3, 3, 4, 2)  # C = 4 channels at level 0: the shift of the 2 last
 
 
 def test_latent_order_is_level0_first_then_top(rng):
@@ -191,6 +235,9 @@ TRAINING_DEFAULTS = {k: getattr(FlowConfig(), k) for k in ("scale", "cinc_corner
         ("emerging", "quad", {}),
         ("1x1", "quad", {}),
         ("cinc", "affine", TRAINING_DEFAULTS),
+        ("periodic", "additive", TRAINING_DEFAULTS),
+        ("1x1+cinc", "affine", {}),
+        ("shuffle", "affine", {}),
     ],
 )
 def test_model_backward_matches_finite_differences(conv, coupling, extra, rng):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from flownp import cli
-from flownp.model import FlowConfig, FlowModel
+from flownp.model import CONVS, COUPLINGS, FlowConfig, FlowModel
+from flownp.optim import OPTIMIZERS
 from verification import reference as R
 
 
@@ -62,7 +63,8 @@ def test_layout_is_the_documented_one(committed):
         assert {k[len("grads/params/") :] for k in v if k.startswith("grads/params/")} == set(
             model.params
         )
-        assert {k[len("adam/params/") :] for k in v if k.startswith("adam/params/")} == set(
+        opt = R.optimizer_of(name)
+        assert {k[len(f"{opt}/params/") :] for k in v if k.startswith(f"{opt}/params/")} == set(
             model.params
         )
         N = v["input/x"].shape[0]
@@ -72,16 +74,25 @@ def test_layout_is_the_documented_one(committed):
         logdets = sum(a for k, a in v.items() if k.startswith("forward/") and k.endswith("logdet"))
         assert np.allclose(logdets, v["latent/logdet"], rtol=1e-12, atol=1e-12)
         assert np.allclose(v["inverse/x"], v["input/x"], atol=1e-12)
-        assert (
-            v["adam/loss"].shape == (R.ADAM_STEPS + 1,) and v["adam/loss"][-1] < v["adam/loss"][0]
-        )
+        losses = v[f"{opt}/loss"]
+        assert losses.shape == (R.ADAM_STEPS + 1,) and losses[-1] < losses[0]
+        other = "adam/" if opt == "adamax" else "adamax/"
+        assert not any(k.startswith(other) for k in v)
     kinds = {k.split("/")[3] for name in committed for k in committed[name] if "/step" in k}
     assert {"actnorm", "conv", "conv1x1", "coupling"} <= kinds
     with h5py.File(R.DEFAULT_PATH, "r") as f:
         assert f.attrs["format"] == R.FORMAT and f.attrs["format_version"] == R.FORMAT_VERSION
         assert FlowConfig.from_json(f["cinc_quad"].attrs["config"]).coupling == "quad"
         assert f["cinc_quad/latent/z"].dtype == np.float64
-    assert R.DEFAULT_PATH.stat().st_size < 2_000_000
+    assert R.DEFAULT_PATH.stat().st_size < 3_000_000
+    # every convolution, coupling and optimizer of flownp is in some model
+    configs = [c for c, _, _ in R.REFERENCE_MODELS.values()]
+    assert {c.conv for c in configs} == set(CONVS)
+    assert {c.coupling for c in configs} == set(COUPLINGS)
+    assert {R.optimizer_of(n) for n in R.REFERENCE_MODELS} == set(OPTIMIZERS)
+    with h5py.File(R.DEFAULT_PATH, "r") as f:
+        for name in R.REFERENCE_MODELS:
+            assert f[name].attrs["optimizer"] == R.optimizer_of(name)
     # the default configuration is covered: LU corner, guard 0.9, exp scale, mixed signs
     default = R.REFERENCE_MODELS["cinc_default"][0]
     assert (default.conv, default.cinc_corner, default.guard, default.scale) == (

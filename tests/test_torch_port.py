@@ -26,6 +26,12 @@ CONFIGS = {
     "glow-plain": dict(conv="1x1", lu=False),
     "glow-lu-quad": dict(conv="1x1", lu=True, coupling="quad", scale="sigmoid"),
     "1x1+emerging-lu-guard": dict(conv="1x1+emerging", lu=True, guard=0.9),
+    "1x1+cinc-guard": dict(conv="1x1+cinc", lu=True, guard=0.9),
+    "periodic-guard-additive": dict(conv="periodic", coupling="additive", guard=0.9),
+    "periodic-free-quad": dict(conv="periodic", coupling="quad", scale="sigmoid", guard=None),
+    "periodic-k5-guard": dict(conv="periodic", kernel_size=5, guard=0.9),
+    "reverse-additive": dict(conv="reverse", coupling="additive"),
+    "shuffle-quad-sigmoid": dict(conv="shuffle", coupling="quad", scale="sigmoid"),
 }
 
 

@@ -1,4 +1,4 @@
-r"""Reference vectors for ports: every intermediate tensor of six small fixed float64 models.
+r"""Reference vectors for ports: every intermediate tensor of small fixed float64 models.
 
 A port (PyTorch, JAX, C, ...) loads the weights and the input batch from the file, runs the
 same computation and saves what it gets under the same paths; :func:`check_reference`
@@ -22,6 +22,14 @@ The models (:data:`REFERENCE_MODELS`), chosen so that together they contain ever
     glow_1x1         2 levels x 1 step: plain Conv1x1 (a free weight, no LU)
     emerging         2 levels x 1 step: EmergingConv(k=3, guard 0.9) alone; mixed-sign
                      ``sign`` buffers
+    periodic_additive  8x8x1 image, 2 levels x 2 steps: PeriodicConv(k=3, guard 0.9),
+                     AdditiveCoupling; optimised by Adamax
+    periodic_free    8x8x1, 2 levels x 1 step: PeriodicConv(k=3, no guard: free taps),
+                     AffineCoupling(sigmoid scale)
+    reverse_quad     8x8x1, 2 levels x 1 step: channel reversal, QuadCoupling(exp scale)
+    shuffle          8x8x1, 2 levels x 1 step: a fixed random channel shuffle
+    1x1_cinc         8x8x1, 2 levels x 1 step: Conv1x1(LU) then CInCConv(LU corner, guard
+                     0.9); optimised by Adamax
 
 The first two use ``guard=None`` (the paper's layers); ``cinc_default``, ``cinc_unit`` and
 ``emerging`` the default guard 0.9 that a checkpoint trained with the defaults contains, so a
@@ -50,6 +58,8 @@ What is computed from the weights and ``x``, in this order (:func:`compute`)::
     adam/...             3 steps of flownp.optim.Adam(lr=1e-3, betas=(0.9, 0.999),
                          eps=1e-8), each a fresh forward + backward on x: the loss after
                          0, 1, 2 and 3 steps, and every parameter after the third
+    adamax/...           the same with flownp.optim.Adamax, for the models of
+                         :data:`ADAMAX_MODELS` (instead of adam/...)
 
 :func:`replay` does the same from the weights *in a file* (a fresh model, a different seed, the
 file's parameters and buffers loaded), in float64 or float32: that is exactly what a port does,
@@ -75,7 +85,7 @@ from flownp import threads
 from flownp.errors import DataError
 from flownp.files import write_atomic
 from flownp.model import FlowConfig, FlowModel, FlowStep, bits_per_dim, bpd_loss
-from flownp.optim import Adam
+from flownp.optim import make_optimizer
 from flownp.testing import randomize_params
 
 FORMAT = "flownp-reference"
@@ -90,6 +100,7 @@ _COMMON = dict(
 )
 
 _SMALL = dict(image_shape=(8, 8, 2), levels=2, width=4, kernel_size=3, dtype="float64")
+_ONE_CHANNEL = {**_SMALL, "image_shape": (8, 8, 1)}
 
 #: name -> (config, model_seed, data_seed), in the order of the file
 REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
@@ -117,7 +128,26 @@ REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
     "cinc_unit": (FlowConfig(depth=1, conv="cinc", cinc_corner="unit", **_SMALL), 41, 42),
     "glow_1x1": (FlowConfig(depth=1, conv="1x1", lu=False, **_SMALL), 51, 52),
     "emerging": (FlowConfig(depth=1, conv="emerging", **_SMALL), 61, 62),
+    # the other options of the official training script (8x8x1: smaller files)
+    "periodic_additive": (
+        FlowConfig(depth=2, conv="periodic", coupling="additive", **_ONE_CHANNEL),
+        71,
+        72,
+    ),
+    "periodic_free": (
+        FlowConfig(
+            depth=1, conv="periodic", guard=None, coupling="affine", scale="sigmoid", **_ONE_CHANNEL
+        ),
+        81,
+        82,
+    ),
+    "reverse_quad": (FlowConfig(depth=1, conv="reverse", coupling="quad", **_ONE_CHANNEL), 91, 92),
+    "shuffle": (FlowConfig(depth=1, conv="shuffle", **_ONE_CHANNEL), 101, 102),
+    "1x1_cinc": (FlowConfig(depth=1, conv="1x1+cinc", lu=True, **_ONE_CHANNEL), 111, 112),
 }
+
+#: Models optimised by Adamax in the optimizer section (``adamax/...``); the others by Adam.
+ADAMAX_MODELS = ("periodic_additive", "1x1_cinc")
 
 #: Models whose ``sign`` buffers are set to a random +-1 pattern (half of them -1).
 MIXED_SIGNS = ("cinc_default", "emerging")
@@ -128,6 +158,13 @@ NOISE = 0.03
 SAMPLE_STD = 0.7
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
 ADAM_STEPS = 3
+
+
+def optimizer_of(name: str) -> str:
+    """``"adamax"`` for the models of :data:`ADAMAX_MODELS`, else ``"adam"``: the name of the
+    optimizer section of the group (``adam/...`` or ``adamax/...``)."""
+    return "adamax" if name in ADAMAX_MODELS else "adam"
+
 
 #: Paths (relative to a model group) that are *inputs* of a port, not compared by the checker.
 INPUT_PREFIXES = ("model/", "input/", "sample/z")
@@ -202,12 +239,15 @@ def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarr
     return {k: np.array(v) for k, v in out.items()}
 
 
-def compute(model: FlowModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def compute(
+    model: FlowModel, inputs: dict[str, np.ndarray], optimizer: str = "adam"
+) -> dict[str, np.ndarray]:
     """Everything a port is compared on, from a ready model (weights set) and its inputs.
 
     Returns ``{path: array}`` with the paths of ``docs/reference-vectors.md`` (the weights and
-    inputs included, as they were *before* the Adam steps). ``model``'s parameters are left
-    as they are after the Adam steps.
+    inputs included, as they were *before* the optimizer steps). ``model``'s parameters are
+    left as they are after the steps of ``optimizer`` (``"adam"`` or ``"adamax"``, with the
+    hyper-parameters :data:`ADAM`; the section is named after it).
     """
     dt = model.dtype
     x = np.ascontiguousarray(inputs["input/x"], dtype=dt)
@@ -239,10 +279,10 @@ def compute(model: FlowModel, inputs: dict[str, np.ndarray]) -> dict[str, np.nda
                 out.update({f"grads/params/{k}": g.copy() for k, g in model.grads.items()})
                 out["inverse/x"] = model.inverse(z)
                 out["sample/x"] = model.inverse(z_s)
-                opt = Adam(model.params, **ADAM)
+                opt = make_optimizer(optimizer, model.params, **ADAM)
             opt.step(model.grads)
-        out["adam/loss"] = np.asarray(losses, dtype=np.float64)  # after 0, 1, 2, 3 steps
-        out.update({f"adam/params/{k}": p.copy() for k, p in model.params.items()})
+        out[f"{optimizer}/loss"] = np.asarray(losses, dtype=np.float64)  # after 0, 1, 2, 3 steps
+        out.update({f"{optimizer}/params/{k}": p.copy() for k, p in model.params.items()})
     return out
 
 
@@ -252,7 +292,7 @@ def generate(names: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarr
     with threads.limit(1):
         for name in names or REFERENCE_MODELS:
             model, inputs = build(name)
-            res[name] = compute(model, inputs)
+            res[name] = compute(model, inputs, optimizer_of(name))
     return res
 
 
@@ -276,7 +316,7 @@ def replay(
             }
             model.load_state_dict(state)
             inputs = {"input/x": g["input/x"][()], "sample/z": g["sample/z"][()]}
-            res[name] = compute(model, inputs)
+            res[name] = compute(model, inputs, g.attrs.get("optimizer", "adam"))
     return res
 
 
@@ -304,7 +344,7 @@ def write(
             timespec="seconds"
         )
         f.attrs["models"] = json.dumps(list(vectors))
-        f.attrs["adam"] = json.dumps({**ADAM, "steps": ADAM_STEPS})
+        f.attrs["adam"] = json.dumps({**ADAM, "steps": ADAM_STEPS})  # Adamax: the same
         f.attrs["loss"] = "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2)"
         for name, arrays in vectors.items():
             g = f.create_group(name)
@@ -314,6 +354,7 @@ def write(
                 config = config or registered
                 g.attrs["model_seed"] = model_seed
                 g.attrs["data_seed"] = data_seed
+            g.attrs["optimizer"] = "adamax" if "adamax/loss" in arrays else "adam"
             if config is not None:
                 g.attrs["config"] = json.dumps(
                     {**config.to_dict(), "dtype": str(arrays["input/x"].dtype)}, sort_keys=True
@@ -409,6 +450,8 @@ SECTIONS = (
     "sample/",
     "adam/loss",
     "adam/params/",
+    "adamax/loss",
+    "adamax/params/",
 )
 _LEAVES = {"output": 0, "h": 1, "eps": 2, "logdet": 3}
 

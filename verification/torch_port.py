@@ -8,11 +8,12 @@ Written from ``docs/porting.md``, ``docs/conventions.md``, ``docs/layers/*.md`` 
   the reference vectors (``verification/data/reference_vectors.h5``) and writes every tensor
   of ``docs/reference-vectors.md`` in flownp's layout; ``flownp check-reference PORT.h5``
   compares them (forward of every layer with its log-det, latent, loss, gradients, inverse,
-  sampling, three Adam steps).
+  sampling, three Adam or Adamax steps).
 * :func:`compare_with_flownp` loads the parameters of any :class:`flownp.model.FlowModel`
   (every ``FlowConfig``: CInC with the ``"triangular"``, ``"unit"`` and ``"lu"`` corners and
-  the stability guard, Emerging, Glow's 1x1 plain and LU, affine and quad couplings, ``exp``
-  and ``sigmoid`` scales) and returns the largest differences of the outputs, per-layer
+  the stability guard, Emerging, Glow's 1x1 plain and LU, a 1x1 before CInC or Emerging, the
+  periodic convolution, channel reversal and shuffle, affine, additive and quad couplings,
+  ``exp`` and ``sigmoid`` scales) and returns the largest differences of the outputs, per-layer
   log-dets, loss, gradients and inverse (``tests/test_torch_port.py``).
 
 Everything here needs ``torch`` (an optional extra: ``pip install flownp[torch]``); flownp
@@ -284,6 +285,79 @@ class CInCConv(nn.Module):
         return solve_top_left(y, self.kernel())
 
 
+class PeriodicConv(nn.Module):
+    """Circular ``k x k`` convolution with a centred kernel whose centre tap is ``A = P L U``
+    (as CInC's LU corner), optionally guarded (docs/layers/periodic.md). Log-det and inverse
+    from the per-frequency ``C x C`` blocks of the kernel's 2D DFT."""
+
+    def __init__(self, C: int, k: int, guard: float | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.k, self.p, self.guard = k, (k - 1) // 2, guard
+        self.weight = _param(dtype, C, C, k, k)
+        self.lower = _param(dtype, C, C)
+        self.upper = _param(dtype, C, C)
+        self.log_s = _param(dtype, C)
+        self.register_buffer("perm", torch.arange(C))
+        self.register_buffer("sign", torch.ones(C, dtype=torch.float64))
+        mask = torch.ones(C, C, k, k, dtype=dtype)
+        mask[:, :, self.p, self.p] = 0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def kernel(self) -> torch.Tensor:
+        """Effective OIHW kernel: masked taps (guarded), ``A`` at the centre tap."""
+        taps = self.weight * self.mask
+        d = self.sign.to(self.log_s.dtype) * torch.exp(self.log_s)
+        A = _plu(self.perm, self.lower, self.upper, d)  # A[o, c]
+        if self.guard is not None:
+            n = torch.linalg.inv(A.double()).abs().sum(dim=1).max().to(A.dtype)
+            taps = guard_taps(taps, (self.guard / n).expand(A.shape[0]), "tanh")
+        p = self.p
+        return taps + F.pad(A[:, :, None, None], (p, p, p, p))
+
+    def blocks(self, K: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``(H, W, C_out, C_in)`` complex: the DFT of the kernel placed on the torus, tap
+        ``(a, b)`` at pixel ``((p - a) mod H, (p - b) mod W)``."""
+        k, p = self.k, self.p
+        torus = K.new_zeros(H, W, K.shape[0], K.shape[1])
+        for a in range(k):
+            for b in range(k):
+                torus[(p - a) % H, (p - b) % W] += K[:, :, a, b]
+        return torch.fft.fft2(torus.double(), dim=(0, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H, W = x.shape[2:]
+        K = self.kernel()
+        y = x.new_zeros(x.shape)
+        for a in range(self.k):  # y[i, j] += K[a, b] x[(i + a - p) mod H, (j + b - p) mod W]
+            for b in range(self.k):
+                shifted = torch.roll(x, shifts=(self.p - a, self.p - b), dims=(2, 3))
+                y = y + torch.einsum("oc,nchw->nohw", K[:, :, a, b], shifted)
+        ld = torch.linalg.slogdet(self.blocks(K, H, W))[1].sum()
+        return y, _const_logdet(ld, x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        H, W = y.shape[2:]
+        with torch.no_grad():
+            Binv = torch.linalg.inv(self.blocks(self.kernel(), H, W)[:, : W // 2 + 1])
+            Y = torch.fft.rfft2(y.double(), dim=(2, 3))  # (N, C, H, W//2+1)
+            X = torch.einsum("uvco,nouv->ncuv", Binv, Y)
+            return torch.fft.irfft2(X, s=(H, W), dim=(2, 3)).to(y.dtype)
+
+
+class ChannelPermutation(nn.Module):
+    """``y = x[:, perm]`` (buffer ``perm``), log-det 0 (docs/layers/permute.md)."""
+
+    def __init__(self, C: int) -> None:
+        super().__init__()
+        self.register_buffer("perm", torch.arange(C))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, self.perm], x.new_zeros(x.shape[0], dtype=torch.float64)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, torch.argsort(self.perm)]
+
+
 class _MaskedHalf(nn.Module):
     """One of Emerging's two ``kk x kk`` convolutions (parameters ``weight``, ``log_diag``,
     buffer ``sign``): ``"bottom_right"`` (conv1, centre tap (0, 0), ``A1`` upper triangular)
@@ -416,13 +490,14 @@ class ConditionerNet(nn.Module):
 class BlockCoupling(nn.Module):
     """Affine (2 blocks, network ``net``) or quad (4 blocks, ``nn1..nn3``) coupling:
     ``y_k = (x_k + shift_k) * s(raw_k)``, ``shift = h[:, 0::2]``, ``raw = h[:, 1::2]``,
-    ``h = NN_{k-1}(x_1..x_{k-1})``; ``s = sigmoid(raw + 2)`` or ``exp(raw)``."""
+    ``h = NN_{k-1}(x_1..x_{k-1})``; ``s = sigmoid(raw + 2)`` or ``exp(raw)``. ``scale=None``:
+    additive, ``h`` is the shift alone and ``s = 1``."""
 
-    def __init__(self, C: int, width: int, blocks: int, scale: str, dtype: torch.dtype):
+    def __init__(self, C: int, width: int, blocks: int, scale: str | None, dtype: torch.dtype):
         super().__init__()
         self.blocks, self.scale, self.e = blocks, scale, C // blocks
         if blocks == 2:
-            self.net = ConditionerNet(C // 2, C, width, dtype)
+            self.net = ConditionerNet(C // 2, C if scale else C // 2, width, dtype)
             self.nets = [self.net]
         else:
             e = self.e
@@ -433,6 +508,8 @@ class BlockCoupling(nn.Module):
 
     def _shift_scale(self, k: int, x_cond: torch.Tensor):
         h = self.nets[k - 1](x_cond)
+        if self.scale is None:
+            return h, torch.ones_like(h), torch.zeros_like(h)
         shift, raw = h[:, 0::2], h[:, 1::2]
         if self.scale == "sigmoid":
             return shift, torch.sigmoid(raw + 2.0), F.logsigmoid(raw + 2.0)
@@ -487,24 +564,31 @@ class Split(nn.Module):
 
 
 class Step(nn.Module):
-    """actnorm -> invertible conv (``conv1x1`` then ``conv`` for "1x1+emerging") -> coupling."""
+    """actnorm -> invertible conv (``conv1x1`` then ``conv`` for "1x1+emerging" and
+    "1x1+cinc") -> coupling."""
 
     def __init__(self, cfg: FlowConfig, C: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.actnorm = ActNorm(C, dtype)
-        k = cfg.kernel_size
-        if cfg.conv == "cinc":
-            self.conv = CInCConv(C, k, cfg.cinc_corner, cfg.guard, dtype)
-        elif cfg.conv == "emerging":
-            self.conv = EmergingConv(C, k, cfg.guard, dtype)
-        elif cfg.conv == "1x1":
-            self.conv = Conv1x1(C, cfg.lu, dtype)
-        else:
+        k, kind = cfg.kernel_size, cfg.conv
+        names = ["actnorm"]
+        if kind.startswith("1x1+"):
             self.conv1x1 = Conv1x1(C, cfg.lu, dtype)
+            names.append("conv1x1")
+            kind = kind[len("1x1+") :]
+        if kind == "cinc":
+            self.conv = CInCConv(C, k, cfg.cinc_corner, cfg.guard, dtype)
+        elif kind == "emerging":
             self.conv = EmergingConv(C, k, cfg.guard, dtype)
+        elif kind == "periodic":
+            self.conv = PeriodicConv(C, k, cfg.guard, dtype)
+        elif kind == "1x1":
+            self.conv = Conv1x1(C, cfg.lu, dtype)
+        else:  # reverse / shuffle: the permutation is a buffer
+            self.conv = ChannelPermutation(C)
         blocks = 4 if cfg.coupling == "quad" else 2
-        self.coupling = BlockCoupling(C, cfg.width, blocks, cfg.scale, dtype)
-        names = ["actnorm"] + (["conv1x1"] if cfg.conv == "1x1+emerging" else [])
+        scale = None if cfg.coupling == "additive" else cfg.scale
+        self.coupling = BlockCoupling(C, cfg.width, blocks, scale, dtype)
         self.names = names + ["conv", "coupling"]
 
     def forward(self, x: torch.Tensor, record: dict | None = None, path: str = ""):
@@ -697,10 +781,42 @@ def flownp_params(model: TorchFlow) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+class Adamax:
+    """Adamax as flownp's (docs/porting.md): ``m = b1 m + (1 - b1) g``, ``u = max(b2 u, |g|)``,
+    ``p -= lr / (1 - b1^t) * m / (u + eps)``. ``torch.optim.Adamax`` adds ``eps`` inside the
+    maximum (``max(b2 u, |g| + eps)``), which differs by ``O(eps / |g|)``, so it is written
+    out here."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.u = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, u in zip(self.params, self.m, self.u, strict=True):
+            m.mul_(b1).add_((1.0 - b1) * p.grad)
+            torch.maximum(b2 * u, p.grad.abs(), out=u)
+            p.sub_(self.lr / (1.0 - b1**self.t) * m / (u + self.eps))
+
+
 def compute_reference(
-    model: TorchFlow, x_nhwc: np.ndarray, z_sample: np.ndarray, adam: dict[str, Any]
+    model: TorchFlow,
+    x_nhwc: np.ndarray,
+    z_sample: np.ndarray,
+    adam: dict[str, Any],
+    optimizer: str = "adam",
 ) -> dict[str, np.ndarray]:
-    """Every computed tensor of a reference group, in flownp's layout (NHWC, HWIO)."""
+    """Every computed tensor of a reference group, in flownp's layout (NHWC, HWIO);
+    ``optimizer`` (the group's ``optimizer`` attribute) names the optimizer section."""
     out: dict[str, np.ndarray] = {}
     x = nchw(x_nhwc).to(model.dtype).requires_grad_(True)
     record: dict[str, torch.Tensor] = {}
@@ -708,9 +824,9 @@ def compute_reference(
         model(x.detach(), record)
     for k, v in record.items():
         out[k] = nhwc(v) if v.ndim == 4 else v.detach().numpy()
-    opt = torch.optim.Adam(
-        model.parameters(), lr=adam["lr"], betas=tuple(adam["betas"]), eps=adam["eps"]
-    )
+    hp = dict(lr=adam["lr"], betas=tuple(adam["betas"]), eps=adam["eps"])
+    opt = Adamax(model.parameters(), **hp) if optimizer == "adamax" else None
+    opt = opt or torch.optim.Adam(model.parameters(), **hp)
     losses = []
     for step in range(adam["steps"] + 1):
         opt.zero_grad(set_to_none=False)
@@ -736,8 +852,8 @@ def compute_reference(
             out["inverse/x"] = nhwc(model.inverse(z.detach()))
             out["sample/x"] = nhwc(model.inverse(torch.from_numpy(z_sample).to(model.dtype)))
         opt.step()
-    out["adam/loss"] = np.asarray(losses)
-    out.update({f"adam/params/{k}": v for k, v in flownp_params(model).items()})
+    out[f"{optimizer}/loss"] = np.asarray(losses)
+    out.update({f"{optimizer}/params/{k}": v for k, v in flownp_params(model).items()})
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
 
 
@@ -763,7 +879,9 @@ def port_reference(
             params = {p: a for p, a in reference._datasets(g["model/params"]).items()}
             buffers = {p: a for p, a in reference._datasets(g["model/buffers"]).items()}
             load_flownp_state(model, params, buffers)
-            res[name] = compute_reference(model, g["input/x"][()], g["sample/z"][()], adam)
+            optimizer = g.attrs.get("optimizer", "adam")
+            x, z = g["input/x"][()], g["sample/z"][()]
+            res[name] = compute_reference(model, x, z, adam, optimizer)
     return res
 
 

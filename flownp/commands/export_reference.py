@@ -1,9 +1,11 @@
-"""Write the reference vectors for ports (docs/reference-vectors.md): six small fixed float64
-models (the paper's layers without guard: CInC + quad coupling, 1x1 LU + Emerging + affine
-coupling; the default configuration: LU corner, guard 0.9, exp scale, mixed sign buffers;
-the unit corner, a plain 1x1 convolution and Emerging alone), their weights, an input batch,
-every layer's output and log-det, the latent, the bits/dim loss, every parameter gradient,
-two inverses and the weights after 3 Adam steps, in one HDF5 file.
+"""Write the reference vectors for ports (docs/reference-vectors.md): eleven small fixed
+float64 models (the paper's layers without guard: CInC + quad coupling, 1x1 LU + Emerging +
+affine coupling; the default configuration: LU corner, guard 0.9, exp scale, mixed sign
+buffers; the unit corner, a plain 1x1 convolution and Emerging alone; the periodic
+convolution with and without guard, channel reversal and shuffle, 1x1 + CInC, the additive
+coupling), their weights, an input batch, every layer's output and log-det, the latent, the
+bits/dim loss, every parameter gradient, two inverses and the weights after 3 Adam (or
+Adamax) steps, in one HDF5 file.
 
 With --replay REF.h5 the vectors are recomputed from the configurations, weights and inputs
 *stored in REF.h5* (a fresh model with another seed, the file's parameters loaded),
