@@ -11,8 +11,9 @@ in short, format version 2::
                             or "null")
     /model/params/<path>    every parameter, by its path (e.g. level0/step2/conv/weight)
     /model/buffers/<path>   every buffer (actnorm "initialized" flags, signs, permutations)
-    /optimizer              (optional) attrs t, hparams (JSON); groups m/, v/ and ema/ (same
-                            paths as the parameters; ema/ only with EMA)
+    /optimizer              (optional) attrs t, hparams (JSON, with "optimizer": "adam" or
+                            "adamax"; absent: Adam); groups m/, v/ (Adam) or u/ (Adamax)
+                            and ema/ (same paths as the parameters; ema/ only with EMA)
     /state                  (optional) attrs step, epoch, position, rng_state (JSON of numpy's
                             bit_generator.state), consecutive_bad, rejected_total, elapsed,
                             history (JSON list of the settings changed at each resume)
@@ -58,6 +59,8 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)  # 1: no checksums, read only with allow_unverified=True
 CHECKSUMS = "checksums"  # the table dataset
 CHECKSUMS_ATTR = "checksums_sha256"  # root attribute: SHA-256 of the table's bytes
+#: The optimizers' second statistics: Adam's second moment, Adamax's infinity norm.
+SECOND_MOMENTS = ("v", "u")
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Checkpoint:
     model_state : dict[str, ndarray]
         ``FlowModel.state_dict()`` layout: ``"params/<path>"`` and ``"buffers/<path>"``.
     optimizer_state : dict or None
-        ``Adam.state_dict()`` layout (``hparams``, ``t``, ``m``, ``v``, ``ema``).
+        ``Optimizer.state_dict()`` layout (``hparams``, ``t``, ``m``, ``v`` or ``u``, ``ema``).
     train_state : dict or None
         ``step``, ``epoch``, ``position``, ``rng_state``, ``consecutive_bad``,
         ``rejected_total``, ``elapsed`` and (optional) ``history``: a list of
@@ -226,7 +229,9 @@ def _write(f: Any, ckpt: Checkpoint) -> None:
         opt.attrs["t"] = int(st["t"])
         opt.attrs["hparams"] = json.dumps(st["hparams"], sort_keys=True)
         _write_group(opt.create_group("m"), st["m"])
-        _write_group(opt.create_group("v"), st["v"])
+        for second in SECOND_MOMENTS:  # Adam's v or Adamax's u
+            if st.get(second) is not None:
+                _write_group(opt.create_group(second), st[second])
         if st.get("ema") is not None:
             _write_group(opt.create_group("ema"), st["ema"])
     if ckpt.train_state is not None:
@@ -253,7 +258,7 @@ def check_finite_state(ckpt: Checkpoint) -> None:
     weight that holds a NaN or Inf (such a state cannot be evaluated, sampled or resumed)."""
     groups: list[tuple[str, dict[str, Any]]] = [("model", ckpt.model_state)]
     opt = ckpt.optimizer_state or {}
-    for name in ("m", "v", "ema"):
+    for name in ("m", *SECOND_MOMENTS, "ema"):
         if opt.get(name) is not None:
             groups.append((f"optimizer/{name}", opt[name]))
     bad = []
@@ -324,7 +329,7 @@ def save_checkpoint(
     ----------
     path : file to write (replaced atomically if it exists)
     model : FlowModel
-    optimizer : Adam or None
+    optimizer : Adam, Adamax or None
     train_state : dict or None (see :class:`Checkpoint`)
     train_config : dict or None (``TrainConfig.to_dict()``)
     metrics : ``{table: {column: sequence}}`` or None
@@ -458,7 +463,7 @@ def _read(path: Path, data: bytes, allow_unverified: bool) -> Checkpoint:
                     "t": int(_attr(g, "t", "/optimizer")),
                     "hparams": json.loads(_attr(g, "hparams", "/optimizer")),
                     "m": _read_group(g["m"]),
-                    "v": _read_group(g["v"]),
+                    **{k: _read_group(g[k]) for k in SECOND_MOMENTS if k in g},
                     "ema": _read_group(g["ema"]) if "ema" in g else None,
                 }
             ts = None

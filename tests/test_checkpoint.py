@@ -12,7 +12,7 @@ import pytest
 from flownp import checkpoint as ck
 from flownp.errors import CheckpointError
 from flownp.model import FlowConfig, FlowModel
-from flownp.optim import Adam
+from flownp.optim import Adam, Adamax
 from flownp.testing import randomize_params
 
 
@@ -89,6 +89,59 @@ def test_save_load_identity(tmp_path, rng, dtype):
         np.testing.assert_array_equal(p, opt.ema[k])
     assert ema.initialized
     assert not [p for p in path.parent.iterdir() if p.name != "checkpoint.h5"]  # no temp left
+
+
+def test_adamax_state_and_the_new_layers_round_trip(tmp_path, rng):
+    """An Adamax state (group u/, hparams optimizer="adamax") and a model with a periodic
+    convolution and shuffled channels come back exactly; Adam refuses the Adamax state."""
+    for conv in ("periodic", "shuffle"):
+        cfg = FlowConfig((8, 8, 1), 2, 1, 4, conv=conv, coupling="additive", dtype="float64")
+        model = FlowModel(cfg, seed=4)
+        model.initialize(rng.uniform(-0.5, 0.5, (8, 8, 8, 1)))
+        randomize_params(model, rng, 0.05)
+        opt = Adamax(model.params, lr=1e-3, ema_decay=0.9)
+        for _ in range(2):
+            opt.step({k: rng.standard_normal(p.shape) for k, p in model.params.items()})
+        path = tmp_path / f"{conv}.h5"
+        ck.save_checkpoint(path, model, optimizer=opt)
+        with h5py.File(path, "r") as f:
+            assert "u" in f["optimizer"] and "v" not in f["optimizer"]
+        c = ck.read_checkpoint(path)
+        assert c.optimizer_state["hparams"]["optimizer"] == "adamax"
+        fresh = Adamax({k: p.copy() for k, p in model.params.items()}, lr=1e-3, ema_decay=0.9)
+        fresh.load_state_dict(c.optimizer_state)
+        for k in model.params:
+            np.testing.assert_array_equal(fresh.u[k], opt.u[k])
+            np.testing.assert_array_equal(fresh.m[k], opt.m[k])
+        with pytest.raises(ValueError, match="'adamax' optimizer, not 'adam'"):
+            Adam(dict(model.params)).load_state_dict(c.optimizer_state)
+        loaded = ck.load_model(path, use_ema=False)
+        x = rng.uniform(-0.5, 0.5, (2, 8, 8, 1))
+        np.testing.assert_array_equal(loaded.forward(x)[0], model.forward(x)[0])
+
+
+def test_a_checkpoint_written_before_adamax_loads_as_adam(tmp_path, rng):
+    """Files written before the optimizer was named (hparams without "optimizer") are Adam's."""
+    model, opt, ts, metrics, _ = trained_state(rng)
+    state = opt.state_dict()
+    del state["hparams"]["optimizer"]
+    ckpt = ck.Checkpoint(
+        model_config=model.config.to_dict(),
+        model_seed=5,
+        model_state=model.state_dict(),
+        optimizer_state=state,
+        train_state=ts,
+        train_config={"steps": 10},
+        metrics=metrics,
+    )
+    ck.write_checkpoint(tmp_path / "old.h5", ckpt)
+    c = ck.read_checkpoint(tmp_path / "old.h5")
+    assert "optimizer" not in c.optimizer_state["hparams"]
+    again = Adam({k: p.copy() for k, p in model.params.items()}, ema_decay=0.99)
+    again.load_state_dict(c.optimizer_state)
+    assert again.t == 3
+    for k in model.params:
+        np.testing.assert_array_equal(again.v[k], opt.v[k])
 
 
 def test_model_only_checkpoint(tmp_path, rng):
