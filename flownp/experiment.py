@@ -6,8 +6,9 @@ The grid (``GridConfig``)::
 
     budget   in budgets                      "steps": every run trains `steps` steps
                                              "seconds": every run trains `seconds` s of wall time
-    conv     in convs       (1x1, 1x1+emerging, cinc: Glow, Emerging as in the paper, CInC)
-    coupling in couplings   (affine, quad)
+    conv     in convs       (1x1, 1x1+emerging, cinc: Glow, Emerging as in the paper, CInC;
+                             any of flownp.model.CONVS, e.g. periodic, 1x1+cinc, shuffle)
+    coupling in couplings   (affine, quad; or additive)
     depth    in depths      (4, 8)           steps per level D
     seed     in 0 .. seeds[depth] - 1        the same seeds for every variant (paired)
 
@@ -740,6 +741,14 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("conv", "cinc", "emerging"),
     ("conv", "cinc", "1x1"),
     ("coupling", "quad", "affine"),
+    # the other options of the official training script
+    ("conv", "periodic", "cinc"),
+    ("conv", "periodic", "1x1+emerging"),
+    ("conv", "periodic", "emerging"),
+    ("conv", "1x1+cinc", "cinc"),
+    ("conv", "1x1", "shuffle"),
+    ("conv", "1x1", "reverse"),
+    ("coupling", "additive", "affine"),
 )
 
 

@@ -117,6 +117,30 @@ def test_tiny_grid_end_to_end(tmp_path, fake_dataset, capsys):
     assert (out / "report" / "report.md").read_text() == report
 
 
+def test_the_official_scripts_options_on_the_axes(tmp_path, fake_dataset, capsys):
+    """The periodic convolution, 1x1+cinc, a channel shuffle and the additive coupling are
+    grid values like the others, and the report pairs them with their baselines."""
+    out = tmp_path / "exp"
+    args = [*TINY, "--steps", "2", "--seeds", "1", "--budget", "steps"]
+    args[args.index("cinc,1x1")] = "periodic,cinc,1x1+cinc,1x1,shuffle"
+    args[args.index("affine")] = "additive,affine"
+    assert cli.main(["experiment", "--out", str(out), *args]) == 0
+    assert "10 of 10 runs finished (0 failed)" in capsys.readouterr().out
+    report = (out / "report" / "report.md").read_text()
+    for row in (
+        "| periodic | additive | 1 |",
+        "| 1x1+cinc | affine | 1 |",
+        "| periodic vs cinc | affine | 1 | 1 |",
+        "| 1x1+cinc vs cinc | additive | 1 | 1 |",
+        "| 1x1 vs shuffle | affine | 1 | 1 |",
+        "| additive vs affine | periodic | 1 | 1 |",
+    ):
+        assert row in report, row
+    for path in out.glob("runs/steps2/*/seed0/result.json"):
+        r = json.loads(path.read_text())
+        assert r["status"] == "done" and r["sample_seconds"] > 0, path
+
+
 def test_killed_grid_resumes_only_the_missing_runs(tmp_path, fake_dataset, monkeypatch):
     grid = tiny_grid()
     runs = grid.runs()

@@ -63,13 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv",
         type=_csv(str, "--conv"),
         default=",".join(g.convs),
-        help="convolutions, e.g. cinc,1x1",
+        help="convolutions, e.g. cinc,1x1 (any of cinc, emerging, 1x1, 1x1+emerging, "
+        "1x1+cinc, periodic, reverse, shuffle)",
     )
     grid.add_argument(
         "--coupling",
         type=_csv(str, "--coupling"),
         default=",".join(g.couplings),
-        help="couplings, e.g. affine,quad",
+        help="couplings, e.g. affine,quad (or additive)",
     )
     grid.add_argument(
         "--depth",

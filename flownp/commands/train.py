@@ -192,19 +192,25 @@ def add_config_options(
         "--width", type=int, default=mc.width, help="hidden channels of the coupling networks"
     )
     model.add_argument(
-        "--conv", choices=CONVS, default=mc.conv, help="invertible convolution of each step"
+        "--conv",
+        choices=CONVS,
+        default=mc.conv,
+        help="invertible convolution of each step: cinc (the paper's), emerging, 1x1 (Glow), "
+        "1x1+emerging (the paper's Emerging baseline), 1x1+cinc, periodic (Emerging's periodic "
+        "convolution, FFT), reverse / shuffle (a fixed channel permutation); docs/model.md",
     )
     model.add_argument(
         "--coupling",
         choices=COUPLINGS,
         default=mc.coupling,
-        help="quad coupling (paper Eq. 3-6) or affine coupling (Glow)",
+        help="quad coupling (paper Eq. 3-6), affine coupling (Glow) or additive coupling "
+        "(log-det 0; --scale unused)",
     )
     model.add_argument(
         "--kernel-size",
         type=int,
         default=mc.kernel_size,
-        help="k of the CInC / emerging convolution",
+        help="k of the CInC / emerging / periodic convolution",
     )
     model.add_argument(
         "--scale",
