@@ -37,6 +37,7 @@ THREAD_COUNTS = (1, 2)
 
 #: name -> configuration (the issue's benchmark models; CIFAR = 32x32x3, L = 3, width 512)
 MODELS: dict[str, FlowConfig] = {
+    "mnist default (L=2, D=8, w64, CInC lu + affine)": FlowConfig(dtype="float32"),
     "mnist D=4 (L=2, w64, CInC lu + affine)": FlowConfig(depth=4, dtype="float32"),
     "mnist D=8 w128, CInC + quad": FlowConfig(depth=8, width=128, coupling="quad", dtype="float32"),
     "cifar D=4, CInC + quad": FlowConfig((32, 32, 3), 3, 4, 512, "cinc", "quad", dtype="float32"),

@@ -41,12 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from flownp.kernels.conv_same import (
-    actnorm_relu_backward,
-    actnorm_relu_forward,
-    conv_same_backward,
-    conv_same_forward,
-)
+from flownp.kernels.conditioner import conditioner_backward, conditioner_forward
+from flownp.kernels.conv_same import actnorm_relu_forward, conv_same_forward
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Network
 
@@ -130,54 +126,70 @@ class ConditionerNet(Network):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """``h = NN(x)`` (module docstring); remembers the activations for one backward."""
+        """``h = NN(x)`` (module docstring); remembers the activations for one backward.
+
+        The whole network runs as one compiled kernel (:func:`conditioner_forward`); on the
+        first call the ActNorms initialise first (:meth:`_initialize_norms`).
+        """
         x = self.check_input(x, self.in_channels)
-        p = self._params
-        N = x.shape[0]
-        a1 = conv_same_forward(x, p["conv_in/weight"])  # (N, H, W, width)
-        r1 = self._norm_relu("norm_in", a1)  # (N, H, W, width)
-        a2 = conv_same_forward(r1, p["conv_mid/weight"])  # (N, H, W, width)
-        r2 = self._norm_relu("norm_mid", a2)  # (N, H, W, width)
-        o = conv_same_forward(r2, p["conv_out/weight"], p["conv_out/bias"])  # (N, H, W, C_out)
-        out_scale = np.exp(LOGSCALE_FACTOR * p["conv_out/logs"])  # (C_out,)
-        h = o * out_scale  # (N, H, W, C_out)
-        self._cache = (x, r1, r2, h, out_scale, N)
+        self._initialize_norms(x)
+        p, ni, nm = self._params, self._layers["norm_in"]._params, self._layers["norm_mid"]._params
+        h, acts = conditioner_forward(
+            x,
+            p["conv_in/weight"],
+            ni["bias"],
+            np.exp(ni["logs"]),
+            p["conv_mid/weight"],
+            nm["bias"],
+            np.exp(nm["logs"]),
+            p["conv_out/weight"],
+            p["conv_out/bias"],
+            np.exp(LOGSCALE_FACTOR * p["conv_out/logs"]),
+        )
+        self._cache = (x, h, acts)
         return h
 
-    def _norm_relu(self, name: str, a: np.ndarray) -> np.ndarray:
-        """``relu(ActNorm_name(a))`` in one fused pass (the ActNorm initialises on first use)."""
-        norm = self._layers[name]
-        if not norm.initialized:  # type: ignore[attr-defined]
-            norm.initialize(a)  # type: ignore[attr-defined]
-        # in place: ``a`` is this network's own temporary
-        r, _ = actnorm_relu_forward(a, norm._params["bias"], norm._params["logs"], out=a)
-        return r  # a NaN/Inf propagates to h; the coupling reports it
-
-    def _norm_relu_backward(self, name: str, dr: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """``dn = dr * [r > 0]``, then ActNorm ``name``'s backward with ``dlogdet = 0``."""
-        norm = self._layers[name]
-        da, dbias, dlogs = actnorm_relu_backward(dr, r, norm._params["logs"], out=dr)
-        norm._grads["bias"] += dbias
-        norm._grads["logs"] += dlogs
-        return da
+    def _initialize_norms(self, x: np.ndarray) -> None:
+        """Data-dependent initialisation of the ActNorms not yet initialised, each on the
+        activations it sees (``a1``, then ``a2`` computed with the initialised ``norm_in``)."""
+        ni, nm = self._layers["norm_in"], self._layers["norm_mid"]
+        if ni.initialized and nm.initialized:  # type: ignore[attr-defined]
+            return
+        a1 = conv_same_forward(x, self._params["conv_in/weight"])  # (N, H, W, width)
+        if not ni.initialized:  # type: ignore[attr-defined]
+            ni.initialize(a1)  # type: ignore[attr-defined]
+        if not nm.initialized:  # type: ignore[attr-defined]
+            r1, _ = actnorm_relu_forward(a1, ni._params["bias"], ni._params["logs"], out=a1)
+            nm.initialize(conv_same_forward(r1, self._params["conv_mid/weight"]))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ backward
     def backward(self, dh: np.ndarray) -> np.ndarray:
         """Gradient of ``sum(h * dh)`` w.r.t. the input of the last :meth:`forward`; adds the
-        parameter gradients into :attr:`grads` (``+=``)."""
-        x, r1, r2, h, out_scale, N = self.pop_cache()
+        parameter gradients into :attr:`grads` (``+=``). One compiled kernel
+        (:func:`conditioner_backward`) runs the module docstring's backward lines."""
+        x, h, acts = self.pop_cache()
         dh = self.check_grad(dh, h.shape, "dh")
         p, g = self._params, self._grads
-        Co = self.out_channels
-        g["conv_out/logs"] += LOGSCALE_FACTOR * (dh * h).reshape(-1, Co).sum(axis=0)
-        do = dh * out_scale  # (N, H, W, C_out)
-        dr2, dW, db = conv_same_backward(r2, p["conv_out/weight"], do)
-        g["conv_out/weight"] += dW
-        g["conv_out/bias"] += db
-        da2 = self._norm_relu_backward("norm_mid", dr2, r2)  # relu', then ActNorm_mid
-        dr1, dW, _ = conv_same_backward(r1, p["conv_mid/weight"], da2, bias=False)
-        g["conv_mid/weight"] += dW
-        da1 = self._norm_relu_backward("norm_in", dr1, r1)  # relu', then ActNorm_in
-        dx, dW, _ = conv_same_backward(x, p["conv_in/weight"], da1, bias=False)
-        g["conv_in/weight"] += dW
-        return dx
+        ni, nm = self._layers["norm_in"], self._layers["norm_mid"]
+        d = conditioner_backward(
+            dh,
+            x,
+            h,
+            acts,
+            p["conv_in/weight"],
+            np.exp(ni._params["logs"]),
+            p["conv_mid/weight"],
+            np.exp(nm._params["logs"]),
+            p["conv_out/weight"],
+            np.exp(LOGSCALE_FACTOR * p["conv_out/logs"]),
+        )
+        g["conv_out/logs"] += LOGSCALE_FACTOR * d.logs_out  # d/dlogs of exp(3 logs)
+        g["conv_out/bias"] += d.b_out
+        g["conv_out/weight"] += d.w_out
+        nm._grads["bias"] += d.b2
+        nm._grads["logs"] += d.logs2
+        g["conv_mid/weight"] += d.w_mid
+        ni._grads["bias"] += d.b1
+        ni._grads["logs"] += d.logs1
+        g["conv_in/weight"] += d.w_in
+        return d.dx

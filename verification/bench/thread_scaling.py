@@ -33,6 +33,7 @@ def thread_models(quick: bool):
             "tiny-cifar cinc": (FlowConfig((8, 8, 3), 2, 1, 16, dtype="float32"), 8),
         }
     models = {
+        "mnist default": (FlowConfig(dtype="float32"), 64),
         "mnist D=4": (FlowConfig(depth=4, dtype="float32"), 64),
         "mnist D=8 quad w128": (
             FlowConfig(depth=8, width=128, coupling="quad", dtype="float32"),
