@@ -41,6 +41,7 @@ SHAPES = [
     (3, 2, 2, 4, 5, 5, 3),
     (40, 6, 6, 2, 16, 4, 3),  # several blocks
     (2, 6, 5, 3, 7, 2, 5),
+    (2, 1, 2, 2, 4, 3, 5),  # k = 5 on a 1 x 2 image: taps beyond the image entirely
 ]
 
 
@@ -127,3 +128,37 @@ def test_conditioner_kernel_rejects_mismatched_shapes(rng):
         KC.conditioner_backward(dh[:, :3], x, h, acts, w_in, s1, w_mid, s2, w_out, s_out)
     with pytest.raises(ValueError, match="acts do not belong"):
         KC.conditioner_backward(dh[:1], x[:1], h[:1], acts, w_in, s1, w_mid, s2, w_out, s_out)
+
+
+# ---------------------------------------------------------------------- the coupling's block pass
+@pytest.mark.parametrize("scale", ["sigmoid", "exp", None])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_coupling_block_kernels_match_the_layers_numpy_functions(scale, dtype, rng):
+    """flownp.kernels.coupling against the layer's readable block_forward / block_backward,
+    with raw scales far out in both tails (the stable forms of the sigmoid)."""
+    from flownp.kernels.coupling import coupling_block_backward, coupling_block_forward
+    from flownp.layers.coupling import block_backward, block_forward
+
+    N, H, W, C, lo = 5, 3, 4, 8, 2
+    Cb = 4
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    h = rng.standard_normal((N, H, W, Cb if scale is None else 2 * Cb)).astype(dtype)
+    if scale == "sigmoid":
+        h[0, 0, 0, 1::2] = [-60.0, -20.0, 20.0, 60.0]
+    y = np.full_like(x, 7.0)
+    logdet = np.arange(N, dtype=np.float64)
+    coupling_block_forward(x, h, lo, scale, y, logdet)
+    yb, log_s = block_forward(x[..., lo : lo + Cb], h, scale)
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(y[..., lo : lo + Cb], yb, rtol=rtol, atol=0)
+    assert np.all(y[..., :lo] == 7.0) and np.all(y[..., lo + Cb :] == 7.0)  # nothing else
+    want = np.arange(N) + (0 if log_s is None else log_s.reshape(N, -1).sum(axis=1, dtype=float))
+    np.testing.assert_allclose(logdet, want, rtol=rtol * 10)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dlogdet = rng.standard_normal(N).astype(dtype)
+    dx = np.ones_like(x)
+    dh = coupling_block_backward(dy, y, h, dlogdet, lo, scale, dx)
+    dxb, dh_ref = block_backward(dy[..., lo : lo + Cb], dlogdet, y[..., lo : lo + Cb], h, scale)
+    np.testing.assert_allclose(dx[..., lo : lo + Cb], 1 + dxb, rtol=rtol, atol=rtol)
+    assert np.all(dx[..., :lo] == 1) and np.all(dx[..., lo + Cb :] == 1)
+    np.testing.assert_allclose(dh, dh_ref, rtol=rtol, atol=rtol * np.abs(dh_ref).max())

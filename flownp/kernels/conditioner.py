@@ -112,13 +112,17 @@ def _gather(src, nb, H, W, k, sign, cols):  # pragma: no cover - compiled
                 r = (a * k + b) * C + c
                 for n in range(nb):
                     base = n * HW
-                    q0 = base + i0 * W
-                    q1 = base + i1 * W
-                    for q in range(base, q0 + j0):
+                    if i1 <= i0 or j1 <= j0:  # the tap never lands inside
+                        for q in range(base, base + HW):
+                            cols[r, q] = 0.0
+                        continue
+                    q0 = base + i0 * W + j0  # first and one past the last valid pixel
+                    q1 = base + (i1 - 1) * W + j1
+                    for q in range(base, q0):
                         cols[r, q] = 0.0
-                    for q in range(q0 + j0, q1 - (W - j1)):  # reads stay inside sample n
+                    for q in range(q0, q1):  # reads stay inside sample n
                         cols[r, _u(q)] = src[c, _u(q + off)]  # unsigned: vectorised
-                    for q in range(q1 - (W - j1), base + HW):
+                    for q in range(q1, base + HW):
                         cols[r, q] = 0.0
                     for i in range(i0, i1):  # columns that wrapped to a neighbouring row
                         for j in range(j0):
@@ -151,6 +155,8 @@ def _shift(Z, nb, H, W, k, sign, out):  # pragma: no cover - compiled
             for c in range(C):
                 r = (a * k + b) * C + c
                 for n in range(nb):
+                    if i1 <= i0 or j1 <= j0:  # the tap never lands inside
+                        continue
                     base = n * HW
                     for i in range(i0, i1):  # reads of columns outside the image
                         for j in range(j0):
@@ -161,7 +167,7 @@ def _shift(Z, nb, H, W, k, sign, out):  # pragma: no cover - compiled
                             s = base + i * W + j + off
                             if s < base + HW:
                                 Z[r, s] = 0.0
-                    for q in range(base + i0 * W + j0, base + i1 * W - (W - j1)):
+                    for q in range(base + i0 * W + j0, base + (i1 - 1) * W + j1):
                         out[c, _u(q)] += Z[r, _u(q + off)]  # unsigned: vectorised
 
 

@@ -65,6 +65,7 @@ import numpy as np
 from scipy.special import expit
 
 from flownp.errors import NonFiniteError
+from flownp.kernels.coupling import coupling_block_backward, coupling_block_forward
 from flownp.layers.base import Layer
 from flownp.layers.conditioner import ConditionerNet, _positive_int
 
@@ -199,11 +200,10 @@ class BlockCoupling(Layer):
         y[..., : self.edges[1]] = x[..., : self.edges[1]]  # y_1 = x_1, bit for bit
         logdet = np.zeros(N)  # float64 accumulation
         hs = []
-        for _, net, lo, hi in self._blocks():
+        for _, net, lo, _hi in self._blocks():
             h = net.forward(x[..., :lo])  # (N, H, W, 2 (hi - lo))
-            y[..., lo:hi], log_s = block_forward(x[..., lo:hi], h, self.scale)
-            if log_s is not None:
-                logdet += log_s.reshape(N, -1).sum(axis=1, dtype=np.float64)
+            # y[..., lo:hi], log_s = block_forward(x[..., lo:hi], h); logdet += sum log_s
+            coupling_block_forward(x, h, lo, self.scale, y, logdet)  # one compiled pass
             hs.append(h)
         self._check_finite(y, "forward", "output")
         self._check_finite(logdet, "forward", "logdet")
@@ -243,9 +243,9 @@ class BlockCoupling(Layer):
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
         dx = np.zeros_like(dy)  # (N, H, W, C)
         dx[..., : self.edges[1]] = dy[..., : self.edges[1]]  # y_1 = x_1
-        for (_, net, lo, hi), h in zip(reversed(self._blocks()), reversed(hs), strict=True):
-            dxb, dh = block_backward(dy[..., lo:hi], dlogdet, y[..., lo:hi], h, self.scale)
-            dx[..., lo:hi] += dxb
+        for (_, net, lo, _hi), h in zip(reversed(self._blocks()), reversed(hs), strict=True):
+            # dxb, dh = block_backward(dy[..., lo:hi], dlogdet, y[..., lo:hi], h); dx_b += dxb
+            dh = coupling_block_backward(dy, y, h, dlogdet, lo, self.scale, dx)  # one pass
             dx[..., :lo] += net.backward(dh)  # through the conditioner of block k
         return dx
 
