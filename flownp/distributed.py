@@ -22,11 +22,10 @@ raises :class:`DistributedError` naming the extra (the command exits 2, process 
 
 Data-parallel training (``docs/distributed.md``): each process computes the loss sum, the
 image count and the gradient of its share of the global batch (:func:`share`); one
-:meth:`~MpiComm.allreduce_sum` of one flat float64 buffer (:class:`FlatBuffer`) per step sums
-them together with the flags (a non-finite share, a stop signal), so that every process
-applies the same update and takes the same decisions. The float64 buffer makes the single
-process exact (a float32 gradient survives the round trip bit for bit) and the sum of float32
-shares more accurate than a float32 sum.
+:meth:`~MpiComm.allreduce_sum` of one flat buffer (:class:`FlatBuffer`, in the gradients'
+dtype) per step sums them together with the flags (a non-finite share, a stop signal), so that
+every process applies the same update and takes the same decisions. One process gets back
+exactly what it packed, so its run is bit for bit the run of a plain install.
 
 Errors: an error every process raises together (the same decision, taken from reduced values
 or broadcast from process 0) carries ``collective = True`` (:func:`collective`); the command
@@ -150,7 +149,8 @@ class SerialComm:
         return self.rank == 0
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
-        """Sum ``buf`` (float64, contiguous) over the processes, in place; returns it."""
+        """Sum ``buf`` (float32 or float64, contiguous) over the processes, in place;
+        returns it."""
         self.reduce_calls += 1
         self.reduce_bytes += buf.nbytes
         return buf
@@ -204,8 +204,8 @@ class MpiComm(SerialComm):
         self._local: Any = None
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
-        if buf.dtype != np.float64 or not buf.flags.c_contiguous:
-            raise TypeError("allreduce_sum: expects a contiguous float64 buffer")
+        if buf.dtype not in (np.float32, np.float64) or not buf.flags.c_contiguous:
+            raise TypeError("allreduce_sum: expects a contiguous float32 or float64 buffer")
         t0 = time.perf_counter()
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         self.reduce_seconds += time.perf_counter() - t0
@@ -311,15 +311,23 @@ def default_threads(comm: SerialComm) -> int:
 
 # ---------------------------------------------------------------------- the flat buffer
 class FlatBuffer:
-    """One contiguous float64 buffer holding named arrays and named scalars.
+    """One contiguous buffer holding named arrays and named float64 scalars, in ``dtype``
+    (float32 or float64: the gradients' own type, so a float32 model sends 4 bytes per value).
 
-    ``FlatBuffer({"a": (2, 3), ...}, ("loss_sum", "count"))`` lays the arrays out in the
-    given order, then the scalars. :meth:`pack` copies arrays and scalars in (a float32 array
-    goes to float64 exactly), :meth:`unpack` copies the arrays out into arrays of their own
-    dtype and returns the scalars.
+    ``FlatBuffer({"a": (2, 3), ...}, ("loss_sum", "count"), dtype)`` lays the arrays out in
+    the given order, then the scalars. :meth:`pack` copies arrays and scalars in, :meth:`unpack`
+    copies the arrays out (cast to their own dtype) and returns the scalars. In a float32
+    buffer each scalar takes three words ``hi + mid + lo`` (each the float32 rounding of what
+    is left), which hold a float64 exactly: one process gets back the very scalars it packed,
+    several get their sum to float32 accuracy.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], scalars: Sequence[str]) -> None:
+    def __init__(
+        self, shapes: Mapping[str, Sequence[int]], scalars: Sequence[str], dtype: Any = np.float64
+    ) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"FlatBuffer: dtype must be float32 or float64, got {self.dtype}")
         self.offsets: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         at = 0
         for key, shape in shapes.items():
@@ -328,10 +336,11 @@ class FlatBuffer:
             self.offsets[key] = (at, at + size, shape)
             at += size
         self.num_values = at
-        self.scalar_index = {name: at + i for i, name in enumerate(scalars)}
+        self.words = 1 if self.dtype == np.float64 else 3
+        self.scalar_index = {name: at + self.words * i for i, name in enumerate(scalars)}
         if len(self.scalar_index) != len(scalars):
             raise ValueError(f"FlatBuffer: repeated scalar names {list(scalars)}")
-        self.data = np.zeros(at + len(scalars), dtype=np.float64)
+        self.data = np.zeros(at + self.words * len(scalars), dtype=self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -355,15 +364,22 @@ class FlatBuffer:
                 f"FlatBuffer.pack: scalars {sorted(scalars)}, expected {sorted(self.scalar_index)}"
             )
         for name, value in scalars.items():
-            self.data[self.scalar_index[name]] = value
+            i, rest = self.scalar_index[name], float(value)
+            for w in range(self.words):
+                self.data[i + w] = rest
+                rest -= float(self.data[i + w])  # exact: what the word did not hold
         return self.data
 
     def unpack(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Copy the buffer's arrays into ``arrays`` (in place, cast to their dtype); return
-        the scalars."""
+        the scalars (float64)."""
         for key, (lo, hi, shape) in self.offsets.items():
             arrays[key][...] = self.data[lo:hi].reshape(shape)
-        return {name: float(self.data[i]) for name, i in self.scalar_index.items()}
+        out = {}
+        for name, i in self.scalar_index.items():
+            words = [float(v) for v in self.data[i : i + self.words]]
+            out[name] = words[0] + (words[1] + words[2]) if self.words == 3 else words[0]
+        return out
 
 
 # ---------------------------------------------------------------------- agreement

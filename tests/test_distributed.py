@@ -61,25 +61,44 @@ def test_shares_cover_the_batch_once_and_differ_by_at_most_one(n, size):
 
 
 # ---------------------------------------------------------------------- flat buffer
-def test_flat_buffer_round_trip_is_exact_for_float32_and_float64():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_buffer_round_trip_is_exact(dtype):
+    """One process gets back bit for bit the gradients and the float64 scalars it packed."""
     rng = np.random.default_rng(0)
     arrays = {
-        "a/w": rng.standard_normal((3, 3, 2, 4)).astype(np.float32),
-        "b": rng.standard_normal(5),
-        "c": np.float32(1e-30) * rng.standard_normal((2, 2)).astype(np.float32),
+        "a/w": rng.standard_normal((3, 3, 2, 4)).astype(dtype),
+        "b": rng.standard_normal(5).astype(dtype),
+        "c": dtype(1e-30) * rng.standard_normal((2, 2)).astype(dtype),
     }
-    fb = D.FlatBuffer({k: a.shape for k, a in arrays.items()}, ("loss_sum", "count", "flag"))
-    assert fb.data.size == 72 + 5 + 4 + 3 and fb.nbytes == 8 * fb.data.size
-    buf = fb.pack(arrays, loss_sum=12.5, count=7, flag=0)
-    assert buf is fb.data and buf.dtype == np.float64
-    out = {k: np.zeros_like(a) for k, a in arrays.items()}
-    scalars = fb.unpack(out)
-    assert scalars == {"loss_sum": 12.5, "count": 7.0, "flag": 0.0}
-    for k, a in arrays.items():
-        assert out[k].dtype == a.dtype
-        np.testing.assert_array_equal(out[k], a)
-    fb.pack(None, loss_sum=1.0, count=2, flag=1)
+    fb = D.FlatBuffer({k: a.shape for k, a in arrays.items()}, ("loss_sum", "count"), dtype)
+    words = 1 if dtype == np.float64 else 3
+    assert fb.data.size == 72 + 5 + 4 + 2 * words and fb.data.dtype == dtype
+    assert fb.nbytes == fb.data.size * np.dtype(dtype).itemsize
+    loss_sum = float(np.sum(rng.random(64) * 3.0))  # a float64 with all 53 bits in use
+    for value in (loss_sum, 1 / 3, 12345.678901234567, -2.5e-7, 0.0):
+        buf = fb.pack(arrays, loss_sum=value, count=64)
+        assert buf is fb.data
+        out = {k: np.zeros_like(a) for k, a in arrays.items()}
+        assert fb.unpack(out) == {"loss_sum": value, "count": 64.0}
+        for k, a in arrays.items():
+            np.testing.assert_array_equal(out[k], a)
+    fb.pack(None, loss_sum=1.0, count=2)
     assert not fb.data[: fb.num_values].any()
+
+
+def test_flat_buffer_sums_scalars_of_several_processes_closely():
+    """Summed word by word (what an all-reduce does), float32 scalars keep about float32
+    accuracy of the total, far better than the total's float32 rounding error would allow
+    to matter for a loss."""
+    rng = np.random.default_rng(1)
+    fb = D.FlatBuffer({"g": (3,)}, ("loss_sum",), np.float32)
+    parts = rng.random(3) * 100
+    total = np.zeros_like(fb.data)
+    for p in parts:
+        total += fb.pack({"g": np.ones(3, np.float32)}, loss_sum=p)
+    fb.data[...] = total
+    got = fb.unpack({"g": np.zeros(3, np.float32)})["loss_sum"]
+    assert abs(got - parts.sum()) <= 1e-6 * parts.sum()
 
 
 def test_flat_buffer_refuses_other_keys_shapes_and_scalars():
