@@ -159,6 +159,10 @@ class SerialComm:
         """Process 0's ``obj`` on every process."""
         return obj
 
+    def allreduce_max(self, value: float) -> float:
+        """The largest ``value`` of all processes (e.g. the slowest process's time)."""
+        return float(value)
+
     def bcast_array(self, arr: np.ndarray) -> np.ndarray:
         """Process 0's array into ``arr`` (in place) on every process; returns it."""
         return arr
@@ -215,6 +219,11 @@ class MpiComm(SerialComm):
 
     def bcast(self, obj: T) -> T:
         return self._comm.bcast(obj, root=0)
+
+    def allreduce_max(self, value: float) -> float:
+        buf = np.array([value], dtype=np.float64)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        return float(buf[0])
 
     def bcast_array(self, arr: np.ndarray) -> np.ndarray:
         self._comm.Bcast(arr, root=0)
