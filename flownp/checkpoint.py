@@ -370,23 +370,38 @@ def _attr(obj: Any, key: str, where: str) -> Any:
     return val.decode() if isinstance(val, bytes) else val
 
 
-def read_checkpoint(path: str | os.PathLike, *, allow_unverified: bool = False) -> Checkpoint:
+def _file_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, allow_unverified: bool = False, comm: Any = None
+) -> Checkpoint:
     """Read and verify a checkpoint file.
 
     Raises :class:`CheckpointError` (never an h5py exception) if it is missing, truncated, not
     a flownp checkpoint, of an unsupported format version, incomplete, or if any checksum
     differs (the message names the damaged dataset or attribute set). Version-1 files (no
     checksums) are refused unless ``allow_unverified`` is True.
+
+    ``comm`` (a :mod:`flownp.distributed` communicator, several processes): process 0 reads
+    the file and every process verifies the same bytes, so a file that only process 0 sees
+    is enough, and every process gets the same state or the same error.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    if comm is None or comm.size == 1:
+        data = _file_bytes(path)
+    else:
+        from flownp.distributed import on_root
+
+        data = on_root(comm, lambda: _file_bytes(path))
     try:
         return _read(path, data, allow_unverified)
     except CheckpointError:
@@ -527,7 +542,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, use_ema: bool = True) -> Any:
     return model
 
 
-def load_model(path: str | os.PathLike, *, use_ema: bool = True) -> Any:
+def load_model(path: str | os.PathLike, *, use_ema: bool = True, comm: Any = None) -> Any:
     """Read ``path`` and return the trained :class:`~flownp.model.FlowModel` (EMA weights by
-    default when the checkpoint has them)."""
-    return model_from_checkpoint(read_checkpoint(path), use_ema=use_ema)
+    default when the checkpoint has them); ``comm`` as in :func:`read_checkpoint`."""
+    return model_from_checkpoint(read_checkpoint(path, comm=comm), use_ema=use_ema)

@@ -732,10 +732,14 @@ class FlowModel(Layer):
         *,
         labels: Any = None,
         solve_precision: str = "model",
+        part: slice | None = None,
     ) -> np.ndarray:
         """``n`` images ``f^{-1}(T * eps)``, ``eps ~ N(0, I)`` (model space, about [-0.5, 0.5]);
         ``solve_precision`` as in :meth:`inverse`. A class-conditional model needs ``labels``:
-        one int (every sample of that class) or ``(n,)`` ints."""
+        one int (every sample of that class) or ``(n,)`` ints. ``part``: only the samples
+        ``part`` of the ``n`` (the latent of all ``n`` is drawn, so the images are those of
+        the whole call and ``seed``, a generator, advances the same): several processes
+        share one call this way."""
         if n < 1:
             raise ValueError(f"FlowModel.sample: n must be >= 1, got {n}")
         if not temperature >= 0:
@@ -746,6 +750,11 @@ class FlowModel(Layer):
         labels = self._check_labels(labels, n)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         z = (temperature * rng.standard_normal((n, self.config.num_dims))).astype(self.dtype)
+        if part is not None:
+            z = z[part]
+            labels = None if labels is None else labels[part]
+            if len(z) == 0:  # an empty share (more processes than samples)
+                return np.empty((0, *self.config.image_shape), dtype=self.dtype)
         return self.inverse(z, labels, solve_precision=solve_precision)
 
     # ------------------------------------------------------------------ initialisation

@@ -56,6 +56,7 @@ def test_layer_module_imports_nothing_above_the_layers(module):
 RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("flownp", "flownp.errors", "flownp._numba", "flownp.threads",
                 "flownp.progress", "flownp.testing")),
+    ("distributed", ("flownp.distributed",)),
     ("kernels", ("flownp.kernels",)),
     ("layers", ("flownp.layers",)),
     ("data", ("flownp.data",)),
@@ -65,7 +66,6 @@ RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("figures", ("flownp.figures",)),
     ("checkpoint", ("flownp.checkpoint",)),
     ("digits", ("flownp.digits",)),
-    ("distributed", ("flownp.distributed",)),
     ("train / latent", ("flownp.train", "flownp.latent")),
     ("experiment", ("flownp.experiment",)),
     ("verification", ("verification",)),

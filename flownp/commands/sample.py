@@ -77,16 +77,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from flownp import distributed
     from flownp.checkpoint import load_model
-    from flownp.data.pixels import to_uint8
-    from flownp.figures import save_grid
-    from flownp.files import npz_bytes, refuse_existing, write_atomic
+    from flownp.files import refuse_existing
     from flownp.limits import check_allocation
 
-    out = _output_path(args)  # refuse a bad or existing output before the work
-    if args.npz:
-        refuse_existing(args.npz, args.overwrite, option="--npz", suffixes=(".npz",))
-    model = load_model(args.checkpoint, use_ema=not args.no_ema)
+    comm = distributed.world()  # several processes: each inverts its share of every batch
+
+    def outputs() -> Path:  # refuse a bad or existing output before the work
+        if args.npz:
+            refuse_existing(args.npz, args.overwrite, option="--npz", suffixes=(".npz",))
+        return _output_path(args)
+
+    out = distributed.on_root(comm, outputs)
+    model = load_model(args.checkpoint, use_ema=not args.no_ema, comm=comm)
     shape = tuple(model.config.image_shape)
     # the samples, their uint8 pixels and two float64 copies (the digit classifier's features)
     per_image = int(np.prod(shape)) * (np.dtype(model.dtype).itemsize + 1 + 16)
@@ -97,15 +101,33 @@ def _run(args: argparse.Namespace) -> int:
         hint="ask for fewer samples",
     )
     rng = np.random.default_rng(args.seed)
-    x = np.empty((args.num, *shape), model.dtype)
+    x = np.empty((args.num, *shape), model.dtype) if comm.is_root else None
     for start in range(0, args.num, SAMPLE_BATCH):  # one latent stream, drawn in order
         stop = min(args.num, start + SAMPLE_BATCH)
-        x[start:stop] = model.sample(
+        mine = distributed.share(stop - start, comm.rank, comm.size)
+        part = model.sample(
             stop - start,
             temperature=args.temperature,
             seed=rng,
             solve_precision=args.solve_precision,
+            part=mine,
         )
+        parts = comm.gather(part)
+        if x is not None and parts is not None:
+            x[start:stop] = np.concatenate(parts)
+    if x is None:  # the other processes are done: process 0 writes
+        return 0
+    try:
+        return _write(args, x, out, shape)
+    except Exception as exc:  # nobody waits for process 0 any more: a plain error
+        raise distributed.collective(exc) from None
+
+
+def _write(args: argparse.Namespace, x: np.ndarray, out: Path, shape: tuple[int, ...]) -> int:
+    from flownp.data.pixels import to_uint8
+    from flownp.figures import save_grid
+    from flownp.files import npz_bytes, write_atomic
+
     if not np.isfinite(x).all():
         print(
             f"warning: {np.size(x) - np.count_nonzero(np.isfinite(x))} non-finite pixel "
