@@ -74,6 +74,7 @@ from flownp.layers.coupling import AdditiveCoupling, AffineCoupling, QuadCouplin
 from flownp.layers.emerging import EmergingConv
 from flownp.layers.periodic import PeriodicConv
 from flownp.layers.permute import ChannelPermutation
+from flownp.layers.precision import choose_solve_dtypes, dtypes_under
 from flownp.layers.split import LearnedPrior, Split
 from flownp.layers.squeeze import Squeeze
 
@@ -323,10 +324,13 @@ class FlowStep(Layer):
             logdet += ld
         return x, logdet  # float64: summed without rounding to float32 in between
 
-    def inverse(self, y: np.ndarray) -> np.ndarray:
+    def inverse(self, y: np.ndarray, solve_dtypes: dict[str, Any] | None = None) -> np.ndarray:
+        """Invert the layers in reverse order; ``solve_dtypes`` maps a layer's name to the
+        precision of its substitution (:mod:`flownp.layers.precision`; absent: its dtype)."""
         for name, layer in reversed(self._layers.items()):
+            dt = None if solve_dtypes is None else solve_dtypes.get(name)
             with layer_errors(name, layer):
-                y = layer.inverse(y)
+                y = layer.inverse(y) if dt is None else layer.inverse(y, solve_dtype=dt)
         return y
 
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
@@ -662,14 +666,11 @@ class FlowModel(Layer):
 
         ``solve_precision``: ``"model"`` (the model's dtype), ``"float64"`` (every CInC /
         Emerging substitution solved in float64, as the official code does) or ``"auto"``
-        (float64 only for the layers not provably stable), see
-        :func:`flownp.stability.solve_precision` and ``docs/stability.md``.
+        (float64 only for the layers not provably stable); each step is given the precision
+        of its substitutions (:func:`flownp.layers.precision.choose_solve_dtypes`,
+        ``docs/stability.md``).
         """
-        if solve_precision != "model":
-            from flownp.stability import solve_precision as _solve_precision
-
-            with _solve_precision(self, solve_precision):
-                return self.inverse(z, labels)
+        choice = choose_solve_dtypes(self, solve_precision)
         z = self._check_latent(z)
         labels = self._check_labels(labels, z.shape[0])
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]
@@ -684,8 +685,9 @@ class FlowModel(Layer):
                 with layer_errors(level.split_path, level.split):
                     h = level.split.inverse(h, eps[l])
             for name, layer in reversed(level.layers):
+                dtypes = dtypes_under(choice, name)
                 with layer_errors(name, layer):
-                    h = layer.inverse(h)
+                    h = layer.inverse(h, dtypes) if dtypes else layer.inverse(h)
         return h
 
     # ------------------------------------------------------------------ density, sampling

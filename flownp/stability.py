@@ -20,6 +20,9 @@ Size-independent bounds (``docs/stability.md``, Propositions 1 and 2)::
     block dominance q = ||A^{-1}||_inf * max_o sum_{(a,b) != corner} sum_c |K[a,b,c,o]| < 1
                                         =>  ||M^{-1}||_inf <= ||A^{-1}||_inf / (1 - q)
 
+(:func:`kernel_margins`; with the choice of the solve precision that uses them, it lives
+beside the layers in :mod:`flownp.layers.precision` and is re-exported here.)
+
 Measurements (exact for any H x W, float64)::
 
     ||M^{-1}||_1   = max_c  || M^{-1} e_(0,0,c) ||_1      impulse responses (C solves)
@@ -43,10 +46,9 @@ values is :mod:`flownp.layers.guard` (re-exported here: ``guard_kernel``, ``guar
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,18 @@ from flownp.layers.guard import (  # noqa: F401  (public re-exports)
     guard_taps_backward,
 )
 
+# The dominance margins and the choice of the solve precision are used by the model's inverse
+# and live beside the layers (flownp.layers.precision); re-exported here, where they measure.
+from flownp.layers.precision import (  # noqa: F401  (public re-exports)
+    SOLVE_PRECISIONS,
+    KernelMargins,
+    choose_solve_dtypes,
+    is_substitution_layer,
+    iter_invertible_convs,
+    kernel_margins,
+    layer_kernels,
+)
+
 
 class InverseInstabilityWarning(UserWarning):
     """An invertible layer's inverse amplifies round-off beyond the configured threshold."""
@@ -76,98 +90,6 @@ class InverseInstabilityWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 # Size-independent margins, from the kernel alone
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelMargins:
-    """Dominance margins of one padded convolution kernel (independent of the image size).
-
-    Attributes
-    ----------
-    diag : (C,) corner diagonal ``d_o``.
-    offdiag_sum : (C,) ``r_o``, absolute sum of every other tap feeding output channel ``o``.
-    ratio : (C,) ``r_o / |d_o|`` (``inf`` where ``d_o = 0``). Row dominance iff all ``< 1``.
-    row_bound : Varah's bound ``1 / min_o(|d_o| - r_o)`` on ``||M^{-1}||_inf`` (``inf`` if
-        not row dominant).
-    block_ratio : ``q = ||A^{-1}||_inf * max_o sum_{(a,b) != corner} sum_c |K[a,b,c,o]|``.
-    block_bound : ``||A^{-1}||_inf / (1 - q)`` (``inf`` if ``q >= 1`` or ``A`` is singular).
-    """
-
-    diag: np.ndarray
-    offdiag_sum: np.ndarray
-    ratio: np.ndarray
-    row_bound: float
-    block_ratio: float
-    block_bound: float
-
-    @property
-    def max_ratio(self) -> float:
-        """``max_o r_o / |d_o|``: the layer is row dominant iff this is ``< 1``."""
-        return float(np.max(self.ratio))
-
-    @property
-    def dominant(self) -> bool:
-        """True when one of the two sufficient conditions holds."""
-        return bool(self.max_ratio < 1.0 or self.block_ratio < 1.0)
-
-    @property
-    def bound(self) -> float:
-        """The better of the two upper bounds on ``||M^{-1}||_inf`` (``inf`` if neither holds)."""
-        return float(min(self.row_bound, self.block_bound))
-
-
-def kernel_margins(kernel: np.ndarray, corner: tuple[int, int] | None = None) -> KernelMargins:
-    """Dominance margins of a ``(k, k, C, C)`` kernel whose diagonal tap is ``corner``.
-
-    ``corner`` defaults to ``(k-1, k-1)`` (top-left padding, CInC). A bottom-right padded
-    convolution (the first conv of an Emerging layer) passes ``(0, 0)``. The rows of ``M``
-    contain the same taps whatever the padding side, so the bounds are the same.
-    """
-    K = np.asarray(kernel, dtype=np.float64)
-    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3]:
-        raise ValueError(f"kernel_margins: kernel must be (k, k, C, C), got {K.shape}")
-    k = K.shape[0]
-    a0, b0 = (k - 1, k - 1) if corner is None else corner
-    absK = np.abs(K)
-    d = np.diag(K[a0, b0]).copy()  # (C,)
-    r = absK.sum(axis=(0, 1, 2)) - np.abs(d)  # (C,) all taps of output o but the diagonal
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(d != 0, r / np.abs(d), np.inf)
-    gap = np.abs(d) - r
-    row_bound = float(1.0 / gap.min()) if gap.min() > 0 else np.inf
-    off = absK.sum(axis=2)  # (k, k, C): sum over input channels
-    off[a0, b0] = 0.0
-    off_max = float(off.sum(axis=(0, 1)).max())  # ||R||_inf of the off-pixel blocks
-    A = K[a0, b0].T  # A[o, c]
-    try:
-        ainv = float(np.abs(np.linalg.inv(A)).sum(axis=1).max())
-    except np.linalg.LinAlgError:
-        ainv = np.inf
-    q = ainv * off_max if np.isfinite(ainv) else np.inf
-    block_bound = ainv / (1.0 - q) if q < 1.0 else np.inf
-    return KernelMargins(d, r, ratio, row_bound, float(q), float(block_bound))
-
-
-def layer_kernels(layer: Layer) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """The ``(kernel, corner)`` pairs whose substitutions make up ``layer.inverse``.
-
-    A CInC-like layer (attributes ``kernel`` and ``corner_matrix``) gives one pair. Other
-    layers opt in with a method ``stability_kernels()`` returning the same list (an Emerging
-    layer: its two kernels, in solve order). Raises ``TypeError`` otherwise.
-    """
-    if hasattr(layer, "stability_kernels"):
-        return [(np.asarray(K), tuple(c)) for K, c in layer.stability_kernels()]
-    if _is_cinc_like(layer):
-        K = np.asarray(layer.kernel)
-        return [(K, (K.shape[0] - 1, K.shape[0] - 1))]
-    raise TypeError(
-        f"{type(layer).__name__} exposes no convolution kernels "
-        "(expected .kernel/.corner_matrix or .stability_kernels())"
-    )
-
-
-def _is_cinc_like(layer: Any) -> bool:
-    return hasattr(layer, "corner_matrix") and hasattr(layer, "kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,11 +232,12 @@ def cast_layer(layer: Layer, dtype: Any) -> Layer:
     return new
 
 
-def roundtrip_error(layer: Layer, x: np.ndarray, dtype: Any = None) -> float:
+def roundtrip_error(layer: Layer, x: np.ndarray, dtype: Any = None, **inverse_kw: Any) -> float:
     """Relative round-trip error ``max|inverse(forward(x)) - x| / max|x|`` in ``dtype``.
 
-    ``dtype`` defaults to the layer's; the layer is cast (a copy) when it differs. Returns
-    ``inf`` when the reconstruction is not finite (never a silenced NaN).
+    ``dtype`` defaults to the layer's; the layer is cast (a copy) when it differs;
+    ``inverse_kw`` go to ``inverse`` (a model's ``solve_precision``). Returns ``inf`` when the
+    reconstruction is not finite (never a silenced NaN).
     """
     dt = layer.dtype if dtype is None else check_dtype(dtype)
     lay = layer if dt == layer.dtype else cast_layer(layer, dt)
@@ -323,7 +246,7 @@ def roundtrip_error(layer: Layer, x: np.ndarray, dtype: Any = None) -> float:
     lay.clear_cache()
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            xr = lay.inverse(y)
+            xr = lay.inverse(y, **inverse_kw)
         except NonFiniteError:  # a layer's solve overflowed: reported as an infinite error
             lay.clear_cache()
             return float("inf")
@@ -434,7 +357,7 @@ def measure_layer(
 
     norm_1 = norm_inf = norm_2 = m_inf = growth = None
     with np.errstate(over="ignore", invalid="ignore"):
-        if _is_cinc_like(layer) and not hasattr(layer, "stability_kernels"):
+        if is_substitution_layer(layer) and not hasattr(layer, "stability_kernels"):
             K = np.asarray(lay64.kernel, dtype=np.float64)
             E = np.zeros((C, H, W, C))
             E[np.arange(C), 0, 0, np.arange(C)] = 1.0
@@ -559,15 +482,6 @@ def warn_unstable(rows: list[LayerStability]) -> list[LayerStability]:
 # --------------------------------------------------------------------------------------------
 
 
-def iter_invertible_convs(root: Layer, prefix: str = "") -> Iterator[tuple[str, Layer]]:
-    """``(path, layer)`` for every CInC-like layer (or one with ``stability_kernels``) in the
-    tree under ``root`` (paths as in :attr:`Layer.params`, without the parameter name)."""
-    if hasattr(root, "stability_kernels") or _is_cinc_like(root):
-        yield prefix or type(root).__name__, root
-    for name, sub in root._layers.items():
-        yield from iter_invertible_convs(sub, f"{prefix}/{name}" if prefix else name)
-
-
 def _spy_inputs(root: Layer, run: Callable[[], Any], keep: Callable[[np.ndarray], Any]) -> dict:
     """Call ``run()`` and store ``keep(x)`` for the input ``x`` of every invertible convolution
     under ``root`` (the last call wins). Caches are cleared afterwards."""
@@ -637,7 +551,7 @@ class ModelStability:
         ``max|f^{-1}(f(x)) - x| / max|x|`` of the model in float32 and float64 (``inf`` when
         the reconstruction is not finite).
     solve_f64_roundtrip_f32 : float32 model whose substitutions are solved in float64
-        (:func:`solve_precision`), or None when not measured.
+        (``inverse(z, solve_precision="float64")``), or None when not measured.
     layers : per invertible convolution, on its own input activations.
     threshold : the float32 round-trip error above which the model is ``"unstable"``.
     num_images : images used.
@@ -737,52 +651,5 @@ def measure_model_stability(
     rt32_64 = None
     if solve_f64:
         lay32 = model if model.dtype == np.float32 else cast_layer(model, np.float32)
-        with solve_precision(lay32, "float64"):
-            rt32_64 = roundtrip_error(lay32, x, np.float32)
+        rt32_64 = roundtrip_error(lay32, x, np.float32, solve_precision="float64")
     return ModelStability(rt32, rt64, rt32_64, rows, float(threshold), int(x.shape[0]))
-
-
-# --------------------------------------------------------------------------------------------
-# Precision of the substitution (sampling, reconstruction)
-# --------------------------------------------------------------------------------------------
-
-SOLVE_PRECISIONS = ("model", "float64", "auto")
-
-
-def choose_solve_dtypes(root: Layer, precision: str = "float64") -> dict[str, Any]:
-    """The dtype each invertible convolution under ``root`` should solve in.
-
-    ``"model"``: its own dtype (None). ``"float64"``: float64 everywhere. ``"auto"``: float64
-    only for the layers whose size-independent dominance bound does not hold
-    (:func:`kernel_margins`: neither row nor block dominance), i.e. whose amplification is not
-    provably bounded; a guarded layer always keeps its own dtype.
-    """
-    if precision not in SOLVE_PRECISIONS:
-        raise ValueError(f"solve precision must be one of {SOLVE_PRECISIONS}, got {precision!r}")
-    out: dict[str, Any] = {}
-    for path, lay in iter_invertible_convs(root):
-        if precision == "model" or lay.dtype == np.float64:
-            out[path] = None
-        elif precision == "float64":
-            out[path] = np.dtype(np.float64)
-        else:
-            dominant = all(np.isfinite(kernel_margins(K, c).bound) for K, c in layer_kernels(lay))
-            out[path] = None if dominant else np.dtype(np.float64)
-    return out
-
-
-@contextlib.contextmanager
-def solve_precision(root: Layer, precision: str = "float64") -> Iterator[dict[str, Any]]:
-    """Context manager: inside it, the substitutions (``inverse``) of every invertible
-    convolution under ``root`` run in the dtype chosen by :func:`choose_solve_dtypes` (the
-    input is cast up, the kernel is the layer's own kernel cast up, the result is cast back).
-    Forward passes are unchanged. Yields the ``{path: dtype or None}`` choice."""
-    choice = choose_solve_dtypes(root, precision)
-    layers = dict(iter_invertible_convs(root))
-    try:
-        for path, dt in choice.items():
-            layers[path].solve_dtype = dt
-        yield choice
-    finally:
-        for lay in layers.values():
-            lay.__dict__.pop("solve_dtype", None)

@@ -6,6 +6,7 @@ import pytest
 
 from flownp import stability as S
 from flownp.layers import CInCConv
+from flownp.layers.precision import choose_solve_dtypes
 from flownp.model import FlowConfig, FlowModel
 from flownp.optim import Adam
 from flownp.stability import kernel_margins
@@ -146,13 +147,12 @@ def test_guarded_model_round_trip_and_float64_substitution(conv, rng):
     x64 = model.inverse(z, solve_precision="float64")
     assert x64.dtype == np.float32 and np.abs(x32 - x).max() < 1e-5
     assert np.abs(x64 - x).max() < 1e-5
-    # inside the context every conv solves in float64, and the attribute is removed after
-    with S.solve_precision(model, "float64") as choice:
-        assert all(dt == np.float64 for dt in choice.values())
-        assert all(lay.solve_dtype == np.float64 for _, lay in S.iter_invertible_convs(model))
-    assert all(lay.solve_dtype is None for _, lay in S.iter_invertible_convs(model))
+    # "float64": every conv solves in float64; the choice is passed in, nothing is set on them
+    choice = choose_solve_dtypes(model, "float64")
+    assert len(choice) == 2 and all(dt == np.float64 for dt in choice.values())
+    assert not any("solve_dtype" in vars(lay) for _, lay in S.iter_invertible_convs(model))
     # "auto": guarded layers are provably stable, so they keep float32
-    with S.solve_precision(model, "auto") as choice:
-        assert all(dt is None for dt in choice.values())
+    assert all(dt is None for dt in choose_solve_dtypes(model, "auto").values())
+    np.testing.assert_array_equal(model.inverse(z, solve_precision="auto"), x32)
     with pytest.raises(ValueError, match="precision"):
         model.inverse(z, solve_precision="float16")

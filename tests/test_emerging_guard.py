@@ -100,13 +100,11 @@ def test_emerging_float64_substitution_matches_float64_layer(rng):
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     y, _ = lay32.forward(x)
     lay32.clear_cache()
-    lay32.solve_dtype = np.dtype(np.float64)
-    x_hi = lay32.inverse(y)
+    x_hi = lay32.inverse(y, solve_dtype=np.float64)
     assert x_hi.dtype == np.float32
     # the float64 solve of the float32 kernel equals the float64 layer's solve of the same
     # (float32-rounded) kernel, rounded once to float32
     ref = S.cast_layer(lay32, np.float64)
-    ref.solve_dtype = None
     np.testing.assert_array_equal(x_hi, ref.inverse(y.astype(np.float64)).astype(np.float32))
 
 

@@ -71,14 +71,6 @@ RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("verification", ("verification",)),
     ("commands", ("flownp.commands", "flownp.cli", "flownp.__main__")),
 ]  # fmt: skip
-#: Imports against the ranks, each with its reason.
-EXCEPTIONS = {
-    # FlowModel.inverse(solve_precision="auto") asks the stability measurement which layers
-    # need float64 substitutions (imported lazily, only when that option is used).
-    ("flownp.model", "flownp.stability"),
-}
-
-
 def _group(module: str) -> tuple[int, str]:
     best = None
     for rank, (name, prefixes) in enumerate(RANKS):
@@ -120,7 +112,7 @@ def test_every_import_points_down():
             if dep not in modules:  # ``from pkg import name`` of a non-module name
                 continue
             dep_rank, dep_name = _group(dep)
-            if dep_rank < rank or dep_name == name or (module, dep) in EXCEPTIONS:
+            if dep_rank < rank or dep_name == name:
                 continue
             bad.append(f"{module} ({name}) imports {dep} ({dep_name})")
     assert not bad, "imports that point up or sideways:\n" + "\n".join(sorted(bad))

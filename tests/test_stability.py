@@ -434,7 +434,7 @@ def _make_unstable(weight):
     weight[...] = -0.2 * corner_mask(3, C, full_corner=False)
 
 
-def test_model_report_detects_an_unstable_layer():
+def test_model_report_detects_an_unstable_layer(monkeypatch):
     model, x = _tiny_model()
     ok = S.measure_model_stability(model, x)
     assert ok.status == "ok" and ok.warning() is None
@@ -453,8 +453,24 @@ def test_model_report_detects_an_unstable_layer():
     # solving the substitutions in float64 does not repair it: the float32 forward's rounding
     # is amplified by ||M^-1|| whatever the precision of the solve (docs/stability.md)
     assert bad.solve_f64_roundtrip_f32 > 1e-4
-    with S.solve_precision(model, "auto") as choice:
-        assert choice == {"level0/step0/conv": None, "level0/step1/conv": np.float64}
+    choice = S.choose_solve_dtypes(model, "auto")
+    assert choice == {"level0/step0/conv": None, "level0/step1/conv": np.float64}
+    # the choice reaches the layers: "auto" solves step1 in float64, as "float64" does, and
+    # step0 in the model's dtype
+    z, _ = model.forward(x)
+    model.clear_cache()
+    step0 = dict(S.iter_invertible_convs(model))["level0/step0/conv"]
+    calls = []
+    real = type(step0).inverse
+
+    def spy(self, y, method=None, *, solve_dtype=None):
+        calls.append((self is step0, solve_dtype))
+        return real(self, y, method, solve_dtype=solve_dtype)
+
+    monkeypatch.setattr(type(step0), "inverse", spy)
+    model.inverse(z, solve_precision="auto")
+    model.inverse(z)
+    assert calls == [(False, np.float64), (True, None), (False, None), (True, None)]
 
 
 def test_guarded_model_cannot_be_made_unstable_by_the_same_taps():

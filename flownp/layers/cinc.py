@@ -212,16 +212,7 @@ class CInCConv(Layer):
         ``None``: no guard.
     guard_mode : {"tanh", "clip"}
         Smooth (default) or hard rescaling.
-
-    Attributes
-    ----------
-    solve_dtype : numpy dtype or None
-        Precision of the substitution in :meth:`inverse` (None: the layer's dtype). Set it
-        with :func:`flownp.stability.solve_precision`; the solve then inverts the layer's own
-        kernel (as used by ``forward``) in that precision and casts the result back.
     """
-
-    solve_dtype: Any = None
 
     def __init__(
         self,
@@ -395,15 +386,21 @@ class CInCConv(Layer):
         perm, L, U = _linalg.plu(A, dtype=self.dtype, who="CInCConv.inverse: the corner block")
         return L.astype(self.dtype), U.astype(self.dtype), perm
 
-    def inverse(self, y: np.ndarray, method: str | None = None) -> np.ndarray:
+    def inverse(
+        self, y: np.ndarray, method: str | None = None, *, solve_dtype: Any = None
+    ) -> np.ndarray:
         """Solve ``forward(x)[0] == y`` for ``x`` by substitution (``method`` overrides
-        :attr:`solver`: ``"auto"``, ``"wavefront"``, ``"raster"`` or ``"reference"``)."""
+        :attr:`solver`: ``"auto"``, ``"wavefront"``, ``"raster"`` or ``"reference"``).
+
+        ``solve_dtype`` (None: the layer's dtype) is the precision of the substitution: the
+        layer's own kernel (as used by ``forward``) is solved in it and the result cast back
+        (:mod:`flownp.layers.precision` chooses it for a model)."""
         y = self.check_input(y, self.channels, name="y")
         method = method or self.solver
         if method not in SOLVERS:
             raise ValueError(f"CInCConv.inverse: method must be one of {SOLVERS}, got {method!r}")
         L, U, perm = self._corner_factors()
-        dt = self.dtype if self.solve_dtype is None else np.dtype(self.solve_dtype)
+        dt = self.dtype if solve_dtype is None else np.dtype(solve_dtype)
         K = self.kernel
         if dt != self.dtype:  # solve the layer's own (rounded) kernel in higher precision
             K = K.astype(dt)

@@ -242,14 +242,9 @@ class EmergingConv(Layer):
     guard_mode : {"tanh", "clip"}
         Smooth (default) or hard rescaling.
 
-    Attribute ``solve_dtype`` (None: the layer's dtype) sets the precision of both
-    substitutions in :meth:`inverse` (:func:`flownp.stability.solve_precision`).
-
     Parameters (``params`` keys): ``conv1/weight``, ``conv2/weight`` ``(kk, kk, C, C)``,
     ``conv1/log_diag``, ``conv2/log_diag`` ``(C,)``; buffers ``conv1/sign``, ``conv2/sign``.
     """
-
-    solve_dtype: Any = None
 
     def __init__(
         self,
@@ -322,7 +317,7 @@ class EmergingConv(Layer):
 
     def stability_kernels(self) -> list[tuple[np.ndarray, tuple[int, int]]]:
         """``[(kernel, diagonal tap), ...]`` in solve order (conv2 first), for
-        :func:`flownp.stability.layer_kernels`."""
+        :func:`flownp.layers.precision.layer_kernels`."""
         kk = self.kk
         return [(self.kernel2, (kk - 1, kk - 1)), (self.kernel1, (0, 0))]
 
@@ -338,16 +333,20 @@ class EmergingConv(Layer):
         self._cache = x.shape
         return y, ld1 + ld2
 
-    def inverse(self, y: np.ndarray, method: str | None = None) -> np.ndarray:
+    def inverse(
+        self, y: np.ndarray, method: str | None = None, *, solve_dtype: Any = None
+    ) -> np.ndarray:
         """Solve ``forward(x)[0] == y``: conv2 by substitution in raster order, then conv1 in
-        reverse raster order (``method`` overrides :attr:`solver`)."""
+        reverse raster order (``method`` overrides :attr:`solver`; ``solve_dtype``, None for
+        the layer's dtype, is the precision of both substitutions, see
+        :mod:`flownp.layers.precision`)."""
         y = self.check_input(y, self.channels, name="y")
         method = method or self.solver
         if method not in SOLVERS:
             raise ValueError(
                 f"EmergingConv.inverse: method must be one of {SOLVERS}, got {method!r}"
             )
-        dt = self.solve_dtype  # None: the layer's dtype (flownp.stability.solve_precision)
+        dt = solve_dtype
         z = self.conv2.inverse(y, method, dt)  # (N, H, W, C)
         return self.conv1.inverse(z, method, dt).astype(self.dtype, copy=False)
 
