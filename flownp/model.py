@@ -670,7 +670,7 @@ class FlowModel(Layer):
         of its substitutions (:func:`flownp.layers.precision.choose_solve_dtypes`,
         ``docs/stability.md``).
         """
-        choice = choose_solve_dtypes(self, solve_precision)
+        choice = {} if solve_precision == "model" else choose_solve_dtypes(self, solve_precision)
         z = self._check_latent(z)
         labels = self._check_labels(labels, z.shape[0])
         eps = [np.ascontiguousarray(e) for e in self.split_latent(z)]

@@ -71,6 +71,8 @@ RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("verification", ("verification",)),
     ("commands", ("flownp.commands", "flownp.cli", "flownp.__main__")),
 ]  # fmt: skip
+
+
 def _group(module: str) -> tuple[int, str]:
     best = None
     for rank, (name, prefixes) in enumerate(RANKS):

@@ -128,8 +128,10 @@ def layer_kernels(layer: Layer) -> list[tuple[np.ndarray, tuple[int, int]]]:
 
 
 def is_substitution_layer(layer: Any) -> bool:
-    """A CInC-like layer: a ``kernel`` and a ``corner_matrix``."""
-    return hasattr(layer, "corner_matrix") and hasattr(layer, "kernel")
+    """A CInC-like layer: a ``kernel`` and a ``corner_matrix`` (looked up on the class, so
+    that the kernel is not computed)."""
+    cls = type(layer)
+    return hasattr(cls, "corner_matrix") and (hasattr(cls, "kernel") or "kernel" in vars(layer))
 
 
 def iter_invertible_convs(root: Layer, prefix: str = "") -> Iterator[tuple[str, Layer]]:
