@@ -292,7 +292,12 @@ def _json_safe(obj: Any) -> Any:
 _TRAINER_FIELDS = ("dataset_fingerprint", "dataset", "warmup_start")
 
 
-def _config_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+def _config_mismatch(
+    expected: dict[str, Any], found: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """The differences of two configurations; a field missing from ``found`` (a result written
+    before the field existed) has its value in ``defaults``, as when a checkpoint loads."""
+    found = {**(defaults or {}), **found}
     keys = sorted((set(expected) | set(found)) - set(_TRAINER_FIELDS))
     return [
         f"{k}: {found.get(k)!r} instead of {expected.get(k)!r}"
@@ -355,9 +360,11 @@ def run_one(
     if result_path.exists():
         result = json.loads(result_path.read_text())
         stored = _json_safe(result.get("config", {}))
-        bad = _config_mismatch(expected["model"], stored.get("model", {})) + _config_mismatch(
-            expected["train"], stored.get("train", {})
-        )
+        model_defaults = _json_safe(FlowConfig.from_dict({}).to_dict())
+        train_defaults = _json_safe(TrainConfig().to_dict())
+        bad = _config_mismatch(
+            expected["model"], stored.get("model", {}), model_defaults
+        ) + _config_mismatch(expected["train"], stored.get("train", {}), train_defaults)
         if bad:
             raise ExperimentError(
                 f"{run_dir} holds a finished run of another configuration ({'; '.join(bad)}); "

@@ -324,6 +324,22 @@ def test_result_of_an_older_version_gets_its_sampling_completed(tmp_path, fake_d
     assert "temperature 0" in (path.parent / "train.log").read_text()
 
 
+def test_result_written_before_new_config_fields_is_still_this_grid_s(tmp_path, fake_dataset):
+    """A finished result without the fields added since (here the optimizer and recompute)
+    compares with their defaults, as a checkpoint loads; a real difference is still refused."""
+    grid = tiny_grid()
+    run = grid.runs()[0]
+    E.run_one(grid, run, fake_dataset, tmp_path, log=lambda m: None)
+    path = tmp_path / run.folder(grid) / "result.json"
+    old = json.loads(path.read_text())
+    del old["config"]["train"]["optimizer"], old["config"]["train"]["recompute"]
+    path.write_text(json.dumps(old))
+    assert E.run_one(grid, run, fake_dataset, tmp_path, log=lambda m: None)["skipped"]
+    adamax = tiny_grid(train={**grid.train, "optimizer": "adamax"})
+    with pytest.raises(E.ExperimentError, match="optimizer: 'adam' instead of 'adamax'"):
+        E.run_one(adamax, run, fake_dataset, tmp_path, log=lambda m: None)
+
+
 def test_result_scored_by_another_digit_measure_is_scored_again(tmp_path, serve_dataset):
     data = serve_dataset(rectangles_dataset(32, 16, 0, (28, 28, 1)))  # MNIST-shaped: scored
     grid = tiny_grid(steps=2)

@@ -150,6 +150,48 @@ def test_resume_gives_identical_losses(tmp_path):
     assert resumed.epoch == full.epoch == 1
 
 
+def test_adamax_and_recompute_train_resume_exactly_and_are_saved(tmp_path):
+    """optimizer="adamax" and recompute=True: the run learns, the checkpoint holds the Adamax
+    state and both settings, and a resume continues with the same losses."""
+    data = make_data()
+    tc = dict(optimizer="adamax", recompute=True)
+    mc = tiny_model(conv="periodic", coupling="additive")
+    full = T.Trainer(mc, tiny_train(steps=8, **tc), data, out_dir=tmp_path / "full")
+    assert type(full.optimizer).__name__ == "Adamax" and full.model.recompute
+    full.run()
+    bpd = full.metrics["train"]["bpd"]
+    assert all(math.isfinite(b) for b in bpd) and bpd[-1] < bpd[0]
+    first = T.Trainer(mc, tiny_train(steps=5, **tc), data, out_dir=tmp_path / "part")
+    first.run()
+    ck = read_checkpoint(tmp_path / "part" / "checkpoint.h5")
+    assert ck.train_config["optimizer"] == "adamax" and ck.train_config["recompute"] is True
+    assert "u" in ck.optimizer_state and "v" not in ck.optimizer_state
+    resumed = T.Trainer.from_checkpoint(tmp_path / "part" / "checkpoint.h5", data, steps=8)
+    assert type(resumed.optimizer).__name__ == "Adamax" and resumed.model.recompute
+    resumed.run()
+    assert full.metrics["train"]["bpd"] == resumed.metrics["train"]["bpd"]
+    for k, p in full.model.params.items():
+        np.testing.assert_array_equal(resumed.model.params[k], p)
+
+
+def test_recompute_gives_the_stored_path_s_gradients():
+    """The same run with and without recompute: the losses agree to round-off (float64)."""
+    data = make_data()
+    runs = [T.Trainer(tiny_model(), tiny_train(steps=4, recompute=r), data) for r in (False, True)]
+    for tr in runs:
+        tr.run()
+    np.testing.assert_allclose(*(tr.metrics["train"]["bpd"] for tr in runs), rtol=1e-10)
+
+
+def test_a_train_config_written_before_the_optimizer_field_is_adam():
+    old = tiny_train().to_dict()
+    del old["optimizer"], old["recompute"]
+    tc = T.TrainConfig.from_dict(old)
+    assert tc.optimizer == "adam" and tc.recompute is False
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        T.TrainConfig(optimizer="sgd")
+
+
 def test_non_finite_step_is_rejected_and_training_continues(tmp_path, monkeypatch):
     tr = T.Trainer(tiny_model(), tiny_train(steps=6, eval_every=0), make_data())
     messages = []
@@ -258,9 +300,10 @@ TINY_ARGS = [
 ]
 
 
-def test_train_sample_evaluate_commands(tmp_path, fake_dataset, capsys):
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "adamax", "--recompute"]])
+def test_train_sample_evaluate_commands(tmp_path, fake_dataset, capsys, extra):
     out = tmp_path / "run"
-    assert cli.main(["train", "--steps", "6", "--out", str(out), *TINY_ARGS]) == 0
+    assert cli.main(["train", "--steps", "6", "--out", str(out), *TINY_ARGS, *extra]) == 0
     text = capsys.readouterr().out
     assert "held-out bits/dim" in text
     ckpt = out / "checkpoint.h5"
@@ -292,6 +335,8 @@ def test_train_sample_evaluate_commands(tmp_path, fake_dataset, capsys):
     # resume to 8 steps
     assert cli.main(["train", "--resume", str(ckpt), "--steps", "8", "--no-progress"]) == 0
     assert read_checkpoint(ckpt).train_state["step"] == 8
+    optimizer = read_checkpoint(ckpt).train_config["optimizer"]
+    assert optimizer == ("adamax" if extra else "adam")
 
 
 def test_commands_exit_codes_on_bad_input(tmp_path, fake_dataset, capsys):
@@ -307,6 +352,8 @@ def test_commands_exit_codes_on_bad_input(tmp_path, fake_dataset, capsys):
     assert cli.main(["train", "--steps", "2", "--out", str(out), *TINY_ARGS]) == 0
     rc = cli.main(["train", "--resume", str(out / "checkpoint.h5"), "--width", "16"])
     assert rc == 2 and "--width" in capsys.readouterr().err
+    rc = cli.main(["train", "--resume", str(out / "checkpoint.h5"), "--optimizer", "adamax"])
+    assert rc == 2 and "--optimizer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--conv", "5x5"])
     assert exc.value.code == 2
@@ -338,6 +385,8 @@ def test_train_help_documents_every_option(capsys):
         "--max-bad-steps",
         "--out",
         "--dataset",
+        "--optimizer",
+        "--recompute",
     ):
         assert opt in text, opt
 

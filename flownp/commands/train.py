@@ -75,6 +75,8 @@ TRAIN_OPTIONS = (
     "checkpoint_every",
     "max_bad_steps",
     "seed",
+    "optimizer",
+    "recompute",
 )
 
 
@@ -145,6 +147,7 @@ def add_config_options(
     the TrainConfig default, or the run's own when resuming); ``resume``: the command has
     ``--resume`` (the help texts say what it changes)."""
     from flownp.model import CINC_CORNERS, CONVS, COUPLINGS, SCALES, FlowConfig
+    from flownp.optim import OPTIMIZERS
     from flownp.train import TrainConfig
 
     mc, tc = FlowConfig(), TrainConfig()
@@ -237,7 +240,7 @@ def add_config_options(
         type=_guard_value,
         default=mc.guard,
         metavar="RHO",
-        help="stability guard of the CInC/emerging convolutions: keep each inside a "
+        help="stability guard of the CInC/emerging/periodic convolutions: keep each inside a "
         "diagonal-dominance region of ratio RHO in (0, 1), so its inverse stays accurate on "
         "any image size; 'off' = none (docs/stability.md; default: %(default)s)",
     )
@@ -247,10 +250,24 @@ def add_config_options(
         "--batch-size", type=positive_int, default=tc.batch_size, help="images per step"
     )
     opt.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=tc.optimizer,
+        help="adam, or adamax (the official training script's default); both with the warmup, "
+        "clipping and EMA options below (default: %(default)s)",
+    )
+    opt.add_argument(
+        "--recompute",
+        action="store_true",
+        help="memory-saving backward (gradient checkpointing): rebuild every layer's input "
+        "from its output by the inverse instead of storing it; about one extra forward and "
+        "inverse per step, activation memory of one layer instead of all",
+    )
+    opt.add_argument(
         "--lr",
         type=positive_float,
         default=None,
-        help=f"Adam peak learning rate (default: {tc.lr:g}"
+        help=f"peak learning rate (default: {tc.lr:g}"
         + ("; with --resume: the run's own)" if resume else ")"),
     )
     opt.add_argument(

@@ -1,4 +1,5 @@
-r"""Training: a multi-scale flow trained by Adam on dequantised images, with checkpoints.
+r"""Training: a multi-scale flow trained by Adam (or Adamax) on dequantised images, with
+checkpoints.
 
 The recipe (openai/glow lineage, ``docs/training.md``)::
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from flownp.optim import OPTIMIZERS
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -23,8 +27,15 @@ class TrainConfig:
     steps : int
         Total training steps (batches), counting rejected ones.
     batch_size : int
+    optimizer : {"adam", "adamax"}
+        :class:`flownp.optim.Adam` or :class:`flownp.optim.Adamax` (the official training
+        script's default); a checkpoint written before this field existed is Adam's.
     lr, warmup_steps, max_grad_norm, ema_decay
-        Adam settings (:class:`flownp.optim.Adam`).
+        Optimizer settings (:class:`flownp.optim.Optimizer`).
+    recompute : bool
+        Memory-saving backward (:class:`flownp.model.FlowModel` ``recompute=True``, gradient
+        checkpointing): every layer's input is rebuilt from its output by the inverse instead
+        of being stored; about one extra forward and inverse per step.
     init_batch_size : int
         Images for the data-dependent actnorm initialisation.
     eval_every : int
@@ -53,7 +64,7 @@ class TrainConfig:
         the run is checked against it.
     warmup_start : int
         Optimizer step after which the warmup starts (a resume with a new ``warmup_steps``
-        sets it to the step it resumes from, see :class:`flownp.optim.Adam`).
+        sets it to the step it resumes from, see :class:`flownp.optim.Optimizer`).
     """
 
     dataset: str = "mnist"
@@ -75,6 +86,8 @@ class TrainConfig:
     stability_images: int = 16
     dataset_fingerprint: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
     warmup_start: int = 0
+    optimizer: str = "adam"
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "init_batch_size", "max_bad_steps"):
@@ -83,6 +96,14 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "warmup_start"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
+        if not isinstance(self.recompute, (bool, np.bool_)):
+            raise ValueError(
+                f"TrainConfig: recompute must be True or False, got {self.recompute!r}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
         if self.holdout is not None and int(self.holdout) < 1:

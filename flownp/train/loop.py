@@ -3,7 +3,7 @@
 ::
 
     construction   data checked (and fingerprinted), model built, actnorms initialised on a
-                   first batch, Adam (warmup, clipping, EMA weights)
+                   first batch, Adam or Adamax (warmup, clipping, EMA weights)
     run            config.json and the initial checkpoint (step 0), then per step:
                      batch = data stream's next batch           (flownp.train.data_stream)
                      (a) gradients of the batch                  (flownp.train.step)
@@ -40,7 +40,7 @@ from flownp.errors import (
     WriteError,
 )
 from flownp.model import SAMPLE_TEMPERATURE, FlowConfig, FlowModel
-from flownp.optim import Adam
+from flownp.optim import make_optimizer
 from flownp.progress import Progress
 from flownp.train import data_stream as _data
 from flownp.train import observers
@@ -105,7 +105,7 @@ class Trainer:
         self.folder = RunFolder(out_dir)
         self.progress = progress
         self.log = log or _default_log
-        self.model = FlowModel(model_config, seed=tc.seed)
+        self.model = FlowModel(model_config, seed=tc.seed, recompute=tc.recompute)
         self.stream = DataStream(self.data.train, seed=tc.seed, dtype=self.model.dtype)
         self.rule = StepRule()
         self.step = 0
@@ -114,7 +114,8 @@ class Trainer:
         self.metrics = empty_metrics()
         if _initialize:
             self.data_dependent_init()
-        self.optimizer = Adam(
+        self.optimizer = make_optimizer(
+            tc.optimizer,
             self.model.params,
             lr=tc.lr,
             warmup_steps=tc.warmup_steps,

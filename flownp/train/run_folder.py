@@ -10,7 +10,7 @@ Files (all written through :class:`RunFolder`)::
     samples.png      64 samples (EMA weights)                      at the end
 
 Save policy: a state is written only when it is *usable* (:func:`unusable_reason`): the last
-step was not bad, every parameter, Adam moment and EMA weight is finite, and the bits/dim of
+step was not bad, every parameter, optimizer moment and EMA weight is finite, and the bits/dim of
 the first ``CHECK_IMAGES`` = 16 held-out images is finite with the raw and with the EMA
 weights. A fresh run writes its initialised state (step 0) first, so the folder always holds a
 usable checkpoint. A state that is not usable at a periodic checkpoint is not written (the
@@ -151,7 +151,7 @@ def unusable_reason(
     """Why the current state must not be written, or None; and whether that is fatal.
 
     Not usable: the last step was bad (the state may be the result of a blow-up; not
-    fatal, the next checkpoint may be fine), a NaN/Inf in a parameter, Adam moment or EMA
+    fatal, the next checkpoint may be fine), a NaN/Inf in a parameter, optimizer moment or EMA
     weight (fatal), or a non-finite :func:`held_out_check` on ``images`` (fatal)."""
     if consecutive_bad:
         return (
@@ -160,8 +160,8 @@ def unusable_reason(
             False,
         )
     arrays = {f"params/{k}": p for k, p in model.params.items()}
-    for name in ("m", "v", "ema"):
-        for k, a in (getattr(optimizer, name) or {}).items():
+    for name in ("m", "v", "u", "ema"):  # Adam's v or Adamax's u
+        for k, a in (getattr(optimizer, name, None) or {}).items():
             arrays[f"optimizer/{name}/{k}"] = a
     bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
