@@ -66,6 +66,11 @@ L2 = 1e-4
 OUTLIER_WEIGHT = 0.5
 NUM_OUTLIERS = 9000
 SEED = 0
+#: Columns of the ``digits_requested`` metrics table of a class-conditional digit model: the
+#: share of samples that are confidently the requested digit, overall and per digit.
+REQUESTED_COLUMNS = ("step", "temperature", "samples", "share") + tuple(
+    f"share_{k}" for k in range(NUM_CLASSES)
+)
 
 
 def is_digit_shaped(shape: Sequence[int]) -> bool:
@@ -352,11 +357,92 @@ def score_samples(samples: np.ndarray, real: np.ndarray | None = None) -> DigitS
     )
 
 
-def report_samples(samples: np.ndarray, print_fn: Callable[[str], None] = print) -> None:
-    """Print the :class:`DigitScore` line for MNIST-shaped ``samples`` (nothing otherwise)."""
+@dataclass(frozen=True)
+class RequestedScore:
+    """Share of class-conditional samples that the classifier assigns to the *requested* digit
+    with probability >= ``threshold`` (``p(requested | x) >= threshold``), per digit and overall.
+
+    Attributes
+    ----------
+    requested : np.ndarray
+        int64 ``(N,)``, the digit each sample was drawn for.
+    hits : np.ndarray
+        bool ``(N,)``, the classifier's most probable digit is the requested one and its
+        probability is >= ``threshold`` (False for a sample with a non-finite pixel).
+    threshold : float
+    """
+
+    requested: np.ndarray
+    hits: np.ndarray
+    threshold: float = CONFIDENCE
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.requested)
+
+    @property
+    def share(self) -> float:
+        """Overall share of samples that are confidently the requested digit."""
+        return float(np.mean(self.hits))
+
+    def class_shares(self) -> dict[int, float]:
+        """``{digit: share}`` for every requested digit."""
+        return {
+            int(k): float(np.mean(self.hits[self.requested == k]))
+            for k in np.unique(self.requested)
+        }
+
+    def format(self) -> str:
+        per = ", ".join(f"{k}: {v:.0%}" for k, v in self.class_shares().items())
+        return (
+            f"digit classifier: {self.share:.0%} of {self.num_samples} class-conditional samples "
+            f"are the requested digit with probability >= {self.threshold:g} (per digit: {per})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.num_samples,
+            "share": self.share,
+            "class_shares": {str(k): v for k, v in self.class_shares().items()},
+            "threshold": self.threshold,
+        }
+
+
+def score_requested(samples: np.ndarray, requested: np.ndarray) -> RequestedScore | None:
+    """Score MNIST-shaped class-conditional ``samples`` against the digits ``requested`` for
+    them (int ``(N,)`` in 0..9); None for other shapes."""
+    samples = np.asarray(samples)
+    if samples.ndim != 4 or not is_digit_shaped(samples.shape[1:]) or len(samples) == 0:
+        return None
+    y = np.asarray(requested, dtype=np.int64)
+    if y.shape != (len(samples),) or y.min() < 0 or y.max() > NUM_CLASSES - 1:
+        raise DataError(f"digit classifier: requested digits must be ({len(samples)},) in 0..9")
+    p = bundled_classifier().predict_proba(samples)  # (N, 10), NaN rows for non-finite images
+    p_req = p[np.arange(len(y)), y]
+    hits = np.where(np.isfinite(p_req), p_req, 0.0) >= CONFIDENCE  # >= 0.9 > 0.5: the argmax
+    return RequestedScore(requested=y, hits=hits)
+
+
+def grid_labels(num_classes: int, per_class: int) -> np.ndarray:
+    """The labels of a grid with one row per class: ``per_class`` times 0, then 1, ...
+    (``np.repeat(arange(K), per_class)``)."""
+    return np.repeat(np.arange(int(num_classes), dtype=np.int64), int(per_class))
+
+
+def report_samples(
+    samples: np.ndarray,
+    print_fn: Callable[[str], None] = print,
+    requested: np.ndarray | None = None,
+) -> None:
+    """Print the :class:`DigitScore` line for MNIST-shaped ``samples`` (nothing otherwise),
+    and the :class:`RequestedScore` line when the ``requested`` digits are given."""
     score = score_samples(samples)
     if score is not None:
         print_fn(score.format())
+    if requested is not None:
+        req = score_requested(samples, requested)
+        if req is not None:
+            print_fn(req.format())
 
 
 def temperature_sweep(

@@ -68,13 +68,15 @@ def save_image_grid(
     title: str | None = None,
     cell_inches: float = 1.0,
     dpi: int = 100,
+    n_bits: int = 8,
 ) -> Path:
     """Save a ``(R, S, H, W, C)`` grid of images as a PNG (matplotlib Agg, no pyplot state).
 
     ``images`` are uint8 or floats in model space (converted by :func:`model_to_images`);
     C = 1 is drawn in grey, C = 3 as RGB, other C as grayscale panels side by side
     (:func:`displayable`). ``highlight_column`` gets a red frame (the original
-    in a Figure 5(d) sweep). Parent directories are created. Returns the path.
+    in a Figure 5(d) sweep). ``n_bits``: the bits per pixel of the model that made float
+    images. Parent directories are created. Returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -84,7 +86,7 @@ def save_image_grid(
         raise ValueError(
             f"save_image_grid: images must be (rows, columns, H, W, C), got {images.shape}"
         )
-    pix = images if images.dtype == np.uint8 else model_to_images(images)
+    pix = images if images.dtype == np.uint8 else model_to_images(images, n_bits)
     R, S = pix.shape[:2]
     if column_labels is not None and len(column_labels) != S:
         raise ValueError(f"save_image_grid: {len(column_labels)} column labels for {S} columns")
@@ -127,13 +129,19 @@ def save_image_grid(
 
 
 def save_grid(
-    x: np.ndarray, path: str | os.PathLike, *, ncols: int | None = None, title: str | None = None
+    x: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    ncols: int | None = None,
+    title: str | None = None,
+    n_bits: int = 8,
 ) -> Path:
-    """Save model-space images ``x`` (or uint8 images) as one PNG grid (matplotlib Agg)."""
+    """Save model-space images ``x`` (or uint8 images) as one PNG grid (matplotlib Agg);
+    ``n_bits``: the bits per pixel of the model that made ``x`` (:func:`to_uint8`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    pix = x if x.dtype == np.uint8 else to_uint8(x)
+    pix = x if x.dtype == np.uint8 else to_uint8(x, n_bits)
     grid = image_grid(pix, ncols)
     channels = grid.shape[2]
     if channels not in (1, 3):

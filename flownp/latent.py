@@ -34,7 +34,14 @@ from :mod:`flownp.data.attributes`; pictures from :mod:`flownp.figures`.
 
 Model interface: any object with ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x``; if it
 has ``config.image_shape`` / ``config.dtype`` (``FlowModel``) inputs are checked against them,
-and ``clear_cache()`` is called after each batch to release remembered activations.
+and ``clear_cache()`` is called after each batch to release remembered activations. A model of
+N-bit data (``config.n_bits``) sees uint8 images as the centres of its wider bins
+(:mod:`flownp.data.pixels`), and its reconstructions are compared with the images on its grid.
+
+Class-conditional models (``config.num_classes``) are encoded and decoded without labels, in
+their *label-free latent* (:class:`flownp.model.FlowModel`: the top prior without its label
+term). It is an exact bijection of its own, so every edit, interpolation and reconstruction
+works the same on such a model, and images of different classes share one latent space.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from flownp.data.pixels import images_to_model, model_to_images
+from flownp.data.pixels import images_to_model, model_to_images, quantize
 from flownp.errors import DataError, NonFiniteError
 
 METHODS = ("regression", "mean_difference", "covariance")
@@ -67,6 +74,11 @@ def model_dtype(model: Any) -> np.dtype:
     if dt is None:
         dt = getattr(model, "dtype", np.float64)
     return np.dtype(dt)
+
+
+def model_n_bits(model: Any) -> int:
+    """``model.config.n_bits`` (bits per pixel of the model's data), default 8."""
+    return int(getattr(getattr(model, "config", None), "n_bits", 8))
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -111,7 +123,7 @@ def prepare_images(model: Any, images: np.ndarray, where: str = "encode") -> np.
         )
     dt = model_dtype(model)
     if images.dtype == np.uint8:
-        return images_to_model(images, dt)
+        return images_to_model(images, dt, model_n_bits(model))
     if images.dtype != dt:
         raise TypeError(
             f"{where}: images have dtype {images.dtype}, the model is {dt} "
@@ -504,19 +516,21 @@ def reconstruction_report(
 ) -> tuple[ReconstructionReport, np.ndarray]:
     """Encode and decode ``images``; return the error report and the reconstructions.
 
-    The uint8 comparison is made only for uint8 inputs (else ``uint8_mismatches`` counts
-    against :func:`model_to_images` of the float input).
+    The uint8 comparison is made only for uint8 inputs, on the model's N-bit grid
+    (:func:`~flownp.data.pixels.quantize`; else ``uint8_mismatches`` counts against
+    :func:`model_to_images` of the float input).
     """
     x = prepare_images(model, images, "reconstruct")
     rec = decode(model, encode(model, x, batch_size=batch_size), batch_size=batch_size)
     err = np.abs(rec.astype(np.float64) - x.astype(np.float64)).reshape(len(x), -1)  # (N, D)
-    ref = images if images.dtype == np.uint8 else model_to_images(x)
+    bits = model_n_bits(model)
+    ref = quantize(images, bits) if images.dtype == np.uint8 else model_to_images(x, bits)
     report = ReconstructionReport(
         n_images=len(x),
         dtype=str(x.dtype),
         max_abs_error=float(err.max()),
         rms_error=float(np.sqrt(np.mean(err * err))),
         worst_image=int(np.argmax(err.max(axis=1))),
-        uint8_mismatches=int(np.count_nonzero(model_to_images(rec) != ref)),
+        uint8_mismatches=int(np.count_nonzero(model_to_images(rec, bits) != ref)),
     )
     return report, rec

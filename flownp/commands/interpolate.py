@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     paths = latent.interpolate(
         model, images[i0], images[i1], args.steps, method=args.method, batch_size=args.batch_size
     )  # (P, T, H, W, C)
-    x0 = pixels.images_to_model(images[i0], paths.dtype)
-    x1 = pixels.images_to_model(images[i1], paths.dtype)
+    bits = latent.model_n_bits(model)
+    x0 = pixels.images_to_model(images[i0], paths.dtype, bits)
+    x1 = pixels.images_to_model(images[i1], paths.dtype, bits)
     err = max(float(np.max(np.abs(paths[:, 0] - x0))), float(np.max(np.abs(paths[:, -1] - x1))))
     print(f"{len(pairs)} pair(s) of {where}, {args.steps} steps, {args.method}")
     print(f"endpoint reconstruction max |error| = {err:.3e}")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         column_labels=[f"t={v:.2f}" for v in t],
         row_labels=[f"{a}->{b}" for a, b in pairs],
         title=f"{args.method} interpolation in latent space",
+        n_bits=bits,
     )
     print(f"figure: {out}")
     return 0

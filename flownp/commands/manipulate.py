@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         edited = latent.manipulate(
             model, examples, V[k], strengths, batch_size=args.batch_size
         )  # (N, S, H, W, C)
-        x0 = pixels.images_to_model(examples, edited.dtype)
+        x0 = pixels.images_to_model(examples, edited.dtype, latent.model_n_bits(model))
         worst = max(worst, float(np.max(np.abs(edited[:, mid] - x0))))
         rows.append(edited)
         labels += [f"{name}\n#{i}" for i in range(len(examples))]
@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         row_labels=labels,
         highlight_column=mid,
         title=f"{args.method} directions, z + s v",
+        n_bits=latent.model_n_bits(model),
     )
     print(f"figure: {out}")
     return 0

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     if out is not None:
         n = min(8, len(images))
-        x = pixels.images_to_model(images[:n], np.float64)
+        x = pixels.images_to_model(images[:n], np.float64, latent.model_n_bits(model))
         err = np.abs(rec[:n].astype(np.float64) - x)  # (n, H, W, C)
         scale = max(report.max_abs_error, np.finfo(np.float64).tiny)
         grid = np.stack([x, rec[:n].astype(np.float64), err / scale - 0.5], axis=0)
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             row_labels=["original", "f^-1(f(x))", "|error|"],
             title=f"max |error| = {report.max_abs_error:.2e} (white in the last row)",
+            n_bits=latent.model_n_bits(model),
         )
         print(f"figure: {out}")
     if not report.max_abs_error <= args.tol:

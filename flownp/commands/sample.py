@@ -8,6 +8,11 @@ checkpoint has them.
 "model" (the checkpoint's dtype, default), "float64" (as the official code) or "auto"
 (float64 only for the layers whose amplification is not provably bounded).
 
+A class-conditional model (flownp train --class-conditional) samples given a label:
+--label K draws every sample of class K; --label all (the default for such a model) draws a
+grid with one row per class, --num samples per class. For MNIST-shaped models the digit
+classifier then also reports the share of samples that are confidently the requested digit.
+
 The grid shows at most the first 1024 samples; --npz holds all of them. Existing output files
 are refused unless --overwrite.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +47,21 @@ GRID_MAX = 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file (checkpoint.h5 of a run folder)")
-    parser.add_argument("-n", "--num", type=positive_int, default=64, help="number of samples")
+    parser.add_argument(
+        "-n",
+        "--num",
+        type=positive_int,
+        default=None,
+        help="number of samples (default 64); with --label all: samples per class (default 10)",
+    )
+    parser.add_argument(
+        "--label",
+        type=_label_value,
+        default=None,
+        metavar="K|all",
+        help="class-conditional models: draw every sample of class K, or 'all' for one row "
+        "per class (the default for such a model)",
+    )
     parser.add_argument(
         "-t",
         "--temperature",
@@ -72,6 +92,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _label_value(text: str) -> int | str:
+    """``--label`` value: an int >= 0 or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a class number or 'all', got {text!r}"
+        ) from None
+    if val < 0:
+        raise argparse.ArgumentTypeError(f"a class number is >= 0, got {val}")
+    return val
+
+
+def sample_labels(model, label: int | str | None, num: int | None, where: str) -> tuple:
+    """``(labels or None, number of samples, columns or None)`` of a ``--label`` request for
+    ``model``: refuses a label for an unconditional model, or outside its classes
+    (:class:`~flownp.errors.UsageError`, one line)."""
+    from flownp.digits import grid_labels
+
+    K = model.config.num_classes
+    if label is not None and not K:
+        raise UsageError(f"--label: the model in {where} is not class-conditional")
+    if not K:
+        return None, num or 64, None
+    if label is None or label == "all":
+        per = num or 10
+        return grid_labels(K, per), K * per, per
+    if label >= K:
+        raise UsageError(f"--label {label}: the model in {where} has the classes 0..{K - 1}")
+    n = num or 64
+    return np.full(n, label, dtype=np.int64), n, None
+
+
 def run(args: argparse.Namespace) -> int:
     return run_with_threads(args, _run)
 
@@ -91,24 +146,26 @@ def _run(args: argparse.Namespace) -> int:
 
     out = distributed.on_root(comm, outputs)
     model = load_model(args.checkpoint, use_ema=not args.no_ema, comm=comm)
+    labels, num, per_row = sample_labels(model, args.label, args.num, args.checkpoint)
     shape = tuple(model.config.image_shape)
     # the samples, their uint8 pixels and two float64 copies (the digit classifier's features)
     per_image = int(np.prod(shape)) * (np.dtype(model.dtype).itemsize + 1 + 16)
     check_allocation(
-        args.num * per_image,
-        f"-n {args.num}: {args.num} samples of {shape}",
+        num * per_image,
+        f"-n {num}: {num} samples of {shape}",
         UsageError,
         hint="ask for fewer samples",
     )
     rng = np.random.default_rng(args.seed)
-    x = np.empty((args.num, *shape), model.dtype) if comm.is_root else None
-    for start in range(0, args.num, SAMPLE_BATCH):  # one latent stream, drawn in order
-        stop = min(args.num, start + SAMPLE_BATCH)
+    x = np.empty((num, *shape), model.dtype) if comm.is_root else None
+    for start in range(0, num, SAMPLE_BATCH):  # one latent stream, drawn in order
+        stop = min(num, start + SAMPLE_BATCH)
         mine = distributed.share(stop - start, comm.rank, comm.size)
         part = model.sample(
             stop - start,
             temperature=args.temperature,
             seed=rng,
+            labels=None if labels is None else labels[start:stop],
             solve_precision=args.solve_precision,
             part=mine,
         )
@@ -118,12 +175,19 @@ def _run(args: argparse.Namespace) -> int:
     if x is None:  # the other processes are done: process 0 writes
         return 0
     try:
-        return _write(args, x, out, shape)
+        return _write(args, x, out, model, labels, per_row)
     except Exception as exc:  # nobody waits for process 0 any more: a plain error
         raise distributed.collective(exc) from None
 
 
-def _write(args: argparse.Namespace, x: np.ndarray, out: Path, shape: tuple[int, ...]) -> int:
+def _write(
+    args: argparse.Namespace,
+    x: np.ndarray,
+    out: Path,
+    model: Any,
+    labels: np.ndarray | None,
+    per_row: int | None,
+) -> int:
     from flownp.data.pixels import to_uint8
     from flownp.figures import save_grid
     from flownp.files import npz_bytes, write_atomic
@@ -134,24 +198,34 @@ def _write(args: argparse.Namespace, x: np.ndarray, out: Path, shape: tuple[int,
             "values in the samples (drawn black)",
             file=sys.stderr,
         )
-    shown = min(args.num, GRID_MAX)
-    what = f"{args.num} samples" if shown == args.num else f"the first {shown} of {args.num}"
-    save_grid(x[:shown], out, ncols=args.ncols, title=f"{what}, T = {args.temperature:g}")
-    print(f"{args.num} samples ({shape}, T = {args.temperature:g}): {out}")
-    report_samples(x)  # MNIST-shaped: share of samples a digit classifier is sure of
+    num, shape = len(x), tuple(model.config.image_shape)
+    shown = min(num, GRID_MAX)
+    what = f"{num} samples" if shown == num else f"the first {shown} of {num}"
+    if labels is not None:
+        what += f" of class {args.label}" if per_row is None else ", one row per class"
+    n_bits = model.config.n_bits
+    title = f"{what}, T = {args.temperature:g}"
+    save_grid(x[:shown], out, ncols=args.ncols or per_row, title=title, n_bits=n_bits)
+    print(f"{what} ({shape}, T = {args.temperature:g}): {out}")
+    # MNIST-shaped: share of samples a digit classifier is sure of (and of the requested digit)
+    report_samples(x, requested=labels if model.config.num_classes == 10 else None)
     if args.npz:
-        write_atomic(args.npz, npz_bytes(images=to_uint8(x)))
+        extra = {} if labels is None else {"labels": labels}
+        write_atomic(args.npz, npz_bytes(images=to_uint8(x, n_bits), **extra))
         print(f"uint8 samples: {args.npz}")
     return 0
 
 
 def _output_path(args: argparse.Namespace) -> Path:
     """The PNG to write: ``--out`` itself when it ends in ``.png``, else ``--out`` is a folder
-    and the file ``samples_T<T>.png`` goes into it; without ``--out``, next to the checkpoint.
-    An existing file is refused without ``--overwrite``."""
+    and the file ``samples_T<T>.png`` (``samples_T<T>_label<K>.png`` with ``--label K``,
+    ``samples_T<T>_classes.png`` with ``--label all``) goes into it; without ``--out``, next to
+    the checkpoint. An existing file is refused without ``--overwrite``."""
     from flownp.files import refuse_existing
 
-    name = f"samples_T{args.temperature:g}.png"
+    label = getattr(args, "label", None)
+    suffix = "" if label is None else ("_classes" if label == "all" else f"_label{label}")
+    name = f"samples_T{args.temperature:g}{suffix}.png"
     if args.out is None:
         path = Path(args.checkpoint).resolve().parent / name
     elif Path(args.out).suffix.lower() == ".png" and not Path(args.out).is_dir():
