@@ -66,9 +66,11 @@ def test_sample_one_row_per_class_is_the_default(ckpt, tmp_path, capsys):
     out = tmp_path / "grid.npz"
     args = ["sample", str(ckpt), "-n", "4", "--out", str(tmp_path), "--npz", str(out)]
     assert cli.main(args) == 0
-    assert (tmp_path / "samples_T0.8_classes.png").exists()
+    assert (tmp_path / "samples_T0.8.png").exists()  # the default name: no --label given
     assert "12 samples, one row per class" in capsys.readouterr().out
     assert np.load(out)["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert cli.main(["sample", str(ckpt), "--label", "all", "-n", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "samples_T0.8_classes.png").exists()
     # the same draw as the library call with those labels
     from flownp.checkpoint import load_model
 
