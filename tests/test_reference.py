@@ -122,26 +122,42 @@ def _port_that_ignores(what: str, name: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    "what, name",
-    [("guard", "cinc_default"), ("signs", "cinc_default"), ("guard", "cinc_unit")]
-    + [("guard", "emerging"), ("signs", "emerging")],
+    "what, name, first",
+    [("guard", "cinc_default", "conv"), ("signs", "cinc_default", "conv")]
+    + [("guard", "cinc_unit", "conv"), ("guard", "emerging", "conv"), ("signs", "emerging", "conv")]
+    + [("signs", "emerging_affine", "conv1x1")],
 )
-def test_a_port_that_ignores_the_guard_or_the_signs_fails(what, name, tmp_path, capsys):
-    """The default configuration's guard and sign buffers change the outputs: such a port is
-    NOT OK, and the first mismatch reported is the first convolution, in forward order."""
+def test_a_port_that_ignores_the_guard_or_the_signs_fails(what, name, first, tmp_path, capsys):
+    """The guard and the mixed sign buffers change the outputs: such a port is NOT OK, and the
+    first mismatch reported is the first convolution, in forward order (the table of
+    docs/reference-vectors.md, "Why six")."""
     path = R.write(tmp_path / "port.h5", {name: _port_that_ignores(what, name)})
     assert cli.main(["check-reference", str(path), "--allow-missing"]) == 1
     lines = capsys.readouterr().out.splitlines()
     bad = [ln for ln in lines if ln.endswith("NOT OK")]
     assert len(bad) > 50
-    assert bad[0].startswith(f"{name}/forward/level0/step0/conv/output ")
+    assert bad[0].startswith(f"{name}/forward/level0/step0/{first}/output ")
     assert (
-        f"first mismatch in computation order: {name}/forward/level0/step0/conv/output"
+        f"first mismatch in computation order: {name}/forward/level0/step0/{first}/output"
         in (lines[-2])
     )
     # the squeeze and actnorm before the convolution still match
     ok = [ln.split()[0] for ln in lines if ln.endswith(" OK") and not ln.endswith("NOT OK")]
     assert f"{name}/forward/level0/step0/actnorm/output" in ok
+
+
+@pytest.mark.parametrize(
+    "what, name",
+    [("guard", "cinc_quad"), ("guard", "emerging_affine"), ("guard", "glow_1x1")]
+    + [("signs", "cinc_quad"), ("signs", "cinc_unit"), ("signs", "glow_1x1")],
+)
+def test_the_groups_a_port_that_ignores_the_guard_or_the_signs_passes(what, name):
+    """The other half of the table: these groups have no guard, or no mixed sign buffer, so
+    they cannot catch that port error (the groups above do)."""
+    configs = R.read_configs(R.DEFAULT_PATH)
+    ref = {name: R.read(R.DEFAULT_PATH)[name]}
+    rows = R.compare({name: _port_that_ignores(what, name)}, ref, configs={name: configs[name]})
+    assert rows and not R.failed(rows)
 
 
 def test_checker_prints_in_forward_order(committed):
