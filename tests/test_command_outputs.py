@@ -171,6 +171,23 @@ def test_sample_count_beyond_the_memory_is_one_line(ckpt, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["interpolate", "--steps", "100000000"],
+        ["interpolate", "--num-pairs", "100000000"],
+        ["interpolate", "--pairs", "0:1,2:3", "--steps", "1251"],
+        ["manipulate", "--steps", "100000000"],
+        ["manipulate", "--num-images", "1000", "--steps", "2", "--attribute", "digit_1"],
+    ],
+)
+def test_a_latent_figure_too_large_to_draw_is_refused_first(argv, ckpt, tmp_path, capsys):
+    command, *options = argv
+    code, _, err = run([command, ckpt, *options, "--out", tmp_path / "f.png"], capsys)
+    one_line_error(code, err, command, "the figure would hold", "more than 2500")
+    assert not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------ evaluate: held-out images
 def test_evaluate_refuses_a_holdout_that_includes_training_images(ckpt, capsys):
     code, _, err = run(["evaluate", ckpt, "--holdout", "5000", "--no-progress"], capsys)

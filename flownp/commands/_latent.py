@@ -13,7 +13,7 @@ import numpy as np
 from flownp import latent
 from flownp.commands._common import add_overwrite, positive_int
 from flownp.data import attributes
-from flownp.errors import DataError
+from flownp.errors import DataError, UsageError
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +98,21 @@ def load_examples(args: argparse.Namespace, model: Any, n: int) -> tuple[np.ndar
     images = ds.test[:n]
     check_shape(images, model, args.data)
     return images, f"{args.data} held-out images 0..{len(images) - 1}"
+
+
+#: Cells (images) of a latent-space figure at most: one inch each, so 2500 is a 50 x 50 inch
+#: picture; more would take minutes to draw and gigabytes to hold, and show nothing.
+MAX_FIGURE_CELLS = 2500
+
+
+def check_figure_cells(rows: int, columns: int, options: str) -> None:
+    """Refuse a figure of more than :data:`MAX_FIGURE_CELLS` images before any work (the
+    latent paths behind it are held in memory too); ``options`` names what sets its size."""
+    if rows * columns > MAX_FIGURE_CELLS:
+        raise UsageError(
+            f"{options}: the figure would hold {rows} x {columns} = {rows * columns} images, "
+            f"more than {MAX_FIGURE_CELLS}; ask for fewer"
+        )
 
 
 def figure_path(args: argparse.Namespace, name: str) -> Path:

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     common.check_args(args)
     if args.steps < 2:
         raise DataError(f"--steps must be >= 2 (the two endpoints), got {args.steps}")
+    n_pairs = len(args.pairs.split(",")) if args.pairs else args.num_pairs
+    common.check_figure_cells(n_pairs, args.steps, "--pairs / --num-pairs and --steps")
     if args.pairs:
         pairs = parse_pairs(args.pairs)
     else:

@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.steps < 1 or args.num_images < 1 or args.max_images < 2:
         raise DataError("--steps and --num-images must be >= 1, --max-images >= 2")
+    n_attributes = len(args.attribute) if args.attribute else 2  # default: thickness, slant
+    common.check_figure_cells(
+        n_attributes * args.num_images, 2 * args.steps + 1, "--attribute, --num-images and --steps"
+    )
     model = common.load_model(args)
     data = _labelled(args, model)
     common.check_shape(data.images, model, data.name)
