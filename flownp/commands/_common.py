@@ -15,24 +15,27 @@ from flownp import threads as _threads
 
 
 # ---------------------------------------------------------------------- option value types
-def int_at_least(lo: int) -> Callable[[str], int]:
-    """argparse ``type``: an int ``>= lo``."""
+def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse ``type``: an int ``>= lo`` (and ``<= hi`` when given)."""
 
     def parse(text: str) -> int:
         try:
             val = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if val < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {val}")
+        if val < lo or (hi is not None and val > hi):
+            rule = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {val}")
         return val
 
-    parse.__name__ = f"int >= {lo}"
+    parse.__name__ = f"int >= {lo}" if hi is None else f"int in {lo}..{hi}"
     return parse
 
 
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
+#: ``--seed``: 0 .. 2**63 - 1 (a checkpoint stores it as a 64-bit integer).
+seed_int = int_at_least(0, 2**63 - 1)
 
 
 def finite_float(

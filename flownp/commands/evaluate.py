@@ -24,6 +24,7 @@ from flownp.commands._common import (
     positive_float,
     positive_int,
     run_with_threads,
+    seed_int,
 )
 from flownp.errors import DataError, UsageError
 
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=500, help="images per forward pass"
     )
     parser.add_argument(
-        "--seed", type=nonnegative_int, default=1234, help="seed of the dequantisation noise"
+        "--seed", type=seed_int, default=1234, help="seed of the dequantisation noise"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(

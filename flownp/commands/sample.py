@@ -30,9 +30,9 @@ from flownp.commands._common import (
     add_overwrite,
     add_threads_and_ema,
     nonnegative_float,
-    nonnegative_int,
     positive_int,
     run_with_threads,
+    seed_int,
 )
 from flownp.digits import report_samples
 from flownp.errors import UsageError
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=SAMPLE_TEMPERATURE,
         help="latent temperature T (standard deviation of the latent; default: %(default)s)",
     )
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the latent draw")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the latent draw")
     parser.add_argument(
         "--ncols", type=positive_int, default=None, help="grid columns (default: square)"
     )

@@ -41,6 +41,7 @@ from flownp.commands._common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    seed_int,
     thread_count,
 )
 from flownp.errors import DataError
@@ -322,7 +323,7 @@ def add_config_options(
     )
     opt.add_argument(
         "--seed",
-        type=nonnegative_int,
+        type=seed_int,
         default=tc.seed,
         help="seed of the initialisation, data order and dequantisation noise",
     )

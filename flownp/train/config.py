@@ -13,6 +13,9 @@ import numpy as np
 
 from flownp.optim import OPTIMIZERS
 
+#: The largest seed: a checkpoint stores it as a 64-bit integer.
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -104,6 +107,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig: recompute must be True or False, got {self.recompute!r}"
             )
+        if int(self.seed) > MAX_SEED:
+            raise ValueError(f"TrainConfig: seed must be at most 2**63 - 1, got {self.seed!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
         if self.holdout is not None and int(self.holdout) < 1:

@@ -185,6 +185,13 @@ class Trainer:
             mc = FlowConfig.from_dict(ckpt.model_config)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"cannot resume {path}: {exc}") from None
+        at = int(ckpt.train_state["step"])
+        if steps is not None and int(steps) < at:
+            raise UsageError(
+                f"cannot resume {path} with --steps {steps}: the run is at step {at} already; "
+                f"give --steps {at + 1} or more to train on (without --steps: its own target, "
+                f"{old.steps})"
+            )
         if out_dir is not None:
             check_run_folder(out_dir, overwrite=overwrite, resume_from=path)
         self = cls(
@@ -401,8 +408,11 @@ class Trainer:
         or, on SIGINT / SIGTERM, :class:`TrainingInterrupted` after saving
         (:mod:`flownp.train.run_folder`).
         """
-        with StopOnSignal(self._say) as stop:
-            return self._run(stop)
+        try:
+            with StopOnSignal(self._say) as stop:
+                return self._run(stop)
+        finally:
+            self.folder.close()  # the run folder's lock
 
     def _run(self, stop: StopOnSignal) -> TrainResult:
         tc = self.config

@@ -18,6 +18,14 @@ previous file stays); a broken state (NaN/Inf, or a non-finite held-out check) s
 as diverged (:class:`TrainingDiverged`), and the message says which step the folder holds
 and how to go on (``--resume`` with a smaller ``--lr`` and a new ``--warmup-steps``).
 
+One process at a time (:class:`RunLock`): a process that trains into a folder holds an
+exclusive lock on ``FOLDER/.lock`` from before it writes anything until it ends; a second
+process (another ``train --out``, a ``--resume`` of a run still training) is refused with a
+:class:`~flownp.errors.UsageError` naming the process that holds it. A folder that holds a
+run's files (``config.json``, ``metrics.csv`` ...) but no checkpoint is not a run folder: it is
+refused without ``overwrite`` (:func:`check_run_folder`), so a user's own files are never
+replaced.
+
 Signals (:class:`StopOnSignal`, installed by :meth:`flownp.train.Trainer.run` from the main
 thread): SIGINT (Ctrl-C) or SIGTERM lets the current step finish, writes the checkpoint (if
 usable), ``metrics.csv`` and ``loss_curve.png``, and raises :class:`TrainingInterrupted` (a
@@ -47,6 +55,7 @@ from flownp.errors import (
     WriteError,
 )
 from flownp.figures import plot_loss_curve, save_grid
+from flownp.files import write_atomic
 from flownp.model import FlowModel
 from flownp.train.evaluation import evaluate_bpd
 from flownp.train.metrics import Metrics, write_metrics_csv
@@ -105,16 +114,133 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+#: The files a run writes into its folder (besides the lock).
+RUN_FILES = (
+    "checkpoint.h5",
+    "config.json",
+    "metrics.csv",
+    "loss_curve.png",
+    "stability.txt",
+    "samples.png",
+)
+
+
+class RunLock:
+    """An exclusive lock on a folder, so that one process at a time writes into it.
+
+    ``acquire()`` creates the folder if needed and takes an advisory ``flock`` on
+    ``FOLDER/.lock`` (which records the holder's process id); it raises
+    :class:`~flownp.errors.UsageError` at once when another process holds it. The operating
+    system releases the lock when the holder ends, also when it is killed, so a stale lock
+    cannot block a folder. Use as a context manager or with ``acquire()`` / ``release()``;
+    :meth:`holder` asks without taking it. (Where ``fcntl`` does not exist the lock does
+    nothing.)
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not a POSIX system
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise UsageError(self._busy(pid)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @classmethod
+    def holder(cls, folder: str | os.PathLike) -> int | None:
+        """The process id holding the lock of ``folder`` (0 if unknown), or None when no
+        process holds it. Creates nothing."""
+        path = Path(folder) / cls.NAME
+        try:
+            import fcntl
+
+            fd = os.open(path, os.O_RDWR)
+        except (ImportError, OSError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return _read_pid(fd)
+        finally:
+            os.close(fd)  # closing also releases a lock this call took
+        return None
+
+    def _busy(self, pid: int) -> str:
+        who = f"another flownp process (pid {pid})" if pid else "another flownp process"
+        return (
+            f"{self.folder} is in use: {who} is training into it; wait for it to end, or "
+            "choose another --out"
+        )
+
+
+def _read_pid(fd: int) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    return 0
+
+
 def check_run_folder(
     out_dir: str | os.PathLike, *, overwrite: bool = False, resume_from: Any = None
 ) -> None:
-    """Refuse a run folder that is a file, or that already holds a checkpoint (unless it is
-    the one being resumed, or ``overwrite``): an existing run is never replaced silently."""
+    """Refuse, before any data is loaded: a run folder that is a file; one another process is
+    training into (:class:`RunLock`, whatever ``overwrite``); one that already holds a
+    checkpoint (unless it is the one being resumed, or ``overwrite``); and a folder that holds
+    files a run writes (``config.json``, ``metrics.csv``, ...) without a checkpoint, i.e. not
+    a run folder (unless ``overwrite``). An existing run or a user's files are never replaced
+    silently."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"run folder {out} exists and is not a folder; give --out a folder")
+    pid = RunLock.holder(out)
+    if pid is not None:
+        raise UsageError(RunLock(out)._busy(pid))
     ckpt = out / "checkpoint.h5"
-    if not ckpt.exists() or overwrite:
+    if not ckpt.exists():
+        found = [n for n in RUN_FILES if (out / n).exists()]
+        if found and not overwrite:
+            raise UsageError(
+                f"{out} is not a run folder (no checkpoint.h5) but holds {', '.join(found)}, "
+                "which a run would replace; choose another --out, or give --overwrite"
+            )
+        return
+    if overwrite:
         return
     if resume_from is not None and ckpt.resolve() == Path(resume_from).resolve():
         return
@@ -187,6 +313,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = None if path is None else Path(path)
         self.checkpoint_step: int | None = None
+        self.lock = None if self.path is None else RunLock(self.path)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -201,16 +328,23 @@ class RunFolder:
         return f"{self.checkpoint} holds step {self.checkpoint_step}"
 
     def start(self, config: dict[str, Any]) -> None:
-        """Create the folder and write ``config.json``."""
-        if self.path is None:
+        """Create the folder, take its :class:`RunLock` (held until :meth:`close`) and write
+        ``config.json``."""
+        if self.path is None or self.lock is None:
             return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            self.lock.acquire()  # before anything is written
+            write_atomic(self.path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         except OSError as exc:
+            self.close()
             raise WriteError(
                 f"cannot write the run folder {self.path}: {exc.strerror or exc}"
             ) from None
+
+    def close(self) -> None:
+        """Release the folder's lock (the files stay)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def write_checkpoint(
         self,
