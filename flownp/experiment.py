@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -58,7 +59,8 @@ import numpy as np
 
 from flownp.data.pixels import dequantize
 from flownp.digits import MEASURE as DIGIT_MEASURE
-from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
+from flownp.errors import DataError, FlownpError, NonFiniteError, SingularKernelError
+from flownp.files import write_atomic
 from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel, bpd_loss
 from flownp.train import TrainConfig, Trainer, TrainingDiverged
 
@@ -307,9 +309,39 @@ def _config_mismatch(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """A finished run's ``result.json``; a damaged one is an :class:`ExperimentError` that
+    says how to go on (the run's checkpoint is kept)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExperimentError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); remove it and run the same "
+            "command again: the run is finished again from its checkpoint"
+        ) from None
+    if not isinstance(result, dict):
+        raise ExperimentError(f"{path} is damaged (not a JSON object); remove it and run again")
+    return result
+
+
+def _check_finished_data(result: dict[str, Any], run_dir: Path, data: Any) -> None:
+    """A finished run must have been trained on ``data``, checked as strictly as a partially
+    trained one: the fingerprint in ``result.json``, else the one its checkpoint stores."""
+    from flownp.data import check_fingerprint
+
+    stored = result.get("data_fingerprint")
+    ckpt = run_dir / "checkpoint.h5"
+    if stored is None and ckpt.exists():
+        from flownp.checkpoint import read_checkpoint
+
+        stored = (read_checkpoint(ckpt).train_config or {}).get("dataset_fingerprint")
+    try:
+        check_fingerprint(data, stored, f"{run_dir} (a finished run)")
+    except DataError as exc:
+        raise ExperimentError(f"{exc}; use another --out for this data") from None
 
 
 def run_state(run_dir: Path) -> str:
@@ -358,7 +390,7 @@ def run_one(
     expected = _json_safe({"model": mc.to_dict(), "train": tc.to_dict()})
     result_path = run_dir / RESULT_FILE
     if result_path.exists():
-        result = json.loads(result_path.read_text())
+        result = _read_result(result_path)
         stored = _json_safe(result.get("config", {}))
         model_defaults = _json_safe(FlowConfig.from_dict({}).to_dict())
         train_defaults = _json_safe(TrainConfig().to_dict())
@@ -370,6 +402,7 @@ def run_one(
                 f"{run_dir} holds a finished run of another configuration ({'; '.join(bad)}); "
                 "use another --out"
             )
+        _check_finished_data(result, run_dir, data)
         if "sample_nonfinite" not in result and result.get("status") == "done":
             _complete_sampling(result, run_dir, grid, log)  # written by an older version
             _write_json(result_path, result)
@@ -443,6 +476,7 @@ def run_one(
         "digit_measure": None if digit is None else DIGIT_MEASURE,
         "curve": {"step": ev["step"], "seconds": ev["elapsed"], "bpd": ev["bpd"]},
         "config": expected,
+        "data_fingerprint": trainer.config.dataset_fingerprint,
     }
     _write_json(result_path, result)  # the completion marker, written last
     result["skipped"] = False
@@ -922,13 +956,12 @@ def _write_results_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
         "sample_nonfinite",
         "digit_share",
     )
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for r in results:
-            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for r in results:
+        w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+    write_atomic(path, buf.getvalue().encode())
 
 
 def seed_band(

@@ -402,3 +402,44 @@ def test_paired_differences_by_hand():
     table = E.format_claims(results, "steps")
     assert "| cinc vs emerging | affine | 4 | 3 | -0.500 ± 0.000 | 0.100 | cinc better |" in table
     assert "| cinc vs 1x1 | affine | 8 | 1 | -0.500 | – | one seed: not resolved |" in table
+
+
+# ---------------------------------------------------------------------- finished runs checked
+def _one_run_grid():
+    return tiny_grid(convs=("1x1",), seeds=((1, 1),), steps=2)
+
+
+def test_a_finished_run_of_other_data_is_refused(tmp_path, fake_dataset):
+    """The data file changed after a run finished: resuming the grid refuses that run (it
+    would be paired with runs of the new data), as it refuses a partially trained one."""
+    grid = _one_run_grid()
+    (done,) = E.run_grid(grid, tmp_path, fake_dataset, log=lambda m: None)
+    other = make_data(seed=1)  # same shapes, other pixels
+    with pytest.raises(E.ExperimentError, match="not the data this model was trained on"):
+        E.run_grid(grid, tmp_path, other, log=lambda m: None)
+    result = json.loads((tmp_path / grid.runs()[0].folder(grid) / "result.json").read_text())
+    assert result["data_fingerprint"]["sha256"]
+    # a result.json without the fingerprint (older files): the checkpoint's is used
+    del result["data_fingerprint"]
+    (tmp_path / grid.runs()[0].folder(grid) / "result.json").write_text(json.dumps(result))
+    with pytest.raises(E.ExperimentError, match="not the data this model was trained on"):
+        E.run_grid(grid, tmp_path, other, log=lambda m: None)
+    (again,) = E.run_grid(grid, tmp_path, fake_dataset, log=lambda m: None)
+    assert again["skipped"] and again["heldout_bpd"] == done["heldout_bpd"]
+
+
+def test_a_truncated_result_is_one_line_on_the_command_line(tmp_path, fake_dataset, capsys):
+    from flownp import cli
+
+    argv = ["experiment", "--out", str(tmp_path), *TINY, "--conv", "1x1", "--seeds", "1"]
+    argv += ["--budget", "steps"]
+    assert cli.main([*argv, "--steps", "2"]) == 0
+    capsys.readouterr()
+    path = tmp_path / "runs" / "steps2" / "1x1-affine-d1" / "seed0" / "result.json"
+    path.write_text(path.read_text()[:40])
+    assert cli.main([*argv, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is damaged" in err and "remove it" in err, err
+    path.unlink()  # as the message says: the run is finished again from its checkpoint
+    assert cli.main([*argv, "--steps", "2"]) == 0
+    assert json.loads(path.read_text())["steps"] == 2
