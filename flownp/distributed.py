@@ -400,7 +400,7 @@ def digest(value: Any) -> str:
 
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, str, str]:

@@ -134,7 +134,9 @@ class ThreadWorld:
             except BaseException as exc:  # returned for the test to look at
                 out[r] = exc
 
-        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        threads = [
+            threading.Thread(target=target, args=(r,), name=f"rank-{r}") for r in range(self.size)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -303,3 +305,71 @@ def test_the_mpi_extra_declares_mpi4py_and_an_mpi():
     ]
     names = {d.split(">")[0].split("=")[0].strip() for d in extras["mpi"]}
     assert names == {"mpi4py", "mpich"}
+
+
+# ---------------------------------------------------------------------- the loop on threads
+def _tiny_trainer(comm, out_dir=None, **train):
+    from flownp.model import FlowConfig
+    from flownp.testing import rectangles_dataset
+    from flownp.train import TrainConfig, Trainer
+
+    mc = FlowConfig(image_shape=(8, 8, 1), levels=2, depth=1, width=8, dtype="float64")
+    kw = {"steps": 6, "batch_size": 15, "init_batch_size": 32, "eval_every": 0, "seed": 4}
+    kw.update(checkpoint_every=0, stability_images=0)
+    tc = TrainConfig(**{**kw, **train})
+    data = rectangles_dataset(96, 32, 0, (8, 8, 1))
+    return Trainer(mc, tc, data, out_dir=out_dir, log=lambda m: None, comm=comm)
+
+
+def _rank() -> int:
+    return int(threading.current_thread().name.split("-")[1])
+
+
+def test_a_non_finite_share_rejects_the_step_on_every_process(monkeypatch):
+    """Process 1's share has a NaN loss at step 2 and a NaN gradient (no error raised) at
+    step 4: both steps are rejected on both processes, which stay equal."""
+    from flownp.train import loop, step
+
+    real = step.batch_gradients
+    steps: dict[int, int] = {}
+
+    def share_gradients(model, batch, *, num_images=None):
+        g = real(model, batch, num_images=num_images)
+        k = steps[_rank()] = steps.get(_rank(), 0) + 1
+        if _rank() == 1 and k == 2:
+            return step.BatchGradients(float("nan"), g.batch_images, None, "loss is nan")
+        if _rank() == 1 and k == 4:
+            next(iter(g.grads.values())).flat[0] = np.nan
+        return g
+
+    monkeypatch.setattr(loop, "batch_gradients", share_gradients)
+
+    def train(comm):
+        tr = _tiny_trainer(comm)
+        tr.run()
+        return tr.metrics["train"]["rejected"], tr.model.state_dict(), tr.rule.rejected_total
+
+    out = ThreadWorld(2).run(train)
+    for rejected, _, total in out:
+        assert rejected == [0, 1, 0, 1, 0, 0] and total == 2
+    for k, v in out[0][1].items():
+        np.testing.assert_array_equal(v, out[1][1][k])
+
+
+def test_process_zero_failing_to_write_a_checkpoint_stops_every_process(monkeypatch, tmp_path):
+    from flownp.train import run_folder
+
+    real = run_folder.RunFolder.write_checkpoint
+
+    def write(self, path, model, *, step, **kw):
+        if step == 4:
+            raise CheckpointError(f"cannot write {self.checkpoint}: No space left on device")
+        return real(self, path, model, step=step, **kw)
+
+    monkeypatch.setattr(run_folder.RunFolder, "write_checkpoint", write)
+    out = ThreadWorld(2).run(
+        lambda c: _tiny_trainer(c, out_dir=tmp_path / "run", checkpoint_every=2).run()
+    )
+    assert all(isinstance(e, CheckpointError) and D.is_collective(e) for e in out), out
+    assert len({str(e) for e in out}) == 1
+    assert "No space left" in str(out[0]) and "holds step 2" in str(out[0])

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import math
 
+    from flownp import distributed
     from flownp.checkpoint import model_from_checkpoint, read_checkpoint
     from flownp.data import check_fingerprint
     from flownp.train import evaluate_bpd
@@ -99,17 +100,27 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.stability_images < 0 or not args.stability_threshold > 0:
         raise DataError("--stability-images must be >= 0 and --stability-threshold > 0")
-    ckpt = read_checkpoint(args.checkpoint)
+    comm = distributed.world()  # several processes: each evaluates its share of each batch
+    ckpt = read_checkpoint(args.checkpoint, comm=comm)
     model = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     tc = ckpt.train_config or {}
     spec = args.dataset or tc.get("dataset", "mnist")
     trained = tc.get("holdout")
     holdout = args.holdout if args.holdout is not None else trained
-    data = load_data(spec, holdout)
-    if not args.other_data:
-        check_fingerprint(data, tc.get("dataset_fingerprint"), f"dataset {spec!r}")
-        if args.split == "test" and holdout != trained:
-            _check_held_out(data, load_data(spec, trained), args.holdout)
+
+    def local_data():  # every process reads its own copy, checked against the fingerprint
+        data = load_data(spec, holdout)
+        if not args.other_data:
+            check_fingerprint(data, tc.get("dataset_fingerprint"), f"dataset {spec!r}")
+            if args.split == "test" and holdout != trained:
+                _check_held_out(data, load_data(spec, trained), args.holdout)
+        return data
+
+    data = distributed.together(comm, local_data)
+    if args.other_data:  # not checked against the training data: the same on every process
+        from flownp.data import fingerprint
+
+        distributed.agree(comm, {"the evaluated data": fingerprint(data)})
     images = data.test if args.split == "test" else data.train
     if args.limit is not None:
         images = images[: args.limit]
@@ -120,13 +131,24 @@ def _run(args: argparse.Namespace) -> int:
         )
     t0 = time.perf_counter()
     bpd = evaluate_bpd(
-        model, images, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress
+        model,
+        images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress and comm.is_root,
+        comm=comm,
     )
     dt = time.perf_counter() - t0
     weights = "raw" if args.no_ema or not (ckpt.optimizer_state or {}).get("ema") else "EMA"
+    if not comm.is_root:  # process 0 reports
+        return 0 if math.isfinite(bpd) else 1
     if args.stability_images:
-        _stability_report(model, images[: args.stability_images], args)
-    print(f"{spec} {args.split}: {len(images)} images, {weights} weights, {dt:.1f} s")
+        try:
+            _stability_report(model, images[: args.stability_images], args)
+        except Exception as exc:  # process 0 alone: nobody waits for it any more
+            raise distributed.collective(exc) from None
+    processes = f", {comm.size} processes" if comm.size > 1 else ""
+    print(f"{spec} {args.split}: {len(images)} images, {weights} weights, {dt:.1f} s{processes}")
     print(f"bits/dim: {bpd:.4f}")
     return 0 if math.isfinite(bpd) else 1
 

@@ -380,12 +380,16 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from flownp import distributed, threads
     from flownp.model import FlowConfig
     from flownp.train import Trainer, TrainingDiverged, TrainingInterrupted, check_run_folder
     from flownp.train.data_stream import load_data
 
     progress = not args.no_progress
     t0 = time.perf_counter()
+    comm = distributed.world()  # several processes: one run, docs/distributed.md
+    if comm.size > 1:
+        print(f"{comm.size} processes, {threads.get_threads()} thread(s) on process 0")
     if args.resume:
         parser = argparse.ArgumentParser(add_help=False)
         add_arguments(parser)
@@ -417,14 +421,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.config.steps}")
     else:
         mc, tc = _configs(args)
-        if args.out is not None:
-            check_run_folder(args.out, overwrite=args.overwrite)  # before loading any data
-        data = load_data(tc.dataset, tc.holdout)
-        try:
-            mc = FlowConfig.from_dict({**mc.to_dict(), "image_shape": list(data.shape)})
-        except ValueError as exc:
-            raise DataError(f"dataset {tc.dataset!r}: {exc}") from None
-        out = args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if args.out is not None:  # before loading any data
+            distributed.on_root(comm, lambda: check_run_folder(args.out, overwrite=args.overwrite))
+
+        def local_data():  # every process reads its own copy (the Trainer compares them)
+            data = load_data(tc.dataset, tc.holdout)
+            try:
+                shaped = FlowConfig.from_dict({**mc.to_dict(), "image_shape": list(data.shape)})
+            except ValueError as exc:
+                raise DataError(f"dataset {tc.dataset!r}: {exc}") from None
+            return data, shaped
+
+        data, mc = distributed.together(comm, local_data)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = args.out or Path("runs") / comm.bcast(stamp)  # process 0's clock names it
         trainer = Trainer(mc, tc, data, out_dir=out, progress=progress, overwrite=args.overwrite)
         print(f"{trainer.model}")
         print(
@@ -450,6 +460,13 @@ def _run(args: argparse.Namespace) -> int:
         f"held-out bits/dim ({len(trainer.data.test)} images, "
         f"{'EMA' if trainer.config.ema_decay else 'final'} weights): {result.heldout_bpd:.4f}"
     )
+    red = trainer.reduction
+    if red.calls and red.buffer is not None:
+        print(
+            f"all-reduce of a step: {1e3 * red.seconds / red.calls:.2f} ms on average on "
+            f"process 0 ({red.buffer.nbytes / 1e6:.2f} MB; waiting for the slowest process "
+            "included)"
+        )
     for name in ("checkpoint.h5", "metrics.csv", "loss_curve.png", "samples.png"):
         print(f"  {trainer.out_dir / name}")
     return 0

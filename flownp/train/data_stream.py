@@ -15,7 +15,9 @@ with the same noise as an uninterrupted one.
 
 A :class:`Batch` is what one training step consumes: today the dequantised images only;
 anything else a step may need from the data (labels of a class-conditional model) belongs in
-it too.
+it too. On several processes every process draws the whole global batch (the same images
+with the same noise, whatever the number of processes) and computes its share
+(:meth:`Batch.part`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class Batch:
     @property
     def num_images(self) -> int:
         return int(self.x.shape[0])
+
+    def part(self, rows: slice) -> Batch:
+        """The images ``rows`` of this batch (a process's share, :func:`flownp.distributed.share`);
+        whatever else a batch carries must be cut the same way."""
+        return Batch(self.x[rows])
 
 
 class DataStream:

@@ -15,6 +15,15 @@
                                                                   flownp.train.run_folder)
                    at the end: held-out bits/dim on all held-out images, observers (stability,
                    digit share), checkpoint if usable, curves, samples
+
+Several processes (``mpiexec -n N flownp train``, :mod:`flownp.distributed`): every process
+builds the same model (process 0's initialised state is broadcast), draws the same global
+batch and computes (a) on its share; :class:`~flownp.train.step.StepReduction` sums the shares
+in one all-reduce per step, so (b) and every decision (Adam, EMA, clipping, rejection,
+blow-up, signals, time limit) are the same on every process. Held-out evaluations are split
+over the processes and reduced. Process 0 alone writes the run folder, logs, runs the
+observers and decides whether a state is usable (broadcast to the others); an error of a
+decision taken together is raised on every process.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from flownp import distributed
 from flownp.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from flownp.errors import (
     CheckpointError,
@@ -56,7 +66,7 @@ from flownp.train.run_folder import (
     held_out_check,
     unusable_reason,
 )
-from flownp.train.step import StepRecord, StepRule, batch_gradients
+from flownp.train.step import StepFlags, StepRecord, StepReduction, StepRule, batch_gradients
 
 
 class Trainer:
@@ -75,6 +85,8 @@ class Trainer:
     log : where messages go (default: stderr, without breaking a bar).
     overwrite : allow ``out_dir`` to hold a checkpoint already (it is replaced); without it
         that is a :class:`~flownp.errors.UsageError` (see :func:`check_run_folder`).
+    comm : the processes that train together (:func:`flownp.distributed.world`, the default;
+        one process: :class:`flownp.distributed.SerialComm`).
     """
 
     def __init__(
@@ -87,27 +99,51 @@ class Trainer:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
         overwrite: bool = False,
+        comm: Any = None,
         _initialize: bool = True,
     ) -> None:
         from flownp.data import absolute_spec, check_fingerprint, fingerprint
 
+        self.comm = comm = distributed.world() if comm is None else comm
         if out_dir is not None and _initialize:
-            check_run_folder(out_dir, overwrite=overwrite)
+            distributed.on_root(comm, lambda: check_run_folder(out_dir, overwrite=overwrite))
         self.model_config = model_config
         tc = dataclasses.replace(train_config, dataset=absolute_spec(train_config.dataset))
-        self.data = data if data is not None else _data.load_data(tc.dataset, tc.holdout)
-        check_data(self.data, model_config.image_shape, tc.batch_size)
+
+        def local_data() -> Any:  # each process reads its own copy; it must be the same
+            d = data if data is not None else _data.load_data(tc.dataset, tc.holdout)
+            check_data(d, model_config.image_shape, tc.batch_size)
+            if tc.dataset_fingerprint is not None:  # a resumed run: the data must be the same
+                check_fingerprint(d, tc.dataset_fingerprint, "resume")
+            return d
+
+        self.data = distributed.together(comm, local_data)
         if tc.dataset_fingerprint is None:  # a new run: remember what it trains on
             tc = dataclasses.replace(tc, dataset_fingerprint=fingerprint(self.data))
-        else:  # a resumed run: the data must be the same
-            check_fingerprint(self.data, tc.dataset_fingerprint, "resume")
+        distributed.agree(
+            comm,
+            {
+                "the model configuration": model_config.to_dict(),
+                # the data's place may differ between nodes: its fingerprint must not
+                "the training configuration": {
+                    **tc.to_dict(),
+                    "dataset": None,
+                    "dataset_fingerprint": None,
+                },
+                "the training data": tc.dataset_fingerprint,
+            },
+        )
         self.config = tc
         self.folder = RunFolder(out_dir)
-        self.progress = progress
-        self.log = log or _default_log
+        self.progress = progress and comm.is_root
+        self.log = (log or _default_log) if comm.is_root else _silent
         self.model = FlowModel(model_config, seed=tc.seed, recompute=tc.recompute)
         self.stream = DataStream(self.data.train, seed=tc.seed, dtype=self.model.dtype)
         self.rule = StepRule()
+        self.reduction = StepReduction(comm, self.model)
+        self.flags = StepFlags()  # of the last step
+        # (signal handler, training clock) that run() lets train_step read
+        self._watch: tuple[Any, Callable[[], float] | None] = (None, None)
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []  # settings changed at each resume
@@ -156,6 +192,7 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        comm: Any = None,
     ) -> Trainer:
         """Continue the training saved in ``path`` exactly where it stopped.
 
@@ -164,9 +201,12 @@ class Trainer:
         new ``warmup_steps`` restarts the warmup at the resumed step. Every change is recorded
         in the checkpoint's ``history``. ``dataset`` points at the training data when it has
         moved (it must have the fingerprint stored at training time). ``out_dir`` (default: the
-        checkpoint's folder) must not hold another run unless ``overwrite``.
+        checkpoint's folder) must not hold another run unless ``overwrite``. Several processes
+        (``comm``): process 0 reads the file, every process resumes from the same state, and
+        the run goes on as it would on one process (whatever the number that wrote it).
         """
-        ckpt = read_checkpoint(path)
+        comm = distributed.world() if comm is None else comm
+        ckpt = read_checkpoint(path, comm=comm)
         if ckpt.train_state is None or ckpt.optimizer_state is None or ckpt.train_config is None:
             raise CheckpointError(f"{path} holds a model only, no training state to resume")
         try:
@@ -193,7 +233,9 @@ class Trainer:
                 f"{old.steps})"
             )
         if out_dir is not None:
-            check_run_folder(out_dir, overwrite=overwrite, resume_from=path)
+            distributed.on_root(
+                comm, lambda: check_run_folder(out_dir, overwrite=overwrite, resume_from=path)
+            )
         self = cls(
             mc,
             tc,
@@ -201,6 +243,7 @@ class Trainer:
             out_dir=out_dir if out_dir is not None else Path(path).parent,
             progress=progress,
             log=log,
+            comm=comm,
             _initialize=False,
         )
         self._restore(ckpt)
@@ -245,8 +288,13 @@ class Trainer:
         self.rule.replay(tr["bpd"], tr["rejected"])  # as the live run judged them
 
     def data_dependent_init(self) -> None:
-        """Initialise every actnorm from ``init_batch_size`` random training images."""
+        """Initialise every actnorm from ``init_batch_size`` random training images (on every
+        process the whole init batch; then process 0's state goes to all, so that every
+        process starts from the very same parameters)."""
         self.model.initialize(self.stream.init_batch(self.config.init_batch_size))
+        if self.comm.size > 1:
+            state = self.comm.bcast(self.model.state_dict() if self.comm.is_root else None)
+            self.model.load_state_dict(state)
 
     # ------------------------------------------------------------------ one step
     def next_batch(self) -> Batch:
@@ -254,9 +302,21 @@ class Trainer:
         return self.stream.next_batch(self.config.batch_size)
 
     def train_step(self, batch: Batch) -> StepRecord:
-        """(a) the batch's gradients, (b) the update applied and the step judged
-        (:mod:`flownp.train.step`). A rejected step (NaN/Inf) updates nothing."""
-        return self.rule.apply(self.model, self.optimizer, batch_gradients(self.model, batch))
+        """(a) the gradients of this process's share of the batch, their sum over the
+        processes, (b) the update applied and the step judged (:mod:`flownp.train.step`). A
+        rejected step (NaN/Inf on any process) updates nothing.
+
+        Inside :meth:`run` the reduction also carries the step's flags (:attr:`flags`): a
+        signal this process received, and whether process 0's clock passed the time limit,
+        both read just before the reduction."""
+        comm, n = self.comm, batch.num_images
+        mine = batch.part(distributed.share(n, comm.rank, comm.size)) if comm.size > 1 else batch
+        g = batch_gradients(self.model, mine, num_images=n if comm.size > 1 else None)
+        stop, clock = self._watch
+        signum = None if stop is None else stop.signum
+        time_up = clock is not None and comm.is_root and self._time_up(clock())
+        g, self.flags = self.reduction(g, signum=signum, time_up=time_up)
+        return self.rule.apply(self.model, self.optimizer, g)
 
     # ------------------------------------------------------------------ evaluation, observers
     def evaluate(self, size: int | None = None) -> float:
@@ -265,7 +325,7 @@ class Trainer:
         images = self.data.test if size is None else self.data.test[:size]
         with self.optimizer.ema_weights():
             try:
-                return evaluate_bpd(self.model, images, batch_size=500)
+                return evaluate_bpd(self.model, images, batch_size=500, comm=self.comm)
             except (NonFiniteError, FloatingPointError) as exc:
                 self.model.clear_cache()
                 self.log(f"evaluation produced a non-finite value: {exc}")
@@ -276,7 +336,7 @@ class Trainer:
         ``stability_images`` held-out images; the row goes to ``metrics["stability"]``. Returns
         the :class:`flownp.stability.ModelStability` (None when disabled or failed)."""
         tc = self.config
-        if not tc.stability_images:
+        if not tc.stability_images or not self.comm.is_root:  # process 0 observes
             return None
         with self.optimizer.ema_weights():
             row, rep = observers.observe_stability(
@@ -294,6 +354,8 @@ class Trainer:
     def score_digits(self) -> Any:
         """:func:`flownp.train.observers.observe_digits` with the EMA weights; the row goes to
         ``metrics["digits"]``. Returns the :class:`flownp.digits.DigitScore` or None."""
+        if not self.comm.is_root:  # process 0 observes
+            return None
         with self.optimizer.ema_weights():
             row, score = observers.observe_digits(
                 self.model, self.data.test, step=self.step, seed=self.config.seed, log=self._say
@@ -344,17 +406,32 @@ class Trainer:
 
     def save_if_usable(self) -> bool:
         """Write the checkpoint if :meth:`unusable_reason` allows it; otherwise log why (and
-        raise :class:`TrainingDiverged` when the state is broken). Returns whether written."""
+        raise :class:`TrainingDiverged` when the state is broken). Returns whether written.
+        Several processes: process 0 decides and writes, every process learns the outcome."""
         if self.out_dir is None:
             return False
-        reason, fatal = self.unusable_reason()
-        if reason is None:
-            self._save_or_explain()
-            return True
+        written, reason, fatal = self._save_on_root()
         if fatal:
             self._diverged(f"the state is not usable: {reason}")
-        self.log(f"step {self.step}: checkpoint not written: {reason}; {self.folder.holds()}")
-        return False
+        if not written:
+            self.log(f"step {self.step}: checkpoint not written: {reason}; {self.folder.holds()}")
+        return written
+
+    def _save_on_root(self) -> tuple[bool, str | None, bool]:
+        """``(written, why not, fatal)``: process 0 checks :meth:`unusable_reason` and writes
+        when usable; a failed write raises on every process."""
+
+        def decide() -> tuple[bool, str | None, bool]:
+            reason, fatal = self.unusable_reason()
+            if reason is None:
+                self._save_or_explain()
+                return True, None, False
+            return False, reason, fatal
+
+        written, reason, fatal = distributed.on_root(self.comm, decide)
+        if written:
+            self.folder.checkpoint_step = self.step
+        return written, reason, fatal
 
     def _save_or_explain(self) -> None:
         try:
@@ -363,26 +440,28 @@ class Trainer:
             raise self.folder.explain_failed_write(self.step, exc) from exc
 
     def _write_curves(self) -> None:
-        self.folder.write_curves(self.metrics, self.step, self.log)
+        if self.comm.is_root:
+            self.folder.write_curves(self.metrics, self.step, self.log)
 
     def _diverged(self, why: str) -> None:
-        """Write the curves (not the state) and raise :class:`TrainingDiverged`."""
+        """Write the curves (not the state) and raise :class:`TrainingDiverged` (every process
+        decided it together)."""
         self._write_curves()
         tc = self.config
-        raise self.folder.diverged(why, self.step, tc.lr, tc.warmup_steps)
+        raise distributed.collective(self.folder.diverged(why, self.step, tc.lr, tc.warmup_steps))
 
     def _interrupted(self, signum: int) -> None:
-        """Save (if usable) and write the curves, then raise :class:`TrainingInterrupted`."""
+        """Save (if usable) and write the curves, then raise :class:`TrainingInterrupted`
+        (every process stops after the same step)."""
         written = False
         if self.out_dir is not None:
-            reason, _ = self.unusable_reason()
-            if reason is None:
-                self._save_or_explain()
-                written = True
-            else:
+            written, reason, _ = self._save_on_root()
+            if not written:
                 self.log(f"step {self.step}: checkpoint not written: {reason}")
             self._write_curves()
-        raise self.folder.interrupted(signum, self.step, self.config.steps, written)
+        raise distributed.collective(
+            self.folder.interrupted(signum, self.step, self.config.steps, written)
+        )
 
     def save_samples(
         self,
@@ -394,7 +473,7 @@ class Trainer:
         folder's ``samples.png``)."""
         with self.optimizer.ema_weights():
             x = self.model.sample(n, temperature=temperature, seed=self.config.seed)
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))  # (process 0 calls this)
         if bad:  # drawn black in the picture, never silently
             self.log(f"step {self.step}: {bad} non-finite pixel value(s) in the samples")
         title = f"samples, T = {temperature:g}, step {self.step}"
@@ -415,9 +494,10 @@ class Trainer:
             self.folder.close()  # the run folder's lock
 
     def _run(self, stop: StopOnSignal) -> TrainResult:
-        tc = self.config
+        tc, comm = self.config, self.comm
         if self.out_dir is not None:
-            self.folder.start({"model": self.model_config.to_dict(), "train": tc.to_dict()})
+            config = {"model": self.model_config.to_dict(), "train": tc.to_dict()}
+            distributed.on_root(comm, lambda: self.folder.start(config))
             if self.checkpoint_step is None:  # the starting state: always a usable checkpoint
                 self.save_if_usable()
         bar = Progress(
@@ -431,14 +511,21 @@ class Trainer:
         elapsed0 = self.elapsed
         smooth, speed = float("nan"), float("nan")
         stopped_early = False
+        # The time limit and the signals: one process stops as soon as it sees them; several
+        # stop together, on process 0's clock (checked before the first step, then carried by
+        # every step's reduction: the step during which the limit passes is the last) and on
+        # a signal any of them received before a reduction.
+        time_up = comm.bcast(self._time_up())
+        self._watch = (stop, lambda: elapsed0 + (time.perf_counter() - t_start))
         try:
             while self.step < tc.steps:
-                if tc.time_limit is not None and self.elapsed >= tc.time_limit:
+                if time_up or (comm.size == 1 and self._time_up()):
                     stopped_early = True
                     self.log(f"time limit {tc.time_limit:g} s reached at step {self.step}")
                     break
                 t0 = time.perf_counter()
                 rec = self.train_step(self.next_batch())
+                time_up = self.flags.time_up
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.elapsed = elapsed0 + (time.perf_counter() - t_start)
@@ -452,8 +539,9 @@ class Trainer:
                 bar.update(1, bpd=smooth, img_s=speed)
                 if self.consecutive_bad >= tc.max_bad_steps:
                     self._diverged(f"{self.consecutive_bad} bad steps in a row (last: {rec.error})")
-                if stop.signum is not None:
-                    self._interrupted(stop.signum)
+                signum = stop.signum if comm.size == 1 else self.flags.signum
+                if signum is not None:  # all processes stop after this step
+                    self._interrupted(signum)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     self._periodic_evaluation()
                 if (
@@ -467,6 +555,7 @@ class Trainer:
                     self._write_curves()
         finally:
             bar.close()
+            self._watch = (None, None)
         final = self.evaluate(None)
         self.elapsed = elapsed0 + (time.perf_counter() - t_start)
         self._record_eval(final)
@@ -477,12 +566,15 @@ class Trainer:
             # checkpoint in place; save_if_usable says so, and a broken state still raises.
             self.save_if_usable()
             self._write_curves()
-            try:
-                self.save_samples()
-            except (NonFiniteError, SingularKernelError, WriteError) as exc:  # reported
-                self.log(f"samples.png not written: {exc}")
-        if stop.signum is not None:  # arrived during the final evaluation: all is written
-            self._interrupted(stop.signum)
+            if comm.is_root:
+                try:
+                    self.save_samples()
+                except (NonFiniteError, SingularKernelError, WriteError) as exc:  # reported
+                    self.log(f"samples.png not written: {exc}")
+        # a signal during the final evaluation: all is written; any process's counts
+        late = comm.allreduce_max(float(stop.signum or 0)) if comm.size > 1 else stop.signum
+        if late:
+            self._interrupted(int(late))
         train_bpd = [v for v in self.metrics["train"]["bpd"][-100:] if np.isfinite(v)]
         return TrainResult(
             steps=self.step,
@@ -493,6 +585,11 @@ class Trainer:
             stopped_early=stopped_early,
             out_dir=self.out_dir,
         )
+
+    def _time_up(self, elapsed: float | None = None) -> bool:
+        """Has training run ``time_limit`` seconds (``elapsed``: default the trainer's)?"""
+        limit = self.config.time_limit
+        return limit is not None and (self.elapsed if elapsed is None else elapsed) >= limit
 
     def _report_step(self, rec: StepRecord, smooth: float) -> float:
         """Log a bad step; return the smoothed loss of the progress bar."""
@@ -532,6 +629,10 @@ class Trainer:
 
     def _record_eval(self, bpd: float) -> None:
         append_row(self.metrics, "eval", {"step": self.step, "bpd": bpd, "elapsed": self.elapsed})
+
+
+def _silent(msg: str) -> None:
+    """The log of processes other than 0: process 0 says everything."""
 
 
 def _default_log(msg: str) -> None:

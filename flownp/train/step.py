@@ -11,8 +11,12 @@ r"""One training step, in two parts.
     Rejected and high steps are *bad*; :attr:`StepRule.consecutive_bad` counts them in a row
     (the loop stops after ``max_bad_steps``).
 
-Between (a) and (b) the gradients of several batches (several processes) could be combined:
-:func:`batch_gradients` takes the image count its loss is divided by.
+Between (a) and (b), :class:`StepReduction` combines the shares of several processes: each
+computes (a) on its share of the global batch with the global image count, so the shares'
+losses and gradients add up to the whole batch's; one all-reduce of one flat buffer sums
+them, with the step's flags (a failed share, a stop signal, the time limit), and every
+process then takes the same decision in (b). One process: nothing to combine, (a) goes to (b)
+unchanged.
 
 Blow-up rule (:class:`LossMonitor`): a loss is high when ``loss > level + max(BLOWUP_MARGIN,
 level)``, ``BLOWUP_MARGIN`` = 1 bit/dim, ``level`` the median of the last ``BLOWUP_WINDOW`` = 50
@@ -23,6 +27,7 @@ spikes of small batches recover within a step or two; a blow-up does not.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +111,8 @@ def batch_gradients(
     loss or a NaN inside a layer gives ``error`` (and a clean model: no cache, zero grads).
     """
     model.zero_grad()
+    if batch.num_images == 0:  # an empty share (more processes than images): adds nothing
+        return BatchGradients(0.0, 0, model.grads)
     loss = float("nan")
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -122,6 +129,76 @@ def batch_gradients(
         model.zero_grad()
         return BatchGradients(loss, batch.num_images, None, str(exc))
     return BatchGradients(loss, batch.num_images, model.grads)
+
+
+# ---------------------------------------------------------------------- several processes
+@dataclass(frozen=True)
+class StepFlags:
+    """What some process asked for at this step: ``signum`` (SIGINT or SIGTERM arrived: stop
+    after this step; None: no signal) and ``time_up`` (process 0's clock passed the time
+    limit: stop after this step)."""
+
+    signum: int | None = None
+    time_up: bool = False
+
+
+class StepReduction:
+    """The one collective of a training step: the sum over processes of the shares' losses,
+    image counts and gradients, and of the flags, in one :class:`~flownp.distributed.FlatBuffer`
+    (the model's dtype) with one :meth:`~flownp.distributed.SerialComm.allreduce_sum`.
+
+    Every process gets the same sums, so :meth:`StepRule.apply` takes the same decision
+    everywhere: a share that failed (a NaN/Inf loss, a NaN inside a layer) rejects the step on
+    every process, a NaN in a share's gradient makes the sum non-finite (rejected by the
+    optimizer everywhere). One process: returns its batch's gradients and flags unchanged.
+    """
+
+    SCALARS = ("loss", "images", "failed", "sigint", "sigterm", "time_up")
+
+    def __init__(self, comm: Any, model: FlowModel) -> None:
+        from flownp.distributed import FlatBuffer
+
+        self.comm = comm
+        self.model = model
+        self.seconds, self.calls = 0.0, 0  # time in the all-reduce (waits included)
+        self.buffer = None
+        if comm.size > 1:
+            shapes = {k: p.shape for k, p in model.params.items()}
+            self.buffer = FlatBuffer(shapes, self.SCALARS, model.dtype)
+
+    def __call__(
+        self, g: BatchGradients, *, signum: int | None = None, time_up: bool = False
+    ) -> tuple[BatchGradients, StepFlags]:
+        if self.buffer is None:
+            return g, StepFlags(signum, time_up)
+        import signal
+
+        fb, comm = self.buffer, self.comm
+        fb.pack(
+            g.grads if g.error is None else None,
+            loss=g.loss,
+            images=g.batch_images,
+            failed=float(g.error is not None),
+            sigint=float(signum == signal.SIGINT),
+            sigterm=float(signum == signal.SIGTERM),
+            time_up=float(time_up),
+        )
+        t0 = time.perf_counter()
+        comm.allreduce_sum(fb.data)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        total = fb.unpack(self.model.grads)
+        error = None
+        if total["failed"]:
+            n = int(round(total["failed"]))
+            where = f"the shares of {n} of {comm.size} processes"
+            error = f"{where}: {g.error}" if g.error is not None else f"NaN/Inf in {where}"
+        flags = StepFlags(
+            signal.SIGINT if total["sigint"] else signal.SIGTERM if total["sigterm"] else None,
+            bool(total["time_up"]),
+        )
+        grads = None if error is not None else self.model.grads
+        return BatchGradients(total["loss"], int(round(total["images"])), grads, error), flags
 
 
 # ---------------------------------------------------------------------- (b) update and judge
