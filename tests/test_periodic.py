@@ -113,7 +113,7 @@ def test_laplacian_kernel_is_singular_and_refused(rng):
 
 
 def test_near_singular_block_is_refused_in_float32_but_not_float64(rng):
-    """The rule sigma_min <= C eps sigma_max uses the working precision of the layer."""
+    """The rule kappa_1(B) >= 1 / (C eps) uses the working precision of the layer."""
     K = np.array([[0.0, 1.0, 0.0], [1.0, -4.0 - 1e-9, 1.0], [0.0, 1.0, 0.0]])
     l64 = PeriodicConv(1, 3)
     set_kernel_c1(l64, K)

@@ -126,6 +126,17 @@ def lu_init(M: np.ndarray) -> LUInit:
     )
 
 
+def add_lu_parameters(module: Any, M: np.ndarray) -> None:
+    """Register the LU parameterisation of the nonsingular ``M`` (:func:`lu_init`) on
+    ``module``: parameters ``lower``, ``upper``, ``log_s``, then buffers ``sign``, ``perm``."""
+    f = lu_init(M)
+    module.add_param("lower", f.lower)
+    module.add_param("upper", f.upper)
+    module.add_param("log_s", f.log_s)
+    module.add_buffer("sign", f.sign)
+    module.add_buffer("perm", f.perm)
+
+
 def lu_factors(
     lower: np.ndarray, upper: np.ndarray, log_s: np.ndarray, sign: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

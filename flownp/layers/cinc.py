@@ -256,12 +256,7 @@ class CInCConv(Layer):
             self.add_param("log_diag", np.zeros(C))
             self.add_buffer("sign", np.ones(C))
         elif corner == "lu":  # Glow: a random rotation, factorised once; P stays fixed
-            f = _linalg.lu_init(_linalg.random_rotation(C, rng))
-            self.add_param("lower", f.lower)
-            self.add_param("upper", f.upper)
-            self.add_param("log_s", f.log_s)
-            self.add_buffer("sign", f.sign)
-            self.add_buffer("perm", f.perm)
+            _linalg.add_lu_parameters(self, _linalg.random_rotation(C, rng))
 
     # ------------------------------------------------------------------ construction
     @classmethod
