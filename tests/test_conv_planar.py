@@ -66,3 +66,32 @@ def test_planar_convolution_rejects_mismatched_shapes():
         conv_forward_planar(x, np.zeros((3, 3, 4, 4)))
     with pytest.raises(ValueError, match="dy has 2 channels"):
         conv_backward_planar(x, np.zeros((2, 4, 4, 2)), np.zeros((3, 3, 3, 3)))
+
+
+# ---------------------------------------------------------------------- the ActNorm pass
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "shape", [(64, 14, 14, 4), (3, 5, 7, 3), (2, 2, 2, 48), (7,), (1, 1, 1, 1)]
+)
+def test_channel_affine_kernels_match_their_numpy_references(shape, dtype, rng):
+    """flownp.kernels.channel_affine (runs of 16 C elements, a remainder) against NumPy; the
+    float32 sums against float64 sums, no worse than NumPy's own float32 sums."""
+    from flownp.kernels import channel_affine as CA
+
+    C = shape[-1]
+    x = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(C).astype(dtype)
+    scale = np.exp(rng.standard_normal(C)).astype(dtype)
+    y = CA.channel_affine_forward(x, bias, scale)
+    assert np.array_equal(y, CA.channel_affine_forward_reference(x, bias, scale))
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, db, dls = CA.channel_affine_backward(dy, y, scale)
+    dx_r, db_r, dls_r = CA.channel_affine_backward_reference(dy, y, scale)
+    assert np.array_equal(dx, dx_r) and db.dtype == dls.dtype == dtype
+    d64, y64 = dy.astype(np.float64), y.astype(np.float64)
+    for got, ref, exact in (
+        (db, db_r, (d64 * scale.astype(np.float64)).reshape(-1, C).sum(0)),
+        (dls, dls_r, (d64 * y64).reshape(-1, C).sum(0)),
+    ):
+        err_np = np.abs(ref - exact).max()
+        assert np.abs(got - exact).max() <= max(2 * err_np, 1e-12 * np.abs(exact).max() + 1e-300)

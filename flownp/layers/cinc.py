@@ -37,7 +37,8 @@ Stability guard (``guard=rho``, default ``None`` here, 0.9 in :class:`flownp.mod
 the effective kernel's taps are rescaled so that the substitution stays diagonally dominant
 for any parameter values (:mod:`flownp.layers.guard`; with :mod:`flownp.layers._linalg` for
 the LU factors, the only modules of the package this file needs besides the compiled
-convolution loops of :mod:`flownp.kernels.conv`)::
+convolution loops of :mod:`flownp.kernels.conv` and, for at most 8 channels, the planar ones
+of :mod:`flownp.kernels.conv_planar`)::
 
     triangular / unit   K = guard_kernel(weight * mask, d, rho)        budget rho |d_o|
     lu                  K = guard_taps(weight * mask, rho / ||A^{-1}||_inf),  K[k-1,k-1] = A^T
@@ -56,6 +57,7 @@ import numpy as np
 
 from flownp.errors import NonFiniteError, SingularKernelError
 from flownp.kernels import conv as K_
+from flownp.kernels.conv_planar import conv_backward_auto, conv_forward_auto
 from flownp.layers import _linalg
 from flownp.layers.base import Layer
 from flownp.layers.guard import (
@@ -351,7 +353,7 @@ class CInCConv(Layer):
         x = self.check_input(x, self.channels)
         N, H, W, _ = x.shape
         K = self.kernel  # (k, k, C, C)
-        y = K_.conv_forward(x, K)  # (N, H, W, C)
+        y = conv_forward_auto(x, K)  # (N, H, W, C)
         logdet = np.full(N, H * W * self.logdet_per_pixel(), dtype=self.dtype)
         self._cache = (x, K)
         return y, logdet
@@ -431,8 +433,8 @@ class CInCConv(Layer):
         N, H, W, C = x.shape
         dy = self.check_grad(dy, x.shape, "dy")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
-        dx = K_.conv_backward_input(dy, K)  # (N, H, W, C)
-        dK = K_.conv_backward_kernel(x, dy, self.kernel_size)  # w.r.t. the effective kernel
+        # dx = M^T dy (N, H, W, C) and dK w.r.t. the effective kernel, in one pass
+        dx, dK = conv_backward_auto(x, dy, K)
         g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
         if self.corner == "fixed":
             self._fixed_backward(dK, g_ld)

@@ -37,8 +37,9 @@ passed ``L = I, U = A1, P = I`` (conv2 passes ``L = A2, U = I``). Reverse raster
 is raster order on ``F x``; the wavefront solver therefore takes ``H + W - 1`` steps per
 convolution, ``2 (H + W - 1)`` for the layer.
 
-Fairness. Every kernel (``conv_forward``, ``conv_backward_*``, ``solve_*``) loops over the
-``kk x kk`` taps of its kernel only, i.e. over the nonzero taps of the emerging layer (4 + 4
+Fairness. Every kernel (the convolution and its gradients, planar or 16-lane as for CInC:
+``flownp.kernels.conv_planar.conv_*_auto``; ``solve_*``) loops over the ``kk x kk`` taps of
+its kernel only, i.e. over the nonzero taps of the emerging layer (4 + 4
 for k = 3), not over the 9 taps of each 3x3 convolution as the public Cython inverse does.
 Comparisons with :class:`flownp.layers.CInCConv` (9 taps, one solve) are fair.
 
@@ -66,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import SingularKernelError
-from flownp.kernels import conv as K_
+from flownp.kernels.conv_planar import conv_backward_auto, conv_forward_auto
 from flownp.layers.base import Layer
 from flownp.layers.cinc import (
     SOLVERS,
@@ -168,7 +169,7 @@ class _MaskedConv(Layer):
         N, H, W, _ = x.shape
         Kt = self.kernel_tl()  # (kk, kk, C, C)
         xt = self._frame(x)  # (N, H, W, C), the top/left frame
-        y = self._frame(K_.conv_forward(xt, Kt))  # (N, H, W, C)
+        y = self._frame(conv_forward_auto(xt, Kt))  # (N, H, W, C)
         logdet = np.full(N, H * W * self.logdet_per_pixel(), dtype=self.dtype)
         self._cache = (xt, Kt)
         return y, logdet
@@ -201,8 +202,9 @@ class _MaskedConv(Layer):
         xt, Kt = self.pop_cache()
         N, H, W, C = xt.shape
         dyt = self._frame(dy)  # (N, H, W, C), top/left frame
-        dx = self._frame(K_.conv_backward_input(dyt, Kt))  # M^T dy = F M'^T F dy
-        dKt = K_.conv_backward_kernel(xt, dyt, self.kk)  # (kk, kk, C, C), top/left frame
+        # M^T dy = F M'^T F dy, and dKt (kk, kk, C, C) in the top/left frame
+        dxt, dKt = conv_backward_auto(xt, dyt, Kt)
+        dx = self._frame(dxt)
         g = self._grads
         g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
         d = self.diagonal()
