@@ -277,9 +277,15 @@ def test_periodic_claim_fails_with_a_wrong_logdet_or_without_the_singularity_rul
 def test_wrong_forward_kernel_fails(monkeypatch):
     """A forward that reads the kernel's taps transposed (K[b, a]): the layer no longer
     matches its dense matrix."""
+    from flownp.kernels import conv_planar
+
     good = conv_module.conv_forward
     monkeypatch.setattr(
         conv_module, "conv_forward", lambda x, K, out=None: good(x, K.transpose(1, 0, 2, 3))
+    )
+    good_planar = conv_planar.conv_forward_planar  # the path of layers of <= 8 channels
+    monkeypatch.setattr(
+        conv_planar, "conv_forward_planar", lambda x, K: good_planar(x, K.transpose(1, 0, 2, 3))
     )
     res = V.claim_layer_dense(verbose=False, modes=("triangular", "lu"), kernel_sizes=(3,))
     assert not res.passed
