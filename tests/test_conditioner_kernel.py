@@ -162,3 +162,22 @@ def test_coupling_block_kernels_match_the_layers_numpy_functions(scale, dtype, r
     np.testing.assert_allclose(dx[..., lo : lo + Cb], 1 + dxb, rtol=rtol, atol=rtol)
     assert np.all(dx[..., :lo] == 1) and np.all(dx[..., lo + Cb :] == 1)
     np.testing.assert_allclose(dh, dh_ref, rtol=rtol, atol=rtol * np.abs(dh_ref).max())
+
+
+def test_channel_copy_and_add_match_numpy(rng):
+    from flownp.kernels.coupling import add_to_channels, copy_channels
+
+    src = rng.standard_normal((3, 4, 5, 6))
+    dst = rng.standard_normal((3, 4, 5, 6))
+    want = dst.copy()
+    want[..., 1:4] = src[..., 1:4]
+    copy_channels(src, dst, 1, 4)
+    assert np.array_equal(dst, want)
+    part = rng.standard_normal((3, 4, 5, 2))
+    want[..., :2] += part
+    add_to_channels(dst, part)
+    assert np.array_equal(dst, want)
+    with pytest.raises(ValueError, match="channels"):
+        copy_channels(src, dst, 2, 7)
+    with pytest.raises(ValueError, match="add_to_channels"):
+        add_to_channels(part, dst)

@@ -111,44 +111,58 @@ _transpose_in_nb = jit(_transpose_in)
 _transpose_out_nb = jit(_transpose_out)
 
 
-def _forward_block(x, KT, off, H, W, n0, n1, y):  # pragma: no cover - compiled
-    """``y`` rows of samples ``[n0, n1)``: ``y^T = KT @ cols(x)`` (x: (M, C), y: (M, Co))."""
-    lo = n0 * H * W
-    hi = n1 * H * W
-    xT = _transpose_in_nb(x, lo, hi)  # (C, Mb)
-    cols = np.empty((KT.shape[1], hi - lo), dtype=y.dtype)
-    _gather_nb(xT, off, n1 - n0, H, W, cols)
-    yT = np.dot(KT, cols)  # (Co, Mb)
-    _transpose_out_nb(yT, y, lo)
+def _forward_blocks(x, KT, off, H, W, per, blk0, blk1, y):  # pragma: no cover - compiled
+    """``y`` rows of the blocks ``[blk0, blk1)`` (block ``b``: samples ``[b*per, b*per +
+    per)``): per block ``y^T = KT @ cols(x)`` (x: (M, C), y: (M, Co))."""
+    N = x.shape[0] // (H * W)
+    for blk in range(blk0, blk1):
+        n0 = blk * per
+        n1 = min(N, n0 + per)
+        lo = n0 * H * W
+        hi = n1 * H * W
+        xT = _transpose_in_nb(x, lo, hi)  # (C, Mb)
+        cols = np.empty((KT.shape[1], hi - lo), dtype=y.dtype)
+        _gather_nb(xT, off, n1 - n0, H, W, cols)
+        yT = np.dot(KT, cols)  # (Co, Mb)
+        _transpose_out_nb(yT, y, lo)
 
 
-def _backward_block(x, dy, KT, KbT, off, H, W, n0, n1, dx, dKT):  # pragma: no cover
-    """``dx`` rows of samples ``[n0, n1)`` and their gradient ``dKT`` of ``KT`` (Co, T*C):
-    ``dKT = dy^T cols(x)^T``, ``dx^T = KbT @ cols'(dy)`` (the mirrored taps)."""
-    lo = n0 * H * W
-    hi = n1 * H * W
-    nb = n1 - n0
-    xT = _transpose_in_nb(x, lo, hi)  # (C, Mb)
-    dyT = _transpose_in_nb(dy, lo, hi)  # (Co, Mb)
-    cols = np.empty((KT.shape[1], hi - lo), dtype=dx.dtype)
-    _gather_nb(xT, off, nb, H, W, cols)
-    np.dot(dyT, cols.T, dKT)
-    dcols = np.empty((KbT.shape[1], hi - lo), dtype=dx.dtype)
-    _gather_nb(dyT, -off, nb, H, W, dcols)
-    dxT = np.dot(KbT, dcols)  # (C, Mb)
-    _transpose_out_nb(dxT, dx, lo)
+def _backward_blocks(x, dy, KT, KbT, off, H, W, per, blk0, blk1, dx, dKT):  # pragma: no cover
+    """``dx`` rows of the blocks ``[blk0, blk1)`` and each block's gradient ``dKT[blk]`` of
+    ``KT`` (Co, T*C): ``dKT = dy^T cols(x)^T``, ``dx^T = KbT @ cols'(dy)`` (mirrored taps)."""
+    N = x.shape[0] // (H * W)
+    for blk in range(blk0, blk1):
+        n0 = blk * per
+        n1 = min(N, n0 + per)
+        lo = n0 * H * W
+        hi = n1 * H * W
+        nb = n1 - n0
+        xT = _transpose_in_nb(x, lo, hi)  # (C, Mb)
+        dyT = _transpose_in_nb(dy, lo, hi)  # (Co, Mb)
+        cols = np.empty((KT.shape[1], hi - lo), dtype=dx.dtype)
+        _gather_nb(xT, off, nb, H, W, cols)
+        np.dot(dyT, cols.T, dKT[blk])
+        dcols = np.empty((KbT.shape[1], hi - lo), dtype=dx.dtype)
+        _gather_nb(dyT, -off, nb, H, W, dcols)
+        dxT = np.dot(KbT, dcols)  # (C, Mb)
+        _transpose_out_nb(dxT, dx, lo)
 
 
-_forward_block_nb = jit(_forward_block)
-_backward_block_nb = jit(_backward_block)
+_forward_blocks_nb = jit(_forward_blocks)
+_backward_blocks_nb = jit(_backward_blocks)
+
+#: Tap offsets ``(-da, -db)`` (T, 2) per kernel size, in tap order ``t = a*k + b``.
+_OFFSETS: dict[int, np.ndarray] = {}
 
 
 def _layout(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(off, KT, KbT)``: tap offsets ``(-da, -db)`` (T, 2) in tap order ``t = a*k + b``,
-    ``KT[o, t*C + c] = K[a, b, c, o]`` and ``KbT[c, t*Co + o] = K[a, b, c, o]``."""
+    """``(off, KT, KbT)``: the tap offsets, ``KT[o, t*C + c] = K[a, b, c, o]`` and
+    ``KbT[c, t*Co + o] = K[a, b, c, o]``."""
     k, _, C, Co = K.shape
-    a, b = np.divmod(np.arange(k * k), k)
-    off = np.stack([-(k - 1 - a), -(k - 1 - b)], axis=1).astype(np.int64)
+    off = _OFFSETS.get(k)
+    if off is None:
+        a, b = np.divmod(np.arange(k * k), k)
+        off = _OFFSETS[k] = np.stack([-(k - 1 - a), -(k - 1 - b)], axis=1).astype(np.int64)
     KT = np.ascontiguousarray(K.reshape(k * k * C, Co).T)
     KbT = np.ascontiguousarray(K.transpose(2, 0, 1, 3)).reshape(C, k * k * Co)
     return off, KT, KbT
@@ -159,23 +173,16 @@ def _layout(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _BLOCK_BYTES = 256 * 1024
 
 
-def _blocks(N: int, H: int, W: int, K: np.ndarray, itemsize: int) -> list[int]:
-    """Block boundaries over the samples: as many samples per block as fit
-    :data:`_BLOCK_BYTES` (at least one); a function of the shapes only."""
+def _per_block(H: int, W: int, K: np.ndarray, itemsize: int) -> int:
+    """Samples per block: as many as fit :data:`_BLOCK_BYTES` (at least one); a function of
+    the shapes only."""
     k, _, C, Co = K.shape
-    per = max(1, _BLOCK_BYTES // ((k * k + 1) * (C + Co) * H * W * itemsize))
-    return list(range(0, N, per)) + [N]
+    return max(1, _BLOCK_BYTES // ((k * k + 1) * (C + Co) * H * W * itemsize))
 
 
-def _run_blocks(fn, b: list[int], ns_per_block: float) -> None:
-    """``fn(block)`` for every block, the blocks grouped into the pool's chunks."""
-    groups = threads.chunk_bounds(len(b) - 1, ns_per_block)
-
-    def chunk(g: int) -> None:
-        for blk in range(groups[g], groups[g + 1]):
-            fn(blk)
-
-    threads.parallel_for(chunk, len(groups) - 1)
+def _run_blocks(fn, n_blocks: int, ns_per_block: float) -> None:
+    """``fn(blk0, blk1)`` over groups of consecutive blocks, the pool's chunks."""
+    threads.parallel_range(fn, n_blocks, ns_per_block)
 
 
 def conv_forward_planar(x: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -190,11 +197,12 @@ def conv_forward_planar(x: np.ndarray, K: np.ndarray) -> np.ndarray:
     Co = K.shape[3]
     y = np.empty((N * H * W, Co), dtype=x.dtype)
     x2 = x.reshape(-1, C)
-    b = _blocks(N, H, W, K, x.itemsize)
+    per = _per_block(H, W, K, x.itemsize)
     off, KT, _ = _layout(K)
-    macs = K.size * H * W * (b[1] - b[0])
     _run_blocks(
-        lambda c: _forward_block_nb(x2, KT, off, H, W, b[c], b[c + 1], y), b, macs * _NS_PER_MAC
+        lambda b0, b1: _forward_blocks_nb(x2, KT, off, H, W, per, b0, b1, y),
+        -(-N // per),
+        K.size * H * W * per * _NS_PER_MAC,
     )
     return y.reshape(N, H, W, Co)
 
@@ -213,15 +221,15 @@ def conv_backward_planar(
         raise ValueError(f"{fn}: dy has {dy.shape[3]} channels, K {K.shape} outputs {K.shape[3]}")
     N, H, W, C = x.shape
     dx = np.empty((N * H * W, C), dtype=x.dtype)
-    b = _blocks(N, H, W, K, x.itemsize)
+    per = _per_block(H, W, K, x.itemsize)
+    nblk = -(-N // per)
     off, KT, KbT = _layout(K)
-    parts = np.empty((len(b) - 1,) + KT.shape, dtype=x.dtype)
+    parts = np.empty((nblk,) + KT.shape, dtype=x.dtype)
     x2, dy2 = x.reshape(-1, C), dy.reshape(-1, K.shape[3])
-    macs = 2 * K.size * H * W * (b[1] - b[0])
     _run_blocks(
-        lambda c: _backward_block_nb(x2, dy2, KT, KbT, off, H, W, b[c], b[c + 1], dx, parts[c]),
-        b,
-        macs * _NS_PER_MAC,
+        lambda b0, b1: _backward_blocks_nb(x2, dy2, KT, KbT, off, H, W, per, b0, b1, dx, parts),
+        nblk,
+        2 * K.size * H * W * per * _NS_PER_MAC,
     )
     dKT = parts[0].copy()
     for p in parts[1:]:  # block order: a fixed order

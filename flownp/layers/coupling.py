@@ -65,7 +65,12 @@ import numpy as np
 from scipy.special import expit
 
 from flownp.errors import NonFiniteError
-from flownp.kernels.coupling import coupling_block_backward, coupling_block_forward
+from flownp.kernels.coupling import (
+    add_to_channels,
+    copy_channels,
+    coupling_block_backward,
+    coupling_block_forward,
+)
 from flownp.layers.base import Layer
 from flownp.layers.conditioner import ConditionerNet, _positive_int
 
@@ -197,7 +202,7 @@ class BlockCoupling(Layer):
         x = self.check_input(x, self.channels)
         N = x.shape[0]
         y = np.empty_like(x)  # (N, H, W, C)
-        y[..., : self.edges[1]] = x[..., : self.edges[1]]  # y_1 = x_1, bit for bit
+        copy_channels(x, y, 0, self.edges[1])  # y_1 = x_1, bit for bit
         logdet = np.zeros(N)  # float64 accumulation
         hs = []
         for _, net, lo, _hi in self._blocks():
@@ -242,11 +247,11 @@ class BlockCoupling(Layer):
         dy = self.check_grad(dy, y.shape, "dy")
         dlogdet = self.check_grad(dlogdet, (N,), "dlogdet")
         dx = np.zeros_like(dy)  # (N, H, W, C)
-        dx[..., : self.edges[1]] = dy[..., : self.edges[1]]  # y_1 = x_1
+        copy_channels(dy, dx, 0, self.edges[1])  # y_1 = x_1
         for (_, net, lo, _hi), h in zip(reversed(self._blocks()), reversed(hs), strict=True):
             # dxb, dh = block_backward(dy[..., lo:hi], dlogdet, y[..., lo:hi], h); dx_b += dxb
             dh = coupling_block_backward(dy, y, h, dlogdet, lo, self.scale, dx)  # one pass
-            dx[..., :lo] += net.backward(dh)  # through the conditioner of block k
+            add_to_channels(dx, net.backward(dh))  # dx[..., :lo] += through the network k
         return dx
 
     # ------------------------------------------------------------------ helpers
