@@ -55,7 +55,7 @@ def test_layer_module_imports_nothing_above_the_layers(module):
 #: rank, and modules of its own group (e.g. one layer another); nothing else.
 RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("flownp", "flownp.errors", "flownp._numba", "flownp.threads",
-                "flownp.progress", "flownp.testing")),
+                "flownp.progress", "flownp.testing", "flownp.files", "flownp.limits")),
     ("distributed", ("flownp.distributed",)),
     ("kernels", ("flownp.kernels",)),
     ("layers", ("flownp.layers",)),
