@@ -29,9 +29,10 @@ __all__ = [
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 ``(N, H, W, C)`` images into one ``(R (H+pad), S (W+pad), C)`` image."""
+    """Tile uint8 ``(N, H, W, C)`` images into one ``(R (H+pad), S (W+pad), C)`` image
+    (``S = ncols``, at most N; default: a square)."""
     N, H, W, C = images.shape
-    S = ncols or int(math.ceil(math.sqrt(N)))
+    S = min(ncols, N) if ncols else int(math.ceil(math.sqrt(N)))
     R = int(math.ceil(N / S))
     out = np.full((R * (H + pad) + pad, S * (W + pad) + pad, C), 255, dtype=np.uint8)
     for i in range(N):

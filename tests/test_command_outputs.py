@@ -165,6 +165,17 @@ def test_sampling_in_batches_draws_the_same_samples(ckpt, tmp_path, capsys, monk
 
 
 # ------------------------------------------------------------------ sizes before allocating
+def test_more_grid_columns_than_samples_draws_one_row(ckpt, tmp_path, capsys):
+    """``--ncols 10**9`` allocated a 29-billion-pixel-wide grid (a MemoryError traceback)."""
+    out = tmp_path / "s.png"
+    code, _, err = run(["sample", ckpt, "-n", "3", "--ncols", "1000000000", "--out", out], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[0] < 2000  # one row of three cells, not 10**9 columns
+
+
 def test_sample_count_beyond_the_memory_is_one_line(ckpt, tmp_path, capsys):
     code, _, err = run(["sample", ckpt, "-n", "10000000000", "--out", tmp_path / "s.png"], capsys)
     one_line_error(code, err, "sample", "-n 10000000000", "memory", "fewer samples")
