@@ -59,7 +59,7 @@ import numpy as np
 
 from flownp.data.pixels import dequantize
 from flownp.digits import MEASURE as DIGIT_MEASURE
-from flownp.errors import DataError, FlownpError, NonFiniteError, SingularKernelError
+from flownp.errors import DataError, FlownpError, NonFiniteError, SingularKernelError, UsageError
 from flownp.files import write_atomic
 from flownp.model import CONVS, COUPLINGS, SAMPLE_TEMPERATURE, FlowConfig, FlowModel, bpd_loss
 from flownp.train import TrainConfig, Trainer, TrainingDiverged
@@ -159,10 +159,17 @@ class GridConfig:
             if key in self.train:
                 raise ExperimentError(f"GridConfig: train may not set {key!r} (set per run)")
         try:  # every field name and value checked once, before any training
-            FlowConfig(conv=self.convs[0], coupling=self.couplings[0], **self.model)
+            FlowConfig(conv=self.convs[0], coupling=self.couplings[0], **self.flow_model(2))
             TrainConfig(**self.train)
         except (TypeError, ValueError) as exc:
             raise ExperimentError(f"GridConfig: {exc}") from None
+
+    def flow_model(self, num_classes: int) -> dict[str, Any]:
+        """:attr:`model` as FlowConfig fields: ``class_conditional`` becomes ``num_classes``."""
+        model = dict(self.model)
+        if model.pop("class_conditional", False):
+            model["num_classes"] = int(num_classes)
+        return model
 
     def seed_count(self, depth: int) -> int:
         return dict(self.seeds)[depth]
@@ -188,14 +195,20 @@ class GridConfig:
         """Folder name of a budget: ``steps2000``, ``seconds300``."""
         return f"{budget}{self.budget_value(budget):g}"
 
-    def configs(self, spec: RunSpec, image_shape: Sequence[int]) -> tuple[FlowConfig, TrainConfig]:
-        """The model and training configuration of one run."""
+    def configs(
+        self, spec: RunSpec, image_shape: Sequence[int], num_classes: int | None = None
+    ) -> tuple[FlowConfig, TrainConfig]:
+        """The model and training configuration of one run. ``model["class_conditional"]``
+        (a class-conditional grid) takes the number of classes of the data, ``num_classes``."""
+        if self.model.get("class_conditional") and not num_classes:
+            raise UsageError("--class-conditional: the dataset has no labels")
+        model = self.flow_model(num_classes or 0)
         mc = FlowConfig(
             image_shape=tuple(image_shape),
             conv=spec.conv,
             coupling=spec.coupling,
             depth=spec.depth,
-            **self.model,
+            **model,
         )
         if spec.budget == "steps":
             tc = TrainConfig(steps=int(self.steps), seed=spec.seed, **self.train)
@@ -360,7 +373,7 @@ def warm_up(grid: GridConfig, image_shape: Sequence[int]) -> None:
     x = dequantize(rng.integers(0, 256, (2, *image_shape), dtype=np.uint8), rng, "float32")
     for conv in grid.convs:
         for coupling in grid.couplings:
-            model_kw = {**grid.model, "width": 4}
+            model_kw = {**grid.flow_model(2), "width": 4}
             mc = FlowConfig(
                 image_shape=tuple(image_shape), conv=conv, coupling=coupling, depth=1, **model_kw
             )
@@ -386,7 +399,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (or resume, or skip) one run and return its result (also ``result.json``)."""
     run_dir = out / spec.folder(grid)
-    mc, tc = grid.configs(spec, data.shape)
+    mc, tc = grid.configs(spec, data.shape, getattr(data, "num_classes", None))
     expected = _json_safe({"model": mc.to_dict(), "train": tc.to_dict()})
     result_path = run_dir / RESULT_FILE
     if result_path.exists():
@@ -486,6 +499,18 @@ def run_one(
 _SAMPLING_FAILURES = (NonFiniteError, SingularKernelError, FloatingPointError)
 
 
+def _sample(model: FlowModel, n: int, temperature: float, seed: int) -> np.ndarray:
+    """``model.sample``; a class-conditional model draws the classes in turn (as
+    :func:`flownp.train.observers.observe_digits`)."""
+    from flownp.digits import grid_labels
+
+    K = getattr(getattr(model, "config", None), "num_classes", 0)
+    if not K:
+        return model.sample(n, temperature=temperature, seed=seed)
+    labels = grid_labels(K, -(-n // K))[:n]
+    return model.sample(n, temperature=temperature, seed=seed, labels=labels)
+
+
 def _measure_sampling(
     model: FlowModel, grid: GridConfig, data: Any, seed: int, log: Callable[[str], None]
 ) -> tuple[float, Any, bool]:
@@ -500,7 +525,7 @@ def _measure_sampling(
 
     try:
         t0 = time.perf_counter()
-        x = model.sample(grid.sample_images, temperature=grid.temperature, seed=seed)
+        x = _sample(model, grid.sample_images, grid.temperature, seed)
         seconds = time.perf_counter() - t0
     except _SAMPLING_FAILURES as exc:
         log(f"sampling at temperature {grid.temperature:g} failed: {exc}")
@@ -515,7 +540,7 @@ def _time_mode_sampling(
     inverses, on a latent that an undertrained model can still invert. NaN if it fails."""
     try:
         t0 = time.perf_counter()
-        model.sample(grid.sample_images, temperature=0.0, seed=seed)
+        _sample(model, grid.sample_images, 0.0, seed)
         seconds = time.perf_counter() - t0
     except _SAMPLING_FAILURES as exc:
         log(f"sampling at temperature 0 failed too: {exc}")
@@ -572,7 +597,7 @@ def _rescore_digits(
         model = load_model(ckpt, use_ema=True)
         try:
             seed = int(result["seed"])
-            x = model.sample(grid.sample_images, temperature=grid.temperature, seed=seed)
+            x = _sample(model, grid.sample_images, grid.temperature, seed)
             score = score_samples(x, data.test)
         except _SAMPLING_FAILURES as exc:
             log(f"{run_dir}: sampling failed while scoring with the current classifier: {exc}")

@@ -68,7 +68,12 @@ from flownp.errors import FlownpError, NonFiniteError, SingularKernelError
 from flownp.layers.actnorm import ActNorm
 from flownp.layers.base import Layer, Module, check_dtype
 from flownp.layers.cinc import CInCConv
-from flownp.layers.conditional import ConditionalPrior, LatentClassifier, check_labels
+from flownp.layers.conditional import (
+    ConditionalPrior,
+    LatentClassifier,
+    check_labels,
+    cross_entropy_bits,
+)
 from flownp.layers.conv1x1 import Conv1x1
 from flownp.layers.coupling import AdditiveCoupling, AffineCoupling, QuadCoupling
 from flownp.layers.emerging import EmergingConv
@@ -709,11 +714,18 @@ class FlowModel(Layer):
             raise ValueError("FlowModel.class_log_probs: the model is not class-conditional")
         h, pieces, logdet = self.forward_top(x)
         self.clear_cache()
-        base = logdet.copy()
+        return self.class_log_probs_from_top(h, pieces, logdet)
+
+    def class_log_probs_from_top(
+        self, h: np.ndarray, pieces: list[np.ndarray], logdet: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`class_log_probs` from the outputs of :meth:`forward_top`."""
+        prior = self.prior
+        if not isinstance(prior, ConditionalPrior):
+            raise ValueError("FlowModel.class_log_probs: the model is not class-conditional")
+        base = np.asarray(logdet, dtype=np.float64).copy()
         for p in pieces:
             base += log_normal(p)
-        prior = self.prior
-        assert isinstance(prior, ConditionalPrior)
         with layer_errors("prior", prior):
             return base[:, None] + prior.class_log_likelihoods(h)
 
@@ -790,31 +802,56 @@ def log_normal(z: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- bits/dim, the loss
-def bits_per_dim(z: np.ndarray, logdet: np.ndarray) -> np.ndarray:
-    """Per-sample bits/dim ``(-log p(x) + D ln 256) / (D ln 2)`` from :meth:`FlowModel.forward`'s
-    outputs (``z`` of shape ``(N, D)``), in float64. The ``D ln 256`` term accounts for the
-    pixel bins of width 1/256 (uniform dequantisation): a uniform model scores 8 bits/dim."""
+def bits_per_dim(z: np.ndarray, logdet: np.ndarray, n_bits: int = 8) -> np.ndarray:
+    """Per-sample bits/dim ``(-log p(x) + D ln 2^N) / (D ln 2)`` from :meth:`FlowModel.forward`'s
+    outputs (``z`` of shape ``(N, D)``), in float64, for data of ``n_bits = N`` bits per pixel
+    (:mod:`flownp.data.pixels`; 8: ``D ln 256``). The ``D ln 2^N`` term accounts for the
+    pixel bins of width 1/2^N (uniform dequantisation): a uniform model scores N bits/dim."""
     D = z.shape[1]
     log_p = log_normal(z) + logdet.astype(np.float64)
-    return (-log_p + D * LN256) / (D * LN2)
+    return (-log_p + D * n_bits * LN2) / (D * LN2)
 
 
 def bpd_loss(
-    z: np.ndarray, logdet: np.ndarray, *, num_images: int | None = None
+    z: np.ndarray, logdet: np.ndarray, *, num_images: int | None = None, n_bits: int = 8
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """The training loss and its gradients ``(loss, dz, dlogdet)``::
 
-        loss              = sum_n bits_per_dim(z, logdet)_n / num_images
+        loss              = sum_n bits_per_dim(z, logdet, n_bits)_n / num_images
         d loss / d z      = z / (num_images D ln 2)
         d loss / d logdet = -1 / (num_images D ln 2)
 
     ``num_images`` defaults to the batch's own size ``N``: the loss is the batch mean. A step
     whose batch is split over several processes gives each the global image count, so that
-    the processes' losses and gradients add up to those of the whole batch."""
+    the processes' losses and gradients add up to those of the whole batch. ``n_bits`` only
+    shifts the loss by a constant (the gradients do not depend on it)."""
     N, D = z.shape
     n = N if num_images is None else int(num_images)
-    loss = float(np.sum(bits_per_dim(z, logdet))) / n  # == np.mean for n = N
+    loss = float(np.sum(bits_per_dim(z, logdet, n_bits))) / n  # == np.mean for n = N
     c = 1.0 / (n * D * LN2)
     dz = z * z.dtype.type(c)  # (N, D)
     dlogdet = np.full(N, -c)  # (N,)
     return loss, dz, dlogdet
+
+
+def classifier_loss(
+    logits: np.ndarray, labels: np.ndarray, weight: float, *, num_images: int | None = None
+) -> tuple[float, float, float, np.ndarray]:
+    """The classifier's term of the training loss (``weight_y``, openai/glow) and its gradient::
+
+        bits_y_n = cross-entropy in bits of logits_n against labels_n
+                   (:func:`flownp.layers.conditional.cross_entropy_bits`)
+        loss_y   = weight * sum_n bits_y_n / num_images
+        d loss_y / d logits_n = weight * (softmax(logits_n) - e_{y_n}) / (num_images ln 2)
+
+    Returns ``(loss_y, bits_y, error, dlogits)``: ``bits_y`` and ``error`` are the sums over
+    the batch of the cross-entropy (bits) and of the misclassified images, divided by
+    ``num_images`` (default: the batch's own size, i.e. means), so that shares of a batch on
+    several processes add up as :func:`bpd_loss` does. ``dlogits`` is in the dtype of
+    ``logits``."""
+    N = logits.shape[0]
+    n = N if num_images is None else int(num_images)
+    bits, dbits, error = cross_entropy_bits(logits, labels)
+    bits_y = float(np.sum(bits)) / n
+    dlogits = (dbits * (weight / n)).astype(logits.dtype)
+    return weight * bits_y, bits_y, float(np.sum(error)) / n, dlogits

@@ -1,9 +1,15 @@
 """Print the bits/dim of a trained flow on held-out images.
 
 bits/dim = (-log p(x) + D ln 256) / (D ln 2) with uniform dequantisation noise drawn from a
-fixed seed (so the number is reproducible); 8.0 is a uniform model. The data set is the one the
-model was trained on (from the checkpoint) unless --dataset is given. The EMA (Polyak) weights
-are used when the checkpoint has them.
+fixed seed (so the number is reproducible); 8.0 is a uniform model. A model of N-bit data
+(flownp train --n-bits N) counts D ln 2^N instead of D ln 256 (N.0 is a uniform model). The data
+set is the one the model was trained on (from the checkpoint) unless --dataset is given. The
+EMA (Polyak) weights are used when the checkpoint has them.
+
+A class-conditional model (flownp train --class-conditional) is evaluated given the label,
+-log p(x | y), and as a generative classifier: the share of images whose
+argmax_y log p(x | y) is their label (every class scored on the same latent; only the prior
+changes); with --weight-y > 0 also the accuracy of its linear classifier.
 
 Before it, the stability of the inverse (docs/stability.md): the reconstruction error
 x -> z -> x on the first --stability-images held-out images in float32 and float64 (and in
@@ -95,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     from flownp.data import check_fingerprint
     from flownp.train import evaluate_bpd
     from flownp.train.data_stream import load_data
+    from flownp.train.evaluation import evaluate_classes
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -129,15 +136,20 @@ def _run(args: argparse.Namespace) -> int:
             f"dataset {spec!r} has images {images.shape[1:]}, the model expects "
             f"{model.config.image_shape}"
         )
+    labels = _labels(model, data, args, spec, len(images))
     t0 = time.perf_counter()
-    bpd = evaluate_bpd(
-        model,
-        images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress and comm.is_root,
-        comm=comm,
-    )
+    kw = {
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "progress": not args.no_progress and comm.is_root,
+        "comm": comm,
+    }
+    classes = None
+    if labels is None:
+        bpd = evaluate_bpd(model, images, **kw)
+    else:
+        classes = evaluate_classes(model, images, labels, **kw)
+        bpd = classes.bpd
     dt = time.perf_counter() - t0
     weights = "raw" if args.no_ema or not (ckpt.optimizer_state or {}).get("ema") else "EMA"
     if not comm.is_root:  # process 0 reports
@@ -149,8 +161,35 @@ def _run(args: argparse.Namespace) -> int:
             raise distributed.collective(exc) from None
     processes = f", {comm.size} processes" if comm.size > 1 else ""
     print(f"{spec} {args.split}: {len(images)} images, {weights} weights, {dt:.1f} s{processes}")
-    print(f"bits/dim: {bpd:.4f}")
+    bits = "" if model.config.n_bits == 8 else f" ({model.config.n_bits}-bit data)"
+    if classes is None:
+        print(f"bits/dim{bits}: {bpd:.4f}")
+        return 0 if math.isfinite(bpd) else 1
+    print(f"bits/dim given the label{bits}: {bpd:.4f}")
+    print(
+        f"generative classifier accuracy (argmax_y log p(x | y)): {classes.accuracy:.2%} "
+        f"of {classes.num_images}"
+    )
+    if classes.classifier_accuracy is not None:
+        print(
+            f"linear classifier accuracy (top latent): {classes.classifier_accuracy:.2%}, "
+            f"cross-entropy {classes.bits_y:.4f} bits"
+        )
     return 0 if math.isfinite(bpd) else 1
+
+
+def _labels(model, data, args: argparse.Namespace, spec: str, n: int):
+    """The labels of the evaluated images for a class-conditional model (None otherwise);
+    unlabelled data is a :class:`~flownp.errors.UsageError`."""
+    if not model.config.num_classes:
+        return None
+    labels = data.test_labels if args.split == "test" else data.train_labels
+    if labels is None:
+        raise UsageError(
+            f"the model in {args.checkpoint} is class-conditional and is evaluated given the "
+            f"labels, but dataset {spec!r} has no labels for its {args.split} images"
+        )
+    return labels[:n]
 
 
 def _check_held_out(data, training_split, holdout: int) -> None:
@@ -179,7 +218,7 @@ def _stability_report(model, images, args: argparse.Namespace) -> None:
     from flownp.data.pixels import dequantize
 
     t0 = time.perf_counter()
-    x = dequantize(images, np.random.default_rng(args.seed), model.dtype)
+    x = dequantize(images, np.random.default_rng(args.seed), model.dtype, model.config.n_bits)
     rep = S.measure_model_stability(model, x, threshold=args.stability_threshold)
     print(f"stability of the inverse ({time.perf_counter() - t0:.1f} s):")
     print(rep.format() + "\n")

@@ -156,7 +156,10 @@ def grid_from_args(args: argparse.Namespace):
     """The :class:`~flownp.experiment.GridConfig` of the command line."""
     from flownp.experiment import GridConfig, parse_seeds
 
+    _train.class_options(args)
     model = {k: getattr(args, k) for k in MODEL_OPTIONS}
+    if args.class_conditional:  # the number of classes comes from the data
+        model[_train.CLASS_OPTION] = True
     train = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     train["max_grad_norm"] = train["max_grad_norm"] or None
     train["ema_decay"] = train["ema_decay"] or None

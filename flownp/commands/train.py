@@ -61,7 +61,11 @@ MODEL_OPTIONS = (
     "cinc_corner",
     "lu",
     "guard",
+    "weight_y",
+    "n_bits",
 )
+#: The model option that is not a FlowConfig field: the number of classes comes from the data.
+CLASS_OPTION = "class_conditional"
 TRAIN_OPTIONS = (
     "dataset",
     "holdout",
@@ -188,6 +192,14 @@ def add_config_options(
         default=tc.holdout,
         help="number of held-out images (default: the dataset's own split)",
     )
+    data.add_argument(
+        "--n-bits",
+        type=_n_bits_value,
+        default=mc.n_bits,
+        metavar="N",
+        help="bits per pixel the model sees, 1..8: floor(u / 2^(8-N)) / 2^N - 0.5, dequantised "
+        "with U(0, 1/2^N); bits/dim on N-bit data (default: %(default)s)",
+    )
 
     model = _Group("model (docs/model.md)")
     model.add_argument("--levels", type=int, default=mc.levels, help="levels L (multi-scale)")
@@ -244,6 +256,21 @@ def add_config_options(
         help="stability guard of the CInC/emerging/periodic convolutions: keep each inside a "
         "diagonal-dominance region of ratio RHO in (0, 1), so its inverse stays accurate on "
         "any image size; 'off' = none (docs/stability.md; default: %(default)s)",
+    )
+    model.add_argument(
+        "--class-conditional",
+        action="store_true",
+        help="model p(x | label): the top prior's mean and log-scale get a learned linear "
+        "function of the one-hot label (the dataset must have labels; docs/layers/"
+        "conditional.md)",
+    )
+    model.add_argument(
+        "--weight-y",
+        type=nonnegative_float,
+        default=mc.weight_y,
+        metavar="W",
+        help="with --class-conditional: add W x the cross-entropy in bits of a linear "
+        "classifier on the spatial mean of the top latent to the loss (0 = no classifier)",
     )
 
     opt = _Group("optimisation (docs/training.md)")
@@ -329,6 +356,57 @@ def add_config_options(
     )
 
 
+def _n_bits_value(text: str) -> int:
+    """``--n-bits`` value: an int in 1..8."""
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..8, got {text!r}") from None
+    if not 1 <= val <= 8:
+        raise argparse.ArgumentTypeError(f"must be in 1..8 (bits per pixel), got {val}")
+    return val
+
+
+def class_options(args: argparse.Namespace) -> None:
+    """``--weight-y`` needs ``--class-conditional`` (:class:`~flownp.errors.UsageError`)."""
+    from flownp.errors import UsageError
+
+    if args.weight_y and not args.class_conditional:
+        raise UsageError(
+            f"--weight-y {args.weight_y:g} needs --class-conditional (the classifier is trained "
+            "on the labels of a class-conditional model)"
+        )
+
+
+def with_classes(mc, data, where: str):
+    """``mc`` with ``num_classes`` of a labelled ``data`` set (``mc.num_classes`` > 0 marks a
+    class-conditional request); refuses unlabelled data (:class:`~flownp.errors.UsageError`)."""
+    import dataclasses
+
+    from flownp.errors import UsageError
+
+    if not mc.num_classes:
+        return mc
+    name = getattr(data, "name", where)
+    if not getattr(data, "labelled", False):
+        raise UsageError(
+            f"--class-conditional: dataset {name!r} has no labels"
+            + (
+                " for its held-out images"
+                if getattr(data, "train_labels", None) is not None
+                else ""
+            )
+            + " (docs/data.md: labels and classes)"
+        )
+    k = int(data.num_classes)
+    if k < 2:
+        raise UsageError(f"--class-conditional: dataset {name!r} has {k} class; it needs 2 or more")
+    try:
+        return dataclasses.replace(mc, num_classes=k)
+    except ValueError as exc:
+        raise UsageError(f"--class-conditional: dataset {name!r}: {exc}") from None
+
+
 def _guard_value(text: str) -> float | None:
     """``--guard`` value: a float in (0, 1), or ``off`` / ``none`` for no guard."""
     if text.strip().lower() in ("off", "none"):
@@ -348,9 +426,12 @@ def _configs(args: argparse.Namespace):
     from flownp.model import FlowConfig
     from flownp.train import TrainConfig
 
+    class_options(args)
     try:
         mc = FlowConfig(
-            image_shape=(1 << 30, 1 << 30, 1), **{k: getattr(args, k) for k in MODEL_OPTIONS}
+            image_shape=(1 << 30, 1 << 30, 1),
+            num_classes=2 if args.class_conditional else 0,  # the data's classes, once loaded
+            **{k: getattr(args, k) for k in MODEL_OPTIONS},
         )
     except ValueError as exc:
         raise DataError(str(exc)) from None
@@ -396,7 +477,7 @@ def _run(args: argparse.Namespace) -> int:
         resumable = ("lr", "warmup_steps", "dataset")  # dataset: the data's new place
         given = [
             k
-            for k in MODEL_OPTIONS + TRAIN_OPTIONS
+            for k in (*MODEL_OPTIONS, CLASS_OPTION, *TRAIN_OPTIONS)
             if k not in resumable and getattr(args, k) != parser.get_default(k)
         ]
         if given:
@@ -426,8 +507,9 @@ def _run(args: argparse.Namespace) -> int:
 
         def local_data():  # every process reads its own copy (the Trainer compares them)
             data = load_data(tc.dataset, tc.holdout)
+            shaped = with_classes(mc, data, tc.dataset)
             try:
-                shaped = FlowConfig.from_dict({**mc.to_dict(), "image_shape": list(data.shape)})
+                shaped = FlowConfig.from_dict({**shaped.to_dict(), "image_shape": list(data.shape)})
             except ValueError as exc:
                 raise DataError(f"dataset {tc.dataset!r}: {exc}") from None
             return data, shaped
@@ -437,9 +519,11 @@ def _run(args: argparse.Namespace) -> int:
         out = args.out or Path("runs") / comm.bcast(stamp)  # process 0's clock names it
         trainer = Trainer(mc, tc, data, out_dir=out, progress=progress, overwrite=args.overwrite)
         print(f"{trainer.model}")
+        classes = f", {mc.num_classes} classes" if mc.num_classes else ""
+        bits = f", {mc.n_bits}-bit" if mc.n_bits != 8 else ""
         print(
             f"data: {getattr(data, 'name', tc.dataset)}: {len(data.train)} training, "
-            f"{len(data.test)} held-out images of {data.shape}"
+            f"{len(data.test)} held-out images of {data.shape}{bits}{classes}"
         )
     print(f"run folder: {trainer.out_dir}")
     try:
@@ -456,9 +540,11 @@ def _run(args: argparse.Namespace) -> int:
         f"({wall:.1f} s wall time for this command), {result.rejected_total} rejected steps"
     )
     print(f"train bits/dim (mean of the last 100 steps): {result.train_bpd:.4f}")
+    given = ", given the label" if trainer.model_config.num_classes else ""
     print(
         f"held-out bits/dim ({len(trainer.data.test)} images, "
-        f"{'EMA' if trainer.config.ema_decay else 'final'} weights): {result.heldout_bpd:.4f}"
+        f"{'EMA' if trainer.config.ema_decay else 'final'} weights{given}): "
+        f"{result.heldout_bpd:.4f}"
     )
     red = trainer.reduction
     if red.calls and red.buffer is not None:
@@ -467,6 +553,13 @@ def _run(args: argparse.Namespace) -> int:
             f"process 0 ({red.buffer.nbytes / 1e6:.2f} MB; waiting for the slowest process "
             "included)"
         )
+    classes = trainer.metrics["classes"]
+    if classes["step"]:
+        print(f"generative classifier accuracy (held out): {classes['accuracy'][-1]:.2%}")
+        if trainer.model.classifier is not None:
+            print(
+                f"linear classifier accuracy (held out): {classes['classifier_accuracy'][-1]:.2%}"
+            )
     for name in ("checkpoint.h5", "metrics.csv", "loss_curve.png", "samples.png"):
         print(f"  {trainer.out_dir / name}")
     return 0

@@ -56,7 +56,7 @@ from flownp.train import data_stream as _data
 from flownp.train import observers
 from flownp.train.config import TrainConfig, TrainResult
 from flownp.train.data_stream import Batch, DataStream, check_data
-from flownp.train.evaluation import evaluate_bpd
+from flownp.train.evaluation import evaluate_bpd, evaluate_classes
 from flownp.train.metrics import append_row, empty_metrics
 from flownp.train.run_folder import (
     CHECK_IMAGES,
@@ -67,6 +67,9 @@ from flownp.train.run_folder import (
     unusable_reason,
 )
 from flownp.train.step import StepFlags, StepRecord, StepReduction, StepRule, batch_gradients
+
+#: Classes shown (one row each) in the ``samples.png`` of a class-conditional model.
+SAMPLE_ROWS = 10
 
 
 class Trainer:
@@ -112,7 +115,7 @@ class Trainer:
 
         def local_data() -> Any:  # each process reads its own copy; it must be the same
             d = data if data is not None else _data.load_data(tc.dataset, tc.holdout)
-            check_data(d, model_config.image_shape, tc.batch_size)
+            check_data(d, model_config.image_shape, tc.batch_size, model_config.num_classes)
             if tc.dataset_fingerprint is not None:  # a resumed run: the data must be the same
                 check_fingerprint(d, tc.dataset_fingerprint, "resume")
             return d
@@ -138,7 +141,13 @@ class Trainer:
         self.progress = progress and comm.is_root
         self.log = (log or _default_log) if comm.is_root else _silent
         self.model = FlowModel(model_config, seed=tc.seed, recompute=tc.recompute)
-        self.stream = DataStream(self.data.train, seed=tc.seed, dtype=self.model.dtype)
+        self.stream = DataStream(
+            self.data.train,
+            seed=tc.seed,
+            dtype=self.model.dtype,
+            labels=self.data.train_labels if model_config.num_classes else None,
+            n_bits=model_config.n_bits,
+        )
         self.rule = StepRule()
         self.reduction = StepReduction(comm, self.model)
         self.flags = StepFlags()  # of the last step
@@ -319,17 +328,38 @@ class Trainer:
         return self.rule.apply(self.model, self.optimizer, g)
 
     # ------------------------------------------------------------------ evaluation, observers
+    def heldout_labels(self, size: int | None = None) -> np.ndarray | None:
+        """The labels of the first ``size`` held-out images for a class-conditional model
+        (None otherwise)."""
+        if not self.model_config.num_classes:
+            return None
+        y = np.asarray(self.data.test_labels)
+        return y if size is None else y[:size]
+
     def evaluate(self, size: int | None = None) -> float:
         """Held-out bits/dim (with the EMA weights when enabled) on the first ``size`` test
-        images (all when None)."""
+        images (all when None); given the labels for a class-conditional model, whose
+        generative (and linear) classifier accuracy then goes to ``metrics["classes"]``."""
         images = self.data.test if size is None else self.data.test[:size]
+        labels = self.heldout_labels(size)
         with self.optimizer.ema_weights():
             try:
-                return evaluate_bpd(self.model, images, batch_size=500, comm=self.comm)
+                if labels is None:
+                    return evaluate_bpd(self.model, images, batch_size=500, comm=self.comm)
+                res = evaluate_classes(self.model, images, labels, batch_size=500, comm=self.comm)
             except (NonFiniteError, FloatingPointError) as exc:
                 self.model.clear_cache()
                 self.log(f"evaluation produced a non-finite value: {exc}")
                 return float("nan")
+        clf = res.classifier_accuracy
+        row = {"step": self.step, "accuracy": res.accuracy}
+        row["classifier_accuracy"] = float("nan") if clf is None else clf
+        append_row(self.metrics, "classes", row)
+        text = f"generative classifier accuracy {res.accuracy:.2%}"
+        if clf is not None:
+            text += f", linear classifier accuracy {clf:.2%}"
+        self.log(f"step {self.step}: {text} ({res.num_images} held-out images)")
+        return res.bpd
 
     def check_stability(self) -> Any:
         """:func:`flownp.train.observers.observe_stability` with the EMA weights on the first
@@ -353,15 +383,22 @@ class Trainer:
 
     def score_digits(self) -> Any:
         """:func:`flownp.train.observers.observe_digits` with the EMA weights; the row goes to
-        ``metrics["digits"]``. Returns the :class:`flownp.digits.DigitScore` or None."""
+        ``metrics["digits"]`` (a class-conditional digit model: also the requested-digit share,
+        :func:`~flownp.train.observers.observe_requested_digits`, to ``digits_requested``).
+        Returns the :class:`flownp.digits.DigitScore` or None."""
         if not self.comm.is_root:  # process 0 observes
             return None
         with self.optimizer.ema_weights():
             row, score = observers.observe_digits(
                 self.model, self.data.test, step=self.step, seed=self.config.seed, log=self._say
             )
+            requested, _ = observers.observe_requested_digits(
+                self.model, step=self.step, seed=self.config.seed, log=self._say
+            )
         if row is not None:
             append_row(self.metrics, "digits", row)
+        if requested is not None:
+            append_row(self.metrics, "digits_requested", requested)
         return score
 
     # ------------------------------------------------------------------ saving
@@ -394,14 +431,20 @@ class Trainer:
         """Bits/dim of the first ``CHECK_IMAGES`` held-out images with the raw and with the EMA
         weights (:func:`flownp.train.run_folder.held_out_check`)."""
         images = self.data.test[:CHECK_IMAGES]
-        return held_out_check(self.model, self.optimizer, images, self.config.seed + 5)
+        labels = self.heldout_labels(CHECK_IMAGES)
+        return held_out_check(self.model, self.optimizer, images, self.config.seed + 5, labels)
 
     def unusable_reason(self) -> tuple[str | None, bool]:
         """Why the current state must not be written, or None; and whether that is fatal
         (:func:`flownp.train.run_folder.unusable_reason`)."""
         images = self.data.test[:CHECK_IMAGES]
         return unusable_reason(
-            self.model, self.optimizer, self.rule.consecutive_bad, images, self.config.seed + 5
+            self.model,
+            self.optimizer,
+            self.rule.consecutive_bad,
+            images,
+            self.config.seed + 5,
+            self.heldout_labels(CHECK_IMAGES),
         )
 
     def save_if_usable(self) -> bool:
@@ -470,14 +513,25 @@ class Trainer:
         temperature: float = SAMPLE_TEMPERATURE,
     ) -> Path:
         """``n`` samples (EMA weights, the run's seed) as an image grid (default: the run
-        folder's ``samples.png``)."""
+        folder's ``samples.png``). A class-conditional model draws one row per class instead
+        (its first :data:`SAMPLE_ROWS` classes, ``ceil(n / rows)`` samples each)."""
+        from flownp.digits import grid_labels
+
+        K = self.model_config.num_classes
+        labels, ncols, title = None, None, f"samples, T = {temperature:g}, step {self.step}"
+        if K:
+            rows = min(K, SAMPLE_ROWS)
+            ncols = -(-n // rows)
+            labels = grid_labels(rows, ncols)
+            n = len(labels)
+            title += f", one row per class (0..{rows - 1})"
         with self.optimizer.ema_weights():
-            x = self.model.sample(n, temperature=temperature, seed=self.config.seed)
+            x = self.model.sample(n, temperature=temperature, seed=self.config.seed, labels=labels)
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))  # (process 0 calls this)
         if bad:  # drawn black in the picture, never silently
             self.log(f"step {self.step}: {bad} non-finite pixel value(s) in the samples")
-        title = f"samples, T = {temperature:g}, step {self.step}"
-        return self.folder.write_samples(x, title, path)
+        n_bits = self.model_config.n_bits
+        return self.folder.write_samples(x, title, path, ncols=ncols, n_bits=n_bits)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -536,6 +590,7 @@ class Trainer:
                 )
                 smooth = self._report_step(rec, smooth)
                 self._record_train(rec, speed)
+                self._record_classifier(rec)
                 bar.update(1, bpd=smooth, img_s=speed)
                 if self.consecutive_bad >= tc.max_bad_steps:
                     self._diverged(f"{self.consecutive_bad} bad steps in a row (last: {rec.error})")
@@ -626,6 +681,12 @@ class Trainer:
             "elapsed": self.elapsed,
         }
         append_row(self.metrics, "train", row)
+
+    def _record_classifier(self, rec: StepRecord) -> None:
+        if self.model.classifier is None:
+            return
+        row = {"step": self.step, "bits_x": rec.bits_x, "bits_y": rec.bits_y}
+        append_row(self.metrics, "classifier", row | {"error": rec.class_error})
 
     def _record_eval(self, bpd: float) -> None:
         append_row(self.metrics, "eval", {"step": self.step, "bpd": bpd, "elapsed": self.elapsed})

@@ -8,7 +8,15 @@ table                 columns                                                   
 ``eval``              :data:`EVAL_COLUMNS`                                           an evaluation
 ``stability``         :data:`STABILITY_COLUMNS` (:mod:`flownp.train.observers`)     a checkpoint
 ``digits``            :data:`DIGITS_COLUMNS` (:mod:`flownp.train.observers`)        the end
+``classifier``        :data:`CLASSIFIER_COLUMNS` (models with ``weight_y > 0``)      a step
+``classes``           :data:`CLASSES_COLUMNS` (class-conditional models)             an evaluation
+``digits_requested``  :data:`flownp.digits.REQUESTED_COLUMNS` (class-conditional     the end
+                      digit models)
 ====================  ============================================================  ========
+
+The last three stay empty for the models they do not concern (and in older checkpoints).
+In ``train``, ``bpd`` is the training loss: bits/dim, plus ``weight_y`` times the classifier's
+cross-entropy in bits for a model with a classifier (whose parts are in ``classifier``).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from flownp.digits import REQUESTED_COLUMNS
 from flownp.errors import WriteError
 
 Metrics = dict[str, dict[str, list[float]]]
@@ -37,11 +46,20 @@ STABILITY_COLUMNS = (
 )
 # the end-of-training digit-classifier report of MNIST-shaped models (flownp.digits)
 DIGITS_COLUMNS = ("step", "temperature", "samples", "share", "real_share")
+# a model with a classifier: the parts of the loss of each step (bits/dim, cross-entropy in
+# bits, misclassified share of the batch)
+CLASSIFIER_COLUMNS = ("step", "bits_x", "bits_y", "error")
+# a class-conditional model at each evaluation: the generative classifier's accuracy and the
+# linear classifier's (NaN without one), on the evaluated held-out images
+CLASSES_COLUMNS = ("step", "accuracy", "classifier_accuracy")
 TABLES = {
     "train": TRAIN_COLUMNS,
     "eval": EVAL_COLUMNS,
     "stability": STABILITY_COLUMNS,
     "digits": DIGITS_COLUMNS,
+    "classifier": CLASSIFIER_COLUMNS,
+    "classes": CLASSES_COLUMNS,
+    "digits_requested": REQUESTED_COLUMNS,
 }
 
 

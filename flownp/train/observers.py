@@ -11,6 +11,8 @@ sees the trainer. The loop puts the EMA weights in place before calling one.
   summary line in the log, the full table in ``stability.txt``, a warning over the thresholds.
 - :func:`observe_digits`: at the end, for MNIST-shaped models, the share of samples the digit
   classifier finds legible (:mod:`flownp.digits`), against the run's own held-out images.
+- :func:`observe_requested_digits`: at the end, for class-conditional digit models, the share
+  of those samples that are confidently the digit they were drawn for.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def observe_stability(
     ``[seed, 4]``): log a summary, write the table to ``stability.txt``, warn
     (:class:`flownp.stability.InverseInstabilityWarning`) when over ``threshold``. Returns the
     ``stability`` row (every value ``inf`` when the measurement failed) and the report."""
-    x = dequantize(images, np.random.default_rng([seed, 4]), model.dtype)
+    x = dequantize(images, np.random.default_rng([seed, 4]), model.dtype, model.config.n_bits)
     try:
         rep = S.measure_model_stability(model, x, threshold=threshold)
     except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
@@ -89,16 +91,15 @@ def observe_digits(
     n: int = 100,
     temperature: float = SAMPLE_TEMPERATURE,
 ) -> tuple[Row | None, Any]:
-    """For an MNIST-shaped ``model``: draw ``n`` samples at ``temperature`` (seed ``seed``),
-    score them against ``heldout`` (:func:`flownp.digits.score_samples`) and log one line.
+    """For an MNIST-shaped ``model``: draw ``n`` samples at ``temperature`` (seed ``seed``;
+    a class-conditional model: the same number of each class, :func:`_sample`), score them
+    against ``heldout`` (:func:`flownp.digits.score_samples`) and log one line.
     Returns the ``digits`` row and the :class:`flownp.digits.DigitScore`; ``(None, None)``
     for other image shapes or when sampling fails (which is logged)."""
     if not digits.is_digit_shaped(model.config.image_shape):
         return None, None
-    try:
-        x = model.sample(n, temperature=temperature, seed=seed)
-    except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
-        log(f"digit classifier: not measured, sampling failed: {exc}")
+    x, _ = _sample(model, n, temperature, seed, log)
+    if x is None:
         return None, None
     score = digits.score_samples(x, heldout)
     assert score is not None
@@ -110,4 +111,52 @@ def observe_digits(
         "share": float(score.share),
         "real_share": float(score.real_share),
     }
+    return row, score
+
+
+def _sample(
+    model: FlowModel, n: int, temperature: float, seed: int, log: Log
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``n`` samples (seed ``seed``) and their labels: a class-conditional model draws the
+    classes in turn, one row of ``ceil(n / K)`` per class (:func:`flownp.digits.grid_labels`,
+    cut to ``n``); an unconditional one has no labels. ``(None, None)`` when sampling fails
+    (logged)."""
+    K = getattr(model.config, "num_classes", 0)
+    labels = digits.grid_labels(K, -(-n // K))[:n] if K else None
+    extra = {} if labels is None else {"labels": labels}
+    try:
+        return model.sample(n, temperature=temperature, seed=seed, **extra), labels
+    except (NonFiniteError, SingularKernelError, FloatingPointError) as exc:
+        log(f"digit classifier: not measured, sampling failed: {exc}")
+        return None, None
+
+
+def observe_requested_digits(
+    model: FlowModel,
+    *,
+    step: int,
+    seed: int,
+    log: Log,
+    n: int = 100,
+    temperature: float = SAMPLE_TEMPERATURE,
+) -> tuple[Row | None, Any]:
+    """For a class-conditional digit model (MNIST-shaped, 10 classes): the samples of
+    :func:`observe_digits` (the same ``n``, seed and temperature), scored for the digit each
+    was drawn for (:func:`flownp.digits.score_requested`); logs one line. Returns the
+    ``digits_requested`` row and the :class:`flownp.digits.RequestedScore`, or
+    ``(None, None)`` for other models or when sampling fails."""
+    cfg = model.config
+    K = getattr(cfg, "num_classes", 0)
+    if not digits.is_digit_shaped(cfg.image_shape) or K != digits.NUM_CLASSES:
+        return None, None
+    x, labels = _sample(model, n, temperature, seed, log)
+    if x is None or labels is None:
+        return None, None
+    score = digits.score_requested(x, labels)
+    assert score is not None
+    log(f"step {step}: {score.format()} (T = {temperature:g})")
+    shares = score.class_shares()
+    row = {"step": float(step), "temperature": float(temperature)}
+    row |= {"samples": float(score.num_samples), "share": float(score.share)}
+    row |= {f"share_{k}": float(shares.get(k, float("nan"))) for k in range(digits.NUM_CLASSES)}
     return row, score

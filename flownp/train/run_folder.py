@@ -252,15 +252,19 @@ def check_run_folder(
 
 # ---------------------------------------------------------------------- the usable-state rule
 def held_out_check(
-    model: FlowModel, optimizer: Any, images: np.ndarray, seed: int
+    model: FlowModel,
+    optimizer: Any,
+    images: np.ndarray,
+    seed: int,
+    labels: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Bits/dim of ``images`` (fixed noise from ``seed``) with the raw and with the EMA weights
-    (NaN when non-finite)."""
+    """Bits/dim of ``images`` (fixed noise from ``seed``; given their ``labels`` for a
+    class-conditional model) with the raw and with the EMA weights (NaN when non-finite)."""
 
     def bpd() -> float:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                return evaluate_bpd(model, images, batch_size=len(images), seed=seed)
+                return evaluate_bpd(model, images, labels=labels, batch_size=len(images), seed=seed)
         except (NonFiniteError, FloatingPointError, SingularKernelError):
             model.clear_cache()
             return float("nan")
@@ -272,7 +276,12 @@ def held_out_check(
 
 
 def unusable_reason(
-    model: FlowModel, optimizer: Any, consecutive_bad: int, images: np.ndarray, seed: int
+    model: FlowModel,
+    optimizer: Any,
+    consecutive_bad: int,
+    images: np.ndarray,
+    seed: int,
+    labels: np.ndarray | None = None,
 ) -> tuple[str | None, bool]:
     """Why the current state must not be written, or None; and whether that is fatal.
 
@@ -292,7 +301,7 @@ def unusable_reason(
     bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
         return f"NaN/Inf values in {', '.join(bad[:5])}", True
-    raw, ema = held_out_check(model, optimizer, images, seed)
+    raw, ema = held_out_check(model, optimizer, images, seed, labels)
     if not (math.isfinite(raw) and math.isfinite(ema)):
         return (
             f"the held-out check ({len(images)} images) gives bits/dim {raw} with the raw "
@@ -397,12 +406,19 @@ class RunFolder:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def write_samples(
-        self, x: np.ndarray, title: str, path: str | os.PathLike | None = None
+        self,
+        x: np.ndarray,
+        title: str,
+        path: str | os.PathLike | None = None,
+        *,
+        ncols: int | None = None,
+        n_bits: int = 8,
     ) -> Path:
-        """``x`` as an image grid (default: the folder's ``samples.png``)."""
+        """``x`` as an image grid (default: the folder's ``samples.png``) of ``ncols`` columns
+        (default: square); ``n_bits`` of the model that drew them."""
         path = Path(path) if path is not None else self.path / "samples.png"  # type: ignore[operator]
         try:
-            return save_grid(x, path, title=title)
+            return save_grid(x, path, title=title, ncols=ncols, n_bits=n_bits)
         except OSError as exc:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 

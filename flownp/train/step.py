@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import NonFiniteError, SingularKernelError
-from flownp.model import FlowModel, bpd_loss
+from flownp.model import FlowModel, bpd_loss, classifier_loss
 from flownp.train.data_stream import Batch
 
 BLOWUP_WINDOW = 50  # accepted losses the recent level is the median of
@@ -90,45 +90,68 @@ class LossMonitor:
 class BatchGradients:
     """What :func:`batch_gradients` computed.
 
-    ``loss``: the batch's bits/dim summed and divided by the ``num_images`` given to
-    :func:`batch_gradients` (by default the batch's own: the mean); ``batch_images``: the
-    batch's image count; ``grads``: the parameter gradients of ``loss`` (the model's
-    ``grads`` dict, None on error); ``error``: why the batch is unusable, or None.
+    ``loss``: the batch's loss summed and divided by the ``num_images`` given to
+    :func:`batch_gradients` (by default the batch's own: the mean): its bits/dim, plus
+    ``weight_y`` times the classifier's cross-entropy in bits for a model with a classifier;
+    ``batch_images``: the batch's image count; ``grads``: the parameter gradients of ``loss``
+    (the model's ``grads`` dict, None on error); ``error``: why the batch is unusable, or
+    None. A model with a classifier also gives ``bits_x`` (the bits/dim part of ``loss``),
+    ``bits_y`` (the cross-entropy in bits) and ``class_error`` (the misclassified share),
+    each summed and divided by ``num_images`` like ``loss`` (NaN without a classifier).
     """
 
     loss: float
     batch_images: int
     grads: dict[str, np.ndarray] | None
     error: str | None = None
+    bits_x: float = float("nan")
+    bits_y: float = float("nan")
+    class_error: float = float("nan")
 
 
 def batch_gradients(
     model: FlowModel, batch: Batch, *, num_images: int | None = None
 ) -> BatchGradients:
-    """Forward, bits/dim loss (:func:`flownp.model.bpd_loss`) and backward of ``batch``.
+    """Forward, loss and backward of ``batch``: the bits/dim loss (:func:`flownp.model.bpd_loss`,
+    the model's ``n_bits``) given the batch's labels for a class-conditional model, plus
+    ``weight_y`` times the classifier's cross-entropy (:func:`flownp.model.classifier_loss`)
+    for a model with a classifier.
 
     ``num_images`` is the count the loss sum is divided by (default: the batch's). A NaN/Inf
     loss or a NaN inside a layer gives ``error`` (and a clean model: no cache, zero grads).
     """
+    cfg = model.config
+    if cfg.num_classes and batch.labels is None:
+        raise ValueError("batch_gradients: a class-conditional model needs the batch's labels")
+    n = batch.num_images if num_images is None else int(num_images)
     model.zero_grad()
     if batch.num_images == 0:  # an empty share (more processes than images): adds nothing
         return BatchGradients(0.0, 0, model.grads)
     loss = float("nan")
+    terms: dict[str, float] = {}
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            z, logdet = model.forward(batch.x)  # checked explicitly just below
-            if num_images is None:
-                loss, dz, dlogdet = bpd_loss(z, logdet)
-            else:
-                loss, dz, dlogdet = bpd_loss(z, logdet, num_images=num_images)
+            z, logdet = model.forward(batch.x, batch.labels)  # checked explicitly just below
+            loss, dz, dlogdet = bpd_loss(z, logdet, num_images=n, n_bits=cfg.n_bits)
+            dlogits = None
+            if model.classifier is not None:
+                assert model.logits is not None and batch.labels is not None
+                loss_y, bits_y, err, dlogits = classifier_loss(
+                    model.logits, batch.labels, cfg.weight_y, num_images=n
+                )
+                terms = {"bits_x": loss, "bits_y": bits_y, "class_error": err}
+                loss += loss_y
             if not np.isfinite(loss):
                 raise NonFiniteError(f"loss is {loss}")
-            model.backward(dz, dlogdet)
+            if dlogits is None:
+                model.backward(dz, dlogdet)
+            else:
+                model.backward(dz, dlogdet, dlogits)
     except STEP_ERRORS as exc:
         model.clear_cache()
         model.zero_grad()
-        return BatchGradients(loss, batch.num_images, None, str(exc))
-    return BatchGradients(loss, batch.num_images, model.grads)
+        return BatchGradients(loss, batch.num_images, None, str(exc), **terms)
+    return BatchGradients(loss, batch.num_images, model.grads, **terms)
 
 
 # ---------------------------------------------------------------------- several processes
@@ -153,7 +176,17 @@ class StepReduction:
     optimizer everywhere). One process: returns its batch's gradients and flags unchanged.
     """
 
-    SCALARS = ("loss", "images", "failed", "sigint", "sigterm", "time_up")
+    SCALARS = (
+        "loss",
+        "images",
+        "failed",
+        "sigint",
+        "sigterm",
+        "time_up",
+        "bits_x",
+        "bits_y",
+        "class_error",
+    )
 
     def __init__(self, comm: Any, model: FlowModel) -> None:
         from flownp.distributed import FlatBuffer
@@ -182,6 +215,9 @@ class StepReduction:
             sigint=float(signum == signal.SIGINT),
             sigterm=float(signum == signal.SIGTERM),
             time_up=float(time_up),
+            bits_x=g.bits_x,
+            bits_y=g.bits_y,
+            class_error=g.class_error,
         )
         t0 = time.perf_counter()
         comm.allreduce_sum(fb.data)
@@ -198,7 +234,9 @@ class StepReduction:
             bool(total["time_up"]),
         )
         grads = None if error is not None else self.model.grads
-        return BatchGradients(total["loss"], int(round(total["images"])), grads, error), flags
+        terms = {k: total[k] for k in ("bits_x", "bits_y", "class_error")}  # NaN: no classifier
+        summed = BatchGradients(total["loss"], int(round(total["images"])), grads, error, **terms)
+        return summed, flags
 
 
 # ---------------------------------------------------------------------- (b) update and judge
@@ -206,7 +244,8 @@ class StepReduction:
 class StepRecord:
     """The outcome of one step: ``accepted`` (the update was applied), ``high`` (the loss is a
     blow-up), ``bpd`` (the loss), ``lr`` and ``grad_norm`` (of the update; NaN when rejected)
-    and ``error`` (why the step is bad, or None)."""
+    and ``error`` (why the step is bad, or None); ``bits_x``, ``bits_y`` and ``class_error``
+    as in :class:`BatchGradients` (a model with a classifier)."""
 
     accepted: bool
     high: bool
@@ -214,6 +253,9 @@ class StepRecord:
     lr: float
     grad_norm: float
     error: str | None = None
+    bits_x: float = float("nan")
+    bits_y: float = float("nan")
+    class_error: float = float("nan")
 
     @property
     def bad(self) -> bool:
@@ -240,11 +282,12 @@ class StepRule:
                 model.clear_cache()
                 model.zero_grad()
                 error = str(exc)
+        terms = {"bits_x": g.bits_x, "bits_y": g.bits_y, "class_error": g.class_error}
         if error is not None or info is None:
             self.consecutive_bad += 1
             self.rejected_total += 1
-            return StepRecord(False, False, g.loss, float("nan"), float("nan"), error)
-        rec = StepRecord(True, False, g.loss, info["lr"], info["grad_norm"])
+            return StepRecord(False, False, g.loss, float("nan"), float("nan"), error, **terms)
+        rec = StepRecord(True, False, g.loss, info["lr"], info["grad_norm"], **terms)
         if self.monitor.is_high(g.loss):
             self.consecutive_bad += 1
             rec.high = True
