@@ -54,7 +54,7 @@ from flownp.optim import Adam
 
 DIGIT_SHAPE = (28, 28, 1)
 #: Names this measure in stored results (a grid's ``result.json``): results scored by another
-#: classifier are scored again by :mod:`flownp.experiment`. Change it with the measure.
+#: classifier are scored again by :mod:`flownp.experiment.run`. Change it with the measure.
 MEASURE = "one-hidden-layer network with outlier exposure, p >= 0.9"
 NUM_CLASSES = 10
 CONFIDENCE = 0.9

@@ -9,9 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from flownp import cli
+from flownp import cli, digits
 from flownp import experiment as E
 from flownp import train as T
+from flownp.experiment import run as experiment_run
+from flownp.experiment.report import _sampling_cell as sampling_cell
 from flownp.testing import rectangles_dataset
 
 SHAPE = (8, 8, 1)
@@ -273,9 +275,9 @@ def test_command_bad_input(tmp_path, fake_dataset, capsys):
 
 
 def test_failed_sampling_is_counted_not_averaged():
-    assert E._sampling_cell([0.5, 0.7]) == "0.60 ± 0.14"
-    assert E._sampling_cell([0.5, float("nan")]) == "0.50 (1 failed)"
-    assert E._sampling_cell([0.5, 0.7], [False, True]) == "0.60 ± 0.14 (1 non-finite)"
+    assert sampling_cell([0.5, 0.7]) == "0.60 ± 0.14"
+    assert sampling_cell([0.5, float("nan")]) == "0.50 (1 failed)"
+    assert sampling_cell([0.5, 0.7], [False, True]) == "0.60 ± 0.14 (1 non-finite)"
 
 
 class _OverflowingSampler:
@@ -296,13 +298,13 @@ class _OverflowingSampler:
 def test_non_finite_samples_are_timed_on_the_latent_mode():
     grid, logs = tiny_grid(temperature=0.8), []
     model = _OverflowingSampler(fails_above=0.0)
-    seconds, digit, nonfinite = E._measure_sampling(model, grid, None, 0, logs.append)
+    seconds, digit, nonfinite = experiment_run._measure_sampling(model, grid, None, 0, logs.append)
     assert model.temperatures == [0.8, 0.0]
     assert nonfinite and digit is None and math.isfinite(seconds) and seconds >= 0
     assert "temperature 0.8 failed" in logs[0] and "3 NaN/Inf" in logs[0]
     # a model that cannot be sampled even at its mode is not timed
     model, logs = _OverflowingSampler(fails_above=-1.0), []
-    seconds, digit, nonfinite = E._measure_sampling(model, grid, None, 0, logs.append)
+    seconds, digit, nonfinite = experiment_run._measure_sampling(model, grid, None, 0, logs.append)
     assert nonfinite and math.isnan(seconds) and "failed too" in logs[-1]
 
 
@@ -345,14 +347,14 @@ def test_result_scored_by_another_digit_measure_is_scored_again(tmp_path, serve_
     grid = tiny_grid(steps=2)
     run = grid.runs()[0]
     first = E.run_one(grid, run, data, tmp_path, log=lambda m: None)
-    assert first["digit_measure"] == E.DIGIT_MEASURE and first["digit_share"] is not None
+    assert first["digit_measure"] == digits.MEASURE and first["digit_share"] is not None
     path = tmp_path / run.folder(grid) / "result.json"
     old = json.loads(path.read_text())
     old["digit_measure"], old["digit_share"] = "an older classifier", 0.123
     path.write_text(json.dumps(old))
     logs: list[str] = []
     again = E.run_one(grid, run, data, tmp_path, log=logs.append)
-    assert again["skipped"] and again["digit_measure"] == E.DIGIT_MEASURE
+    assert again["skipped"] and again["digit_measure"] == digits.MEASURE
     assert again["digit_share"] == first["digit_share"]  # the same samples, the same measure
     assert again["sample_seconds"] == first["sample_seconds"]  # timing kept
     assert "scored with the current digit classifier" in logs[0]
@@ -362,7 +364,7 @@ def test_result_scored_by_another_digit_measure_is_scored_again(tmp_path, serve_
     path.write_text(json.dumps(old))
     (path.parent / "checkpoint.h5").unlink()
     again = E.run_one(grid, run, data, tmp_path, log=lambda m: None)
-    assert again["digit_share"] is None and again["digit_measure"] == E.DIGIT_MEASURE
+    assert again["digit_share"] is None and again["digit_measure"] == digits.MEASURE
 
 
 def _claim_result(conv, coupling, seed, bpd, *, budget="steps", depth=4, status="done"):
