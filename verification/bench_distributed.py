@@ -214,6 +214,87 @@ def scaling_model(reduce: dict[str, Any], compute: dict[str, Any]) -> list[dict[
     return rows
 
 
+# ---------------------------------------------------------------------- processes (item: threads)
+def cifar_shaped(path: Path, quick: bool) -> Path:
+    """A CIFAR-shaped dataset (32x32x3) from the bundled MNIST: each digit padded by 2 pixels
+    and tinted into three channels (real structure at CIFAR's shape), as ``train`` / ``test``
+    arrays (9,000 / 1,000 images; quick: 512 / 128)."""
+    from flownp.data import load_dataset
+
+    d = load_dataset("mnist")
+
+    def shape(u: np.ndarray) -> np.ndarray:
+        u = np.pad(u[..., 0], ((0, 0), (2, 2), (2, 2))).astype(np.float64)
+        return np.stack([u, 0.8 * u + 20, 255 - 0.6 * u], axis=-1).clip(0, 255).astype(np.uint8)
+
+    train, test = (d.train[:512], d.test[:128]) if quick else (d.train, d.test)
+    np.savez(path, train=shape(train), test=shape(test))
+    return path
+
+
+def _train_run(n: int, args: list[str], out: Path, work: Path, timeout: float) -> dict[str, Any]:
+    """``flownp train ARGS`` on ``n`` processes (1: without mpiexec); the time per step (median
+    of the steps' durations from metrics.csv, evaluations and checkpoints left out), the
+    command's wall time and the final held-out bits/dim."""
+    import csv
+
+    cmd = [sys.executable, "-m", "flownp", "train", *args, "--out", str(out), "--no-progress"]
+    if n > 1:
+        cmd = [_mpiexec(), "-n", str(n), *cmd]
+    t0 = time.perf_counter()
+    res = _run(cmd, timeout=timeout, cwd=work)
+    wall = time.perf_counter() - t0
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    elapsed = np.array([float(r["elapsed"]) for r in rows])
+    steps = np.diff(elapsed)
+    held = [float(r["heldout_bpd"]) for r in rows if r["heldout_bpd"]]
+    import re
+
+    found = re.search(r"processes, (\d+) thread", res.stdout)
+    return {
+        "processes": n,
+        "threads": int(found.group(1)) if found else threads.usable_cpus(),
+        "steps": len(rows),
+        "step_s_median": float(np.median(steps)) if len(steps) else float("nan"),
+        "train_s": float(elapsed[-1]),
+        "wall_s": wall,
+        "heldout_bpd": held[-1] if held else float("nan"),
+        "train_bpd": [float(r["bpd"]) for r in rows],
+    }
+
+
+def bench_processes(quick: bool, work: Path) -> list[dict[str, Any]]:
+    """``mpiexec -n 2 flownp train`` (one thread each, the default) against ``flownp train``
+    (every usable CPU), the default model and a CIFAR-shaped depth-4 model; each pair takes
+    turns (one process first)."""
+    data = cifar_shaped(work / "cifar_shaped.npz", quick)
+    common = ["--eval-every", "0", "--checkpoint-every", "0"]
+    if quick:
+        cases = {
+            "tiny MNIST-shaped": ["--depth", "1", "--width", "8", "--steps", "20"],
+            "tiny CIFAR-shaped": [
+                "--dataset", f"array:{data}", "--levels", "3", "--depth", "1", "--width", "16",
+                "--coupling", "quad", "--steps", "10",
+            ],
+        }  # fmt: skip
+    else:
+        cases = {
+            "default model (MNIST, L=2, D=8, w64), the default 2400 steps": [],
+            "CIFAR-shaped (32x32x3 MNIST), L=3, D=4, w512, CInC + quad, 60 steps": [
+                "--dataset", f"array:{data}", "--levels", "3", "--depth", "4", "--width",
+                "512", "--conv", "cinc", "--coupling", "quad", "--steps", "60",
+            ],
+        }  # fmt: skip
+    rows = []
+    for name, opts in cases.items():
+        for n in (1, 2):
+            out = work / f"processes-{len(rows)}"
+            row = _train_run(n, common + opts, out, work, timeout=7200)
+            rows.append({"model": name, **row})
+    return rows
+
+
 # ---------------------------------------------------------------------- helpers and report
 def _mpiexec() -> str:
     here = os.path.dirname(sys.executable)
@@ -271,6 +352,27 @@ def render(results: dict[str, Any]) -> str:
             "us (every process draws the noise of the whole global batch).",
             "",
         ]
+    if "processes" in results:
+        lines += [
+            "## One process with every CPU against one process per CPU",
+            "",
+            "| model | processes | threads each | steps | time per step (median) | training s | "
+            "held-out bits/dim | largest per-step loss difference |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        base: dict[str, Any] = {}
+        for row in results["processes"]:
+            ref = base.setdefault(row["model"], row)
+            diff = max(
+                (abs(a - b) for a, b in zip(row["train_bpd"], ref["train_bpd"], strict=False)),
+                default=0.0,
+            )
+            lines.append(
+                f"| {row['model']} | {row['processes']} | {row['threads']} | {row['steps']} | "
+                f"{_ms(row['step_s_median'])} | {row['train_s']:.1f} | "
+                f"{row['heldout_bpd']:.4f} | {diff:.2g} |"
+            )
+        lines.append("")
     if "model" in results:
         lines += [
             "## Beyond this machine: a ring all-reduce between nodes like this one",
@@ -295,7 +397,7 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("reduce", "compute", "model")
+SECTIONS = ("reduce", "compute", "model", "processes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         results["compute"] = bench_compute(args.quick)
     if "model" in sections:
         results["model"] = scaling_model(results["reduce"], results["compute"])
+    if "processes" in sections:
+        results["processes"] = bench_processes(args.quick, out)
     results["load_end"] = "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text(render(results))
