@@ -490,17 +490,31 @@ def together(comm: SerialComm, fn: Callable[[], T]) -> T:
     if comm.size == 1:
         return fn()
     try:
-        result, status, local = fn(), None, None
+        result, local = fn(), None
     except Exception as exc:
-        result, status, local = None, (type(exc), str(exc)), exc
-    statuses = comm.allgather(status)
-    failed = [r for r, s in enumerate(statuses) if s is not None]
+        result, local = None, exc
+    raise_first_failure(comm, comm.allgather(failure(local)), local)
+    return result  # type: ignore[return-value]
+
+
+def failure(exc: BaseException | None) -> tuple[type, str] | None:
+    """What other processes need to know of ``exc`` (None: no error)."""
+    return None if exc is None else (type(exc), str(exc))
+
+
+def raise_first_failure(
+    comm: SerialComm, failures: Sequence[tuple[type, str] | None], local: BaseException | None
+) -> None:
+    """``failures``: every process's :func:`failure` (an allgather's result). Raise the
+    lowest failing process's error on every process (collective), named ``process k: ...``
+    unless it is process 0's; nothing when none failed."""
+    failed = [r for r, f in enumerate(failures) if f is not None]
     if not failed:
-        return result  # type: ignore[return-value]
+        return
     first = failed[0]
-    if first == comm.rank and first == 0:
-        raise collective(local)  # type: ignore[arg-type]
-    cls, message = statuses[first]  # type: ignore[misc]
+    if first == comm.rank and first == 0 and local is not None:
+        raise collective(local)
+    cls, message = failures[first]  # type: ignore[misc]
     raise collective(_rebuild(cls, message if first == 0 else f"process {first}: {message}"))
 
 

@@ -404,3 +404,33 @@ def test_class_conditional_run_on_two_processes_is_the_one_process_run(tmp_path)
     assert out.returncode == 0, out.stderr
     acc = runs[2]["classes"]["accuracy"][-1]
     assert f"generative classifier accuracy (argmax_y log p(x | y)): {acc:.2%}" in out.stdout
+
+
+# ---------------------------------------------------------------------- experiment grids
+def test_a_grid_on_two_processes_writes_the_serial_grids_report(data_dir, tmp_path):
+    """Four runs dealt to two processes (each trains alone, one thread): the report equals
+    the one-process grid's but for the wall-clock columns, every run's numbers bit for bit;
+    the grid stays resumable."""
+    import json
+
+    grid = ("experiment", "--dataset", f"array:{data_dir / 'data.npz'}", "--conv", "cinc,1x1")
+    grid += ("--coupling", "affine", "--depth", "1", "--seeds", "2", "--levels", "1")
+    grid += ("--width", "8", "--batch-size", "16", "--init-batch-size", "32", "--eval-every")
+    grid += ("2", "--eval-size", "16", "--budget", "steps", "--steps", "6")
+    one = launch(1, *grid, "--out", "one", cwd=tmp_path)
+    two = launch(2, *grid, "--out", "two", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "4 to train (0 partially trained) on 2 processes" in two.stdout
+    assert two.stdout.count("(process 1)") == 2  # runs 2 and 4, reported by process 0
+    a = (tmp_path / "one" / "report" / "report.md").read_text()
+    b = (tmp_path / "two" / "report" / "report.md").read_text()
+    from verification.bench_distributed import report_without_clock
+
+    assert report_without_clock(a) == report_without_clock(b)
+    assert report_without_clock(a) != report_without_clock(a.replace("8.", "9."))
+    for path in (tmp_path / "one").glob("runs/*/*/seed*/result.json"):
+        other = tmp_path / "two" / path.relative_to(tmp_path / "one")
+        r1, r2 = json.loads(path.read_text()), json.loads(other.read_text())
+        assert r1["heldout_bpd"] == r2["heldout_bpd"] and r1["curve"]["bpd"] == r2["curve"]["bpd"]
+    again = launch(2, *grid, "--out", "two", cwd=tmp_path)
+    assert again.returncode == 0 and "training" not in again.stdout

@@ -39,6 +39,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -295,6 +296,46 @@ def bench_processes(quick: bool, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------- grid
+def bench_grid(quick: bool, work: Path) -> dict[str, Any]:
+    """A small ``flownp experiment`` grid (steps budget) on one process and on two: the
+    commands' wall times and whether the reports agree but for the wall-clock columns."""
+    grid = ["experiment", "--conv", "cinc,1x1", "--coupling", "affine,quad", "--seeds", "1"]
+    grid += ["--budget", "steps"]
+    if quick:
+        grid += ["--depth", "1", "--width", "8", "--steps", "6", "--eval-every", "3"]
+    else:
+        grid += ["--depth", "4", "--steps", "300"]
+    rows = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "flownp", *grid, "--out", str(work / f"grid-{n}")]
+        if n > 1:
+            cmd = [_mpiexec(), "-n", str(n), *cmd]
+        t0 = time.perf_counter()
+        _run(cmd, timeout=7200, cwd=work)
+        rows[n] = time.perf_counter() - t0
+    reports = [(work / f"grid-{n}" / "report" / "report.md").read_text() for n in (1, 2)]
+    same = report_without_clock(reports[0]) == report_without_clock(reports[1])
+    return {"command": "flownp " + " ".join(grid), "wall_s": rows, "reports_agree": same}
+
+
+def report_without_clock(report: str) -> list[list[str]]:
+    """An experiment report's lines without its wall-clock figures: table rows as cells
+    without the training and sampling seconds columns, and no total training time line."""
+    out, drop = [], set()
+    for line in report.splitlines():
+        if "min of training in total" in line:
+            line = re.sub(r"; [0-9.]+ min of training in total", "", line)
+        if not line.startswith("|"):
+            out.append([line])
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if "training s" in cells:
+            drop = {i for i, c in enumerate(cells) if c in ("training s", "sampling s")}
+        out.append([c for i, c in enumerate(cells) if i not in drop])
+    return out
+
+
 # ---------------------------------------------------------------------- helpers and report
 def _mpiexec() -> str:
     here = os.path.dirname(sys.executable)
@@ -373,6 +414,17 @@ def render(results: dict[str, Any]) -> str:
                 f"{row['heldout_bpd']:.4f} | {diff:.2g} |"
             )
         lines.append("")
+    if "grid" in results:
+        g = results["grid"]
+        lines += [
+            "## An experiment grid on one process and on two",
+            "",
+            f"`{g['command']}`: {g['wall_s']['1']:.0f} s on one process (every usable CPU), "
+            f"{g['wall_s']['2']:.0f} s on two (`mpiexec -n 2`, one thread each): "
+            f"{g['wall_s']['1'] / g['wall_s']['2']:.2f}x; the reports "
+            + ("agree but for the wall-clock columns." if g["reports_agree"] else "DIFFER."),
+            "",
+        ]
     if "model" in results:
         lines += [
             "## Beyond this machine: a ring all-reduce between nodes like this one",
@@ -397,7 +449,7 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("reduce", "compute", "model", "processes")
+SECTIONS = ("reduce", "compute", "model", "processes", "grid")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         results["model"] = scaling_model(results["reduce"], results["compute"])
     if "processes" in sections:
         results["processes"] = bench_processes(args.quick, out)
+    if "grid" in sections:
+        results["grid"] = bench_grid(args.quick, out)
+        results["grid"]["wall_s"] = {str(k): v for k, v in results["grid"]["wall_s"].items()}
     results["load_end"] = "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text(render(results))

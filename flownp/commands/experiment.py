@@ -189,10 +189,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from flownp import distributed
     from flownp import experiment as E
 
     grid = grid_from_args(args)
     out = Path(args.out)
+    if args.status and not distributed.world().is_root:  # process 0 looks and says
+        return 0
     if args.status:
         for spec, state in E.grid_status(grid, out):
             print(f"{state:8s} {spec.folder(grid)}")
@@ -214,6 +217,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from flownp import distributed
+
+    if not distributed.world().is_root:  # several processes: process 0 does the sweep
+        return 0
+    return _sweep_here(args)
+
+
+def _sweep_here(args: argparse.Namespace) -> int:
     from flownp.checkpoint import load_model
     from flownp.digits import format_sweep, temperature_sweep
     from flownp.experiment import mean_std

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from flownp import distributed
 from flownp.data.pixels import dequantize
 from flownp.digits import MEASURE as DIGIT_MEASURE
 from flownp.errors import DataError, NonFiniteError, SingularKernelError
@@ -181,7 +182,7 @@ def run_one(
     ckpt = run_dir / "checkpoint.h5"
     if ckpt.exists():
         trainer = Trainer.from_checkpoint(
-            ckpt, data, out_dir=run_dir, progress=progress, log=file_log
+            ckpt, data, out_dir=run_dir, progress=progress, log=file_log, comm=_ALONE
         )
         found = _json_safe(
             {"model": trainer.model_config.to_dict(), "train": trainer.config.to_dict()}
@@ -196,7 +197,9 @@ def run_one(
             )
         resumed_at = trainer.step
     else:
-        trainer = Trainer(mc, tc, data, out_dir=run_dir, progress=progress, log=file_log)
+        trainer = Trainer(
+            mc, tc, data, out_dir=run_dir, progress=progress, log=file_log, comm=_ALONE
+        )
         resumed_at = 0
     log(
         f"{spec.budget} {grid.budget_value(spec.budget):g}, {spec.variant}, seed {spec.seed}: "
@@ -369,6 +372,10 @@ def _file_logger(path: Path) -> Callable[[str], None]:
 
 
 # ---------------------------------------------------------------------- the grid
+#: A grid's run trains on one process, whatever the processes of the grid.
+_ALONE = distributed.SerialComm()
+
+
 def run_grid(
     grid: GridConfig,
     out: str | os.PathLike,
@@ -377,48 +384,150 @@ def run_grid(
     log: Callable[[str], None] = print,
     progress: bool = False,
     train: bool = True,
+    comm: Any = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every run of ``grid`` into ``out`` and write the report after each.
 
     ``train=False`` trains nothing: the report is built from the finished runs. Returns the
     results of the finished runs, in grid order.
+
+    Several processes (``comm``, default :func:`flownp.distributed.world`): the runs still to
+    train are dealt round robin in grid order, each trains on one process; process 0 writes
+    the report after each of its runs (from every run finished so far) and, once every
+    process is done, the final one; every process returns all the results. An error or a
+    signal on one process lets the others finish their current run, then is raised on
+    every process.
     """
     from flownp.train.data_stream import load_data
 
+    comm = distributed.world() if comm is None else comm
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid_file = out / GRID_FILE
     if data is None:
-        data = load_data(grid.train.get("dataset", "mnist"), grid.train.get("holdout"))
+        data = distributed.together(
+            comm,
+            lambda: load_data(grid.train.get("dataset", "mnist"), grid.train.get("holdout")),
+        )
     declared = _json_safe({"grid": grid.to_dict(), "image_shape": list(data.shape)})
-    if train:
-        _write_json(grid_file, declared)
     runs = grid.runs()
-    results: list[dict[str, Any]] = []
-    todo = [s for s in runs if run_state(out / s.folder(grid)) != "done"]
-    if train and todo:
+
+    def start() -> list[str]:
+        out.mkdir(parents=True, exist_ok=True)
+        if train:
+            _write_json(out / GRID_FILE, declared)
+        return [run_state(out / s.folder(grid)) for s in runs]
+
+    states = distributed.on_root(comm, start)
+    todo = [i for i, state in enumerate(states) if state != "done"] if train else []
+    mine = set(todo[comm.rank :: comm.size])
+    if todo:
         log(
             f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to train "
-            f"({sum(run_state(out / s.folder(grid)) == 'partial' for s in todo)} partially "
-            "trained)"
+            f"({sum(states[i] == 'partial' for i in todo)} partially trained)"
+            + (f" on {comm.size} processes" if comm.size > 1 else "")
         )
+    if mine:
         t0 = time.perf_counter()
         warm_up(grid, data.shape)
         log(f"kernels compiled in {time.perf_counter() - t0:.1f} s")
+    results: dict[int, dict[str, Any]] = {}
+    error: BaseException | None = None
+    with _StopBetweenRuns(comm) as stop:
+        try:
+            for i, spec in enumerate(runs):
+                if stop.signum is not None:
+                    raise KeyboardInterrupt(f"stopped before run {i + 1} of {len(runs)}")
+                mine_to_train = i in mine
+                if not mine_to_train and (i in todo or states[i] != "done" or not comm.is_root):
+                    continue  # another process's run; finished runs are read by process 0
+                prefix = f"[{i + 1}/{len(runs)}]"
+                result = run_one(
+                    grid,
+                    spec,
+                    data,
+                    out,
+                    log=lambda m, p=prefix: log(f"{p} {m}"),
+                    progress=progress,
+                )
+                results[i] = result
+                if not result["skipped"]:
+                    log(f"{prefix}   {_result_line(result)}")
+                    if comm.is_root:
+                        write_report(grid, _so_far(grid, runs, results, out), out / "report")
+        except BaseException as exc:  # one process: as it is; several: after the others
+            if comm.size == 1:
+                raise
+            error = exc
+    if comm.size > 1:
+        results = _gather_results(comm, results, error, runs, log)
+    ordered = [results[i] for i in sorted(results)]
+    if comm.is_root:
+        write_report(grid, ordered, out / "report")
+    return ordered
+
+
+class _StopBetweenRuns:
+    """Several processes: SIGINT / SIGTERM between runs are remembered (``signum``), so the
+    process starts no new run and meets the others at the end; during a run the trainer's own
+    handler stops it after its step and saves. One process: does nothing (a signal
+    interrupts as it always did)."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopBetweenRuns:
+        import signal
+        import threading
+
+        if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _so_far(
+    grid: GridConfig, runs: list[RunSpec], results: dict[int, dict[str, Any]], out: Path
+) -> list[dict[str, Any]]:
+    """The finished runs in grid order: this process's, and the others' finished so far
+    (their ``result.json``; a run still training has none)."""
+    found = dict(results)
     for i, spec in enumerate(runs):
-        run_dir = out / spec.folder(grid)
-        if not train and run_state(run_dir) != "done":
-            continue
-        prefix = f"[{i + 1}/{len(runs)}]"
-        result = run_one(
-            grid, spec, data, out, log=lambda m, p=prefix: log(f"{p} {m}"), progress=progress
-        )
-        results.append(result)
-        if not result["skipped"]:
-            log(f"{prefix}   {_result_line(result)}")
-            write_report(grid, results, out / "report")
-    write_report(grid, results, out / "report")
-    return results
+        path = out / spec.folder(grid) / RESULT_FILE
+        if i not in found and path.exists():
+            result = _read_result(path)
+            result["skipped"] = False
+            found[i] = result
+    return [found[i] for i in sorted(found)]
+
+
+def _gather_results(
+    comm: Any,
+    results: dict[int, dict[str, Any]],
+    error: BaseException | None,
+    runs: list[RunSpec],
+    log: Callable[[str], None],
+) -> dict[int, dict[str, Any]]:
+    """Every process's results (process 0 logs the runs the others trained), or the error of
+    the lowest process that had one, raised on every process."""
+    gathered = comm.allgather((results, distributed.failure(error)))
+    distributed.raise_first_failure(comm, [f for _, f in gathered], error)
+    merged: dict[int, dict[str, Any]] = {}
+    for rank, (theirs, _) in enumerate(gathered):
+        for i, result in theirs.items():
+            if rank != comm.rank and not result["skipped"]:
+                log(f"[{i + 1}/{len(runs)}] (process {rank})   {_result_line(result)}")
+            merged.setdefault(i, result)
+    return merged
 
 
 def _result_line(r: dict[str, Any]) -> str:
