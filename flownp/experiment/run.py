@@ -59,6 +59,9 @@ def _json_safe(obj: Any) -> Any:
 # dataset spec made absolute, and the warmup restart point of a resumed run.
 _TRAINER_FIELDS = ("dataset_fingerprint", "dataset", "warmup_start")
 
+#: A grid's run trains on one process, whatever the processes of the grid.
+_ALONE = distributed.SerialComm()
+
 
 def _config_mismatch(
     expected: dict[str, Any], found: dict[str, Any], defaults: dict[str, Any] | None = None
@@ -372,10 +375,6 @@ def _file_logger(path: Path) -> Callable[[str], None]:
 
 
 # ---------------------------------------------------------------------- the grid
-#: A grid's run trains on one process, whatever the processes of the grid.
-_ALONE = distributed.SerialComm()
-
-
 def run_grid(
     grid: GridConfig,
     out: str | os.PathLike,
