@@ -118,7 +118,8 @@ def _port_that_ignores(what: str, name: str) -> dict[str, np.ndarray]:
         state = {k: np.ones_like(a) if k.endswith("/sign") else a for k, a in state.items()}
     model = FlowModel(cfg, seed=5)
     model.load_state_dict(state)
-    return R.compute(model, {"input/x": ref["input/x"], "sample/z": ref["sample/z"]})
+    inputs = {k: ref[k] for k in ("input/x", "input/y", "sample/z") if k in ref}
+    return R.compute(model, inputs, R.optimizer_of(name))
 
 
 #: The table of docs/reference-vectors.md ("Why these"): for each group, the node where a port
@@ -136,6 +137,7 @@ CATCHES = {
     "reverse_quad": (None, None),
     "shuffle": (None, None),
     "1x1_cinc": ("conv", "conv1x1"),
+    "cinc_ycond": ("conv", "conv"),
 }
 _WHAT = ("guard", "signs")
 

@@ -32,6 +32,7 @@ CONFIGS = {
     "periodic-k5-guard": dict(conv="periodic", kernel_size=5, guard=0.9),
     "reverse-additive": dict(conv="reverse", coupling="additive"),
     "shuffle-quad-sigmoid": dict(conv="shuffle", coupling="quad", scale="sigmoid"),
+    "ycond-classifier-5bit": dict(num_classes=3, weight_y=0.7, n_bits=5),
 }
 
 
@@ -54,6 +55,8 @@ def test_port_matches_flownp(name: str) -> None:
     assert d["latent"] < 1e-12 and d["logdet"] < 1e-12 and d["loss"] < 1e-12, d
     assert d["grads"] < 1e-10, d  # input and every parameter
     assert d["inverse"] < 1e-9 and d["sample"] < 1e-9, d  # same latents, two substitutions
+    if model.config.num_classes:  # every class scored on the same latent
+        assert d["classes"] < 1e-12, d
 
 
 def test_guard_is_active_in_the_compared_models() -> None:

@@ -30,6 +30,9 @@ The models (:data:`REFERENCE_MODELS`), chosen so that together they contain ever
     shuffle          8x8x1, 2 levels x 1 step: a fixed random channel shuffle
     1x1_cinc         8x8x1, 2 levels x 1 step: Conv1x1(LU) then CInCConv(LU corner, guard
                      0.9); optimised by Adamax
+    cinc_ycond       8x8x1, 2 levels x 1 step, the defaults, class-conditional (3 classes:
+                     ConditionalPrior), the linear classifier with weight_y 0.5
+                     (LatentClassifier), 5-bit data (the loss counts D ln 2^5)
 
 The first two use ``guard=None`` (the paper's layers); ``cinc_default``, ``cinc_unit`` and
 ``emerging`` the default guard 0.9 that a checkpoint trained with the defaults contains, so a
@@ -45,16 +48,26 @@ How each model is made (only needed to *regenerate* the file; a port reads the w
     mixed_signs(model, rng)            # cinc_default, emerging: sign buffers +1 and -1
     x      = rng.uniform(-0.5, 0.5, (2, H, W, C))              # input/x
     z_s    = 0.7 * rng.standard_normal((2, H W C))             # sample/z
+    y      = rng.permutation(K)[:2]                  # input/y (class-conditional models only)
 
 What is computed from the weights and ``x``, in this order (:func:`compute`)::
 
     forward/<node>/...   every layer's output and per-sample logdet, in forward order
     latent/z, logdet     z, logdet = model.forward(x)
-    loss/...             bpd = mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2),
-                         its upstream gradients dz, dlogdet
+    loss/...             bpd = mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 2^N) / (D ln 2)
+                         (N = n_bits, 8 but for cinc_ycond), its upstream gradients dz, dlogdet
     grads/...            model.backward(dz, dlogdet): every parameter gradient and dx
     inverse/x            model.inverse(z)             (round trip)
     sample/x             model.inverse(sample/z)      (a latent that is not a round trip)
+
+  A class-conditional model runs forward, inverse and sampling given ``input/y``, and adds::
+
+    forward/classifier/logits   the linear classifier's logits (weight_y > 0)
+    loss/bits_y, loss/bits_y_per_sample, loss/dlogits
+                         its cross-entropy in bits and the gradient of the loss
+                         bpd + weight_y * mean_n bits_y_n with respect to the logits
+    loss/total           bpd + weight_y * mean_n bits_y_n (what the optimizer steps minimise)
+    classes/log_p        log p(x | y = k) for every class k, (2, K) (the generative classifier)
     adam/...             3 steps of flownp.optim.Adam(lr=1e-3, betas=(0.9, 0.999),
                          eps=1e-8), each a fresh forward + backward on x: the loss after
                          0, 1, 2 and 3 steps, and every parameter after the third
@@ -84,7 +97,15 @@ import numpy as np
 from flownp import threads
 from flownp.errors import DataError
 from flownp.files import write_atomic
-from flownp.model import FlowConfig, FlowModel, FlowStep, bits_per_dim, bpd_loss
+from flownp.layers.conditional import cross_entropy_bits
+from flownp.model import (
+    FlowConfig,
+    FlowModel,
+    FlowStep,
+    bits_per_dim,
+    bpd_loss,
+    classifier_loss,
+)
 from flownp.optim import make_optimizer
 from flownp.testing import randomize_params
 
@@ -144,6 +165,13 @@ REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
     "reverse_quad": (FlowConfig(depth=1, conv="reverse", coupling="quad", **_ONE_CHANNEL), 91, 92),
     "shuffle": (FlowConfig(depth=1, conv="shuffle", **_ONE_CHANNEL), 101, 102),
     "1x1_cinc": (FlowConfig(depth=1, conv="1x1+cinc", lu=True, **_ONE_CHANNEL), 111, 112),
+    # class-conditional, the classifier term and 5-bit data (the official --ycond, --weight_y,
+    # --n_bits_x)
+    "cinc_ycond": (
+        FlowConfig(depth=1, num_classes=3, weight_y=0.5, n_bits=5, **_ONE_CHANNEL),
+        121,
+        122,
+    ),
 }
 
 #: Models optimised by Adamax in the optimizer section (``adamax/...``); the others by Adam.
@@ -167,7 +195,7 @@ def optimizer_of(name: str) -> str:
 
 
 #: Paths (relative to a model group) that are *inputs* of a port, not compared by the checker.
-INPUT_PREFIXES = ("model/", "input/", "sample/z")
+INPUT_PREFIXES = ("model/", "input/", "sample/z")  # input/x, input/y
 
 #: Default tolerance of the checker: a tensor is OK when
 #: ``max |port - ref| <= ATOL + RTOL * max |ref|`` (float64 ports; see docs/reference-vectors.md).
@@ -189,7 +217,10 @@ def build(name: str) -> tuple[FlowModel, dict[str, np.ndarray]]:
         mixed_signs(model, rng)
     x = rng.uniform(-0.5, 0.5, (BATCH, H, W, C))
     z_s = SAMPLE_STD * rng.standard_normal((BATCH, H * W * C))
-    return model, {"input/x": x, "sample/z": z_s}
+    inputs = {"input/x": x, "sample/z": z_s}
+    if config.num_classes:
+        inputs["input/y"] = rng.permutation(config.num_classes)[:BATCH].astype(np.int64)
+    return model, inputs
 
 
 def mixed_signs(model: FlowModel, rng: np.random.Generator) -> None:
@@ -210,10 +241,13 @@ def mixed_signs(model: FlowModel, rng: np.random.Generator) -> None:
 
 
 # ---------------------------------------------------------------------- the computation
-def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarray]:
+def forward_intermediates(
+    model: FlowModel, x: np.ndarray, labels: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Every node's output and log-det, keyed ``forward/<path>/...``, by running the nodes of
     :attr:`FlowModel.flow` one by one (steps layer by layer), exactly as ``model.forward``
-    composes them. Caches are cleared afterwards."""
+    composes them (the top prior given ``labels`` for a class-conditional model; the
+    classifier's logits for a model with one). Caches are cleared afterwards."""
     out: dict[str, np.ndarray] = {}
     h = x
     for level in model.levels:
@@ -232,9 +266,11 @@ def forward_intermediates(model: FlowModel, x: np.ndarray) -> dict[str, np.ndarr
             out[f"forward/{level.split_path}/h"] = h
             out[f"forward/{level.split_path}/eps"] = eps
             out[f"forward/{level.split_path}/logdet"] = ld
-    eps, ld = model.prior.forward(h)
+    eps, ld = model.prior.forward(h) if labels is None else model.prior.forward(h, labels)
     out["forward/prior/output"] = eps
     out["forward/prior/logdet"] = ld
+    if model.classifier is not None:
+        out["forward/classifier/logits"] = model.classifier.forward(h)
     model.clear_cache()
     return {k: np.array(v) for k, v in out.items()}
 
@@ -250,35 +286,52 @@ def compute(
     hyper-parameters :data:`ADAM`; the section is named after it).
     """
     dt = model.dtype
+    cfg = model.config
     x = np.ascontiguousarray(inputs["input/x"], dtype=dt)
     z_s = np.ascontiguousarray(inputs["sample/z"], dtype=dt)
+    y = None if "input/y" not in inputs else np.asarray(inputs["input/y"], dtype=np.int64)
     out: dict[str, np.ndarray] = {}
     out.update({f"model/{k}": v for k, v in model.state_dict().items()})
     out["input/x"] = x.copy()
+    if y is not None:
+        out["input/y"] = y.copy()
     out["sample/z"] = z_s.copy()
     with threads.limit(1):  # one BLAS/Numba thread: bitwise reproducible on a given machine
-        out.update(forward_intermediates(model, x))
+        out.update(forward_intermediates(model, x, y))
         losses = []
         for step in range(ADAM_STEPS + 1):
             model.zero_grad()
-            z, logdet = model.forward(x)
-            loss, dz, dlogdet = bpd_loss(z, logdet)
+            z, logdet = model.forward(x, y)
+            bpd, dz, dlogdet = bpd_loss(z, logdet, n_bits=cfg.n_bits)
+            loss, dlogits = bpd, None
+            if model.classifier is not None:
+                assert model.logits is not None and y is not None
+                loss_y, bits_y, _, dlogits = classifier_loss(model.logits, y, cfg.weight_y)
+                loss = bpd + loss_y
             losses.append(loss)
             if step == ADAM_STEPS:
                 model.clear_cache()
                 break
-            dx = model.backward(dz, dlogdet)
+            dx = model.backward(dz, dlogdet, dlogits)
             if step == 0:
                 out["latent/z"] = z.copy()
                 out["latent/logdet"] = np.asarray(logdet).copy()
-                out["loss/bpd"] = np.asarray(loss, dtype=np.float64)
-                out["loss/bpd_per_sample"] = bits_per_dim(z, logdet)
+                out["loss/bpd"] = np.asarray(bpd, dtype=np.float64)
+                out["loss/bpd_per_sample"] = bits_per_dim(z, logdet, cfg.n_bits)
                 out["loss/dz"] = np.asarray(dz).copy()
                 out["loss/dlogdet"] = np.asarray(dlogdet).copy()
+                if dlogits is not None:
+                    assert model.logits is not None and y is not None
+                    out["loss/bits_y"] = np.asarray(bits_y, dtype=np.float64)
+                    out["loss/bits_y_per_sample"] = cross_entropy_bits(model.logits, y)[0]
+                    out["loss/dlogits"] = np.asarray(dlogits).copy()
+                    out["loss/total"] = np.asarray(loss, dtype=np.float64)
                 out["grads/x"] = dx.copy()
                 out.update({f"grads/params/{k}": g.copy() for k, g in model.grads.items()})
-                out["inverse/x"] = model.inverse(z)
-                out["sample/x"] = model.inverse(z_s)
+                out["inverse/x"] = model.inverse(z, y)
+                out["sample/x"] = model.inverse(z_s, y)
+                if cfg.num_classes:
+                    out["classes/log_p"] = model.class_log_probs(x)
                 opt = make_optimizer(optimizer, model.params, **ADAM)
             opt.step(model.grads)
         out[f"{optimizer}/loss"] = np.asarray(losses, dtype=np.float64)  # after 0, 1, 2, 3 steps
@@ -315,7 +368,7 @@ def replay(
                 for p, a in _datasets(g["model"][kind]).items()
             }
             model.load_state_dict(state)
-            inputs = {"input/x": g["input/x"][()], "sample/z": g["sample/z"][()]}
+            inputs = {k: g[k][()] for k in ("input/x", "input/y", "sample/z") if k in g}
             res[name] = compute(model, inputs, g.attrs.get("optimizer", "adam"))
     return res
 
@@ -345,7 +398,11 @@ def write(
         )
         f.attrs["models"] = json.dumps(list(vectors))
         f.attrs["adam"] = json.dumps({**ADAM, "steps": ADAM_STEPS})  # Adamax: the same
-        f.attrs["loss"] = "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 256) / (D ln 2)"
+        f.attrs["loss"] = (
+            "bits/dim: mean_n (-(log N(z_n; 0, I) + logdet_n) + D ln 2^N) / (D ln 2), N = the "
+            "group's n_bits (8 unless its config says); + weight_y * mean_n bits_y_n (the "
+            "classifier's cross-entropy in bits) when weight_y > 0"
+        )
         for name, arrays in vectors.items():
             g = f.create_group(name)
             config = (configs or {}).get(name)
@@ -448,6 +505,7 @@ SECTIONS = (
     "grads/params/",
     "inverse/",
     "sample/",
+    "classes/",
     "adam/loss",
     "adam/params/",
     "adamax/loss",
@@ -468,7 +526,7 @@ def forward_order(config: FlowConfig) -> Callable[[str], tuple]:
             nodes += [f"{path}/{name}" for name in node._layers]
         else:
             nodes.append(path)
-    node_rank = {n: i for i, n in enumerate(nodes + ["prior"])}
+    node_rank = {n: i for i, n in enumerate(nodes + ["prior", "classifier"])}
     param_rank = {p: i for i, p in enumerate(model.params)}
     last = len(SECTIONS)
 

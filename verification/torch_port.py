@@ -13,7 +13,8 @@ Written from ``docs/porting.md``, ``docs/conventions.md``, ``docs/layers/*.md`` 
   (every ``FlowConfig``: CInC with the ``"triangular"``, ``"unit"`` and ``"lu"`` corners and
   the stability guard, Emerging, Glow's 1x1 plain and LU, a 1x1 before CInC or Emerging, the
   periodic convolution, channel reversal and shuffle, affine, additive and quad couplings,
-  ``exp`` and ``sigmoid`` scales) and returns the largest differences of the outputs, per-layer
+  ``exp`` and ``sigmoid`` scales, the class-conditional prior with the latent classifier,
+  n-bit data) and returns the largest differences of the outputs, per-layer
   log-dets, loss, gradients and inverse (``tests/test_torch_port.py``).
 
 Everything here needs ``torch`` (an optional extra: ``pip install flownp[torch]``); flownp
@@ -21,7 +22,8 @@ itself never imports it.
 
 Layout (``docs/porting.md``, section 1): activations are NCHW, kernels OIHW
 (``weight = K.permute(3, 2, 0, 1)``), the top prior ``(C, H, W)``; 1x1 matrices and vectors
-keep flownp's shape. Module attribute names follow flownp's parameter paths, so
+keep flownp's shape (the label embedding ``(K, C)``, the classifier ``(C, K)``). Module
+attribute names follow flownp's parameter paths, so
 ``named_parameters()`` yields ``level0.step0.conv.weight`` for flownp's
 ``level0/step0/conv/weight`` (:func:`load_flownp_state`, :func:`flownp_grads`).
 
@@ -632,16 +634,70 @@ class TorchFlow(nn.Module):
         for l, (_, _, c) in enumerate(shapes):
             setattr(self, f"level{l}", Level(config, c, l < config.levels - 1, self.dtype))
         H, W, C = shapes[-1]
-        self.prior = _Holder(self.dtype, mean=(C, H, W), logs=(C, H, W))
+        K = config.num_classes
+        label = {} if not K else {"label_mean": (K, C), "label_logs": (K, C)}
+        self.prior = _Holder(self.dtype, mean=(C, H, W), logs=(C, H, W), **label)
+        if config.weight_y > 0:  # the linear classifier on the mean of the top latent
+            self.classifier = _Holder(self.dtype, weight=(C, K), bias=(K,))
+        self.logits: torch.Tensor | None = None
+
+    def prior_mean_logs(self, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top prior's ``(mean, logs)``: ``(C, H, W)``, or ``(N, C, H, W)`` given labels
+        ``y`` of a class-conditional model (the label rows broadcast over the positions;
+        docs/layers/conditional.md)."""
+        mean, logs = self.prior.mean, self.prior.logs
+        if y is None:
+            return mean, logs
+        return (
+            mean + self.prior.label_mean[y][:, :, None, None],
+            logs + self.prior.label_logs[y][:, :, None, None],
+        )
 
     def latent_shapes(self) -> list[tuple[int, int, int]]:
         shapes = self.config.level_shapes()
         return [(h, w, c // 2) for (h, w, c) in shapes[:-1]] + [shapes[-1]]
 
-    def forward(self, x: torch.Tensor, record: dict | None = None):
+    def forward(self, x: torch.Tensor, record: dict | None = None, y: Any = None):
         """``x (N, C, H, W) -> (z (N, H W C), logdet (N,) float64)``. ``record``: a dict that
         receives every node's output and log-det under the reference-vector names
-        (``forward/level0/step0/conv/output``, ...; tensors in this port's layout)."""
+        (``forward/level0/step0/conv/output``, ...; tensors in this port's layout). ``y``:
+        the labels (int64 ``(N,)``) of a class-conditional model; a model with a classifier
+        also sets :attr:`logits`."""
+        h, pieces, logdet = self.forward_top(x, record)
+        N = h.shape[0]
+        mean, logs = self.prior_mean_logs(y)
+        eps = (h - mean) * torch.exp(-logs)
+        ld = -logs.to(torch.float64).sum(dim=(-3, -2, -1)).expand(N)
+        logdet = logdet + ld
+        pieces.append(eps.permute(0, 2, 3, 1).reshape(N, -1))
+        if record is not None:
+            record["forward/prior/output"] = eps
+            record["forward/prior/logdet"] = ld
+        self.logits = None
+        if hasattr(self, "classifier"):
+            self.logits = h.mean(dim=(2, 3)) @ self.classifier.weight + self.classifier.bias
+            if record is not None:
+                record["forward/classifier/logits"] = self.logits
+        return torch.cat(pieces, dim=1), logdet
+
+    def class_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x | y = k)`` for every class, ``(N, K)`` float64: the flow once, the top
+        latent scored under each class's prior."""
+        h, pieces, logdet = self.forward_top(x)
+        base = logdet
+        for p in pieces:
+            base = base - 0.5 * (p.to(torch.float64) ** 2).sum(dim=1) - 0.5 * p.shape[1] * LOG_2PI
+        N, D_top = h.shape[0], h[0].numel()
+        out = []
+        for k in range(self.config.num_classes):
+            mean, logs = self.prior_mean_logs(torch.full((N,), k, dtype=torch.int64))
+            e = ((h - mean) * torch.exp(-logs)).reshape(N, -1).to(torch.float64)
+            ld = -logs.to(torch.float64).sum(dim=(-3, -2, -1))
+            out.append(base - 0.5 * (e**2).sum(dim=1) - 0.5 * D_top * LOG_2PI + ld)
+        return torch.stack(out, dim=1)
+
+    def forward_top(self, x: torch.Tensor, record: dict | None = None):
+        """Every node below the top prior: ``(h (N, C, H, W), split pieces, logdet)``."""
         H, W, C = self.config.image_shape
         if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
             raise ValueError(
@@ -671,18 +727,12 @@ class TorchFlow(nn.Module):
                             f"forward/level{l}/split/logdet": ld,
                         }
                     )
-        eps = (x - self.prior.mean) * torch.exp(-self.prior.logs)
-        ld = _const_logdet(-self.prior.logs.sum(), N)
-        logdet = logdet + ld
-        pieces.append(eps.permute(0, 2, 3, 1).reshape(N, -1))
-        if record is not None:
-            record["forward/prior/output"] = eps
-            record["forward/prior/logdet"] = ld
-        return torch.cat(pieces, dim=1), logdet
+        return x, pieces, logdet
 
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """``z (N, D) -> x (N, C, H, W)``, the exact inverse of :meth:`forward`."""
+    def inverse(self, z: torch.Tensor, y: Any = None) -> torch.Tensor:
+        """``z (N, D) -> x (N, C, H, W)``, the exact inverse of :meth:`forward` (with the
+        same labels ``y``)."""
         if z.ndim != 2 or z.shape[1] != self.config.num_dims:
             raise ValueError(
                 f"TorchFlow: z must have shape (N, {self.config.num_dims}), got {tuple(z.shape)}"
@@ -693,7 +743,8 @@ class TorchFlow(nn.Module):
             size = h * w * c
             eps.append(z[:, start : start + size].reshape(N, h, w, c).permute(0, 3, 1, 2))
             start += size
-        x = eps[-1] * torch.exp(self.prior.logs) + self.prior.mean
+        mean, logs = self.prior_mean_logs(y)
+        x = eps[-1] * torch.exp(logs) + mean
         for l in reversed(range(self.config.levels)):
             level = getattr(self, f"level{l}")
             if hasattr(level, "split"):
@@ -711,12 +762,21 @@ class TorchFlow(nn.Module):
         return self.inverse(z.to(self.dtype))
 
 
-def bpd_loss(z: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean bits/dim and its per-sample values (porting.md section 5), in float64."""
+def bpd_loss(
+    z: torch.Tensor, logdet: torch.Tensor, n_bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean bits/dim and its per-sample values (porting.md section 5), in float64, for data
+    of ``n_bits`` bits per pixel (``D ln 2^N``)."""
     D = z.shape[1]
     log_p = -0.5 * (z.to(torch.float64) ** 2).sum(dim=1) - 0.5 * D * LOG_2PI + logdet
-    per = (-log_p + D * math.log(256.0)) / (D * math.log(2.0))
+    per = (-log_p + D * n_bits * math.log(2.0)) / (D * math.log(2.0))
     return per.mean(), per
+
+
+def classifier_bits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The classifier's cross-entropy in bits per sample, float64
+    (docs/layers/conditional.md)."""
+    return F.cross_entropy(logits.to(torch.float64), y, reduction="none") / math.log(2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,14 +874,18 @@ def compute_reference(
     z_sample: np.ndarray,
     adam: dict[str, Any],
     optimizer: str = "adam",
+    labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Every computed tensor of a reference group, in flownp's layout (NHWC, HWIO);
-    ``optimizer`` (the group's ``optimizer`` attribute) names the optimizer section."""
+    ``optimizer`` (the group's ``optimizer`` attribute) names the optimizer section;
+    ``labels``: the group's ``input/y`` (class-conditional models)."""
+    cfg = model.config
     out: dict[str, np.ndarray] = {}
     x = nchw(x_nhwc).to(model.dtype).requires_grad_(True)
+    y = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
     record: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        model(x.detach(), record)
+        model(x.detach(), record, y)
     for k, v in record.items():
         out[k] = nhwc(v) if v.ndim == 4 else v.detach().numpy()
     hp = dict(lr=adam["lr"], betas=tuple(adam["betas"]), eps=adam["eps"])
@@ -831,11 +895,18 @@ def compute_reference(
     for step in range(adam["steps"] + 1):
         opt.zero_grad(set_to_none=False)
         xs = x if step == 0 else x.detach()
-        z, logdet = model(xs)
+        z, logdet = model(xs, None, y)
+        logits = model.logits
         if step == 0:
             z.retain_grad()
             logdet.retain_grad()
-        loss, per = bpd_loss(z, logdet)
+            if logits is not None:
+                logits.retain_grad()
+        bpd, per = bpd_loss(z, logdet, cfg.n_bits)
+        loss = bpd
+        if logits is not None:
+            bits_y = classifier_bits(logits, y)
+            loss = bpd + cfg.weight_y * bits_y.mean()
         losses.append(float(loss.detach()))
         if step == adam["steps"]:
             break
@@ -843,14 +914,23 @@ def compute_reference(
         if step == 0:
             out["latent/z"] = z.detach().numpy()
             out["latent/logdet"] = logdet.detach().numpy()
-            out["loss/bpd"] = np.asarray(float(loss.detach()))
+            out["loss/bpd"] = np.asarray(float(bpd.detach()))
             out["loss/bpd_per_sample"] = per.detach().numpy()
             out["loss/dz"] = z.grad.numpy()
             out["loss/dlogdet"] = logdet.grad.numpy()
+            if logits is not None:
+                out["loss/bits_y"] = np.asarray(float(bits_y.mean().detach()))
+                out["loss/bits_y_per_sample"] = bits_y.detach().numpy()
+                out["loss/dlogits"] = logits.grad.numpy()
+                out["loss/total"] = np.asarray(float(loss.detach()))
             out["grads/x"] = nhwc(x.grad)
             out.update({f"grads/params/{k}": v for k, v in flownp_grads(model).items()})
-            out["inverse/x"] = nhwc(model.inverse(z.detach()))
-            out["sample/x"] = nhwc(model.inverse(torch.from_numpy(z_sample).to(model.dtype)))
+            out["inverse/x"] = nhwc(model.inverse(z.detach(), y))
+            z_s = torch.from_numpy(z_sample).to(model.dtype)
+            out["sample/x"] = nhwc(model.inverse(z_s, y))
+            if cfg.num_classes:
+                with torch.no_grad():
+                    out["classes/log_p"] = model.class_log_probs(x.detach()).numpy()
         opt.step()
     out[f"{optimizer}/loss"] = np.asarray(losses)
     out.update({f"{optimizer}/params/{k}": v for k, v in flownp_params(model).items()})
@@ -881,7 +961,8 @@ def port_reference(
             load_flownp_state(model, params, buffers)
             optimizer = g.attrs.get("optimizer", "adam")
             x, z = g["input/x"][()], g["sample/z"][()]
-            res[name] = compute_reference(model, x, z, adam, optimizer)
+            y = g["input/y"][()] if "input/y" in g else None
+            res[name] = compute_reference(model, x, z, adam, optimizer, y)
     return res
 
 
@@ -906,24 +987,37 @@ def compare_with_flownp(flownp_model: Any, x_nhwc: np.ndarray) -> dict[str, floa
     maximum over the tensors of each group) between flownp and this port, same weights,
     float64: every node's output and log-det (``forward``), the latent, the log-det, the loss,
     the input and parameter gradients (``grads``), the inverse of flownp's latent
-    (``inverse``) and of a fresh latent (``sample``)."""
+    (``inverse``) and of a fresh latent (``sample``). A class-conditional model runs given the
+    labels ``n mod K`` (its loss with the classifier term when it has one) and adds the
+    scores of every class (``classes``)."""
     from flownp.model import bpd_loss as np_bpd_loss
+    from flownp.model import classifier_loss as np_classifier_loss
     from verification.reference import forward_intermediates
 
     fm = flownp_model
+    cfg = fm.config
     tm = from_flownp(fm, "float64")
-    ref_fwd = forward_intermediates(fm, x_nhwc)
+    N = len(x_nhwc)
+    y = np.arange(N) % cfg.num_classes if cfg.num_classes else None
+    ty = None if y is None else torch.from_numpy(y.astype(np.int64))
+    ref_fwd = forward_intermediates(fm, x_nhwc, y)
     fm.zero_grad()
-    z, logdet = fm.forward(x_nhwc)
-    loss, dz, dlogdet = np_bpd_loss(z, logdet)
-    dx = fm.backward(dz, dlogdet)
+    z, logdet = fm.forward(x_nhwc, y)
+    loss, dz, dlogdet = np_bpd_loss(z, logdet, n_bits=cfg.n_bits)
+    dlogits = None
+    if fm.classifier is not None:
+        loss_y, _, _, dlogits = np_classifier_loss(fm.logits, y, cfg.weight_y)
+        loss += loss_y
+    dx = fm.backward(dz, dlogdet, dlogits)
     z_s = np.random.default_rng(1).standard_normal(z.shape) * 0.5
-    x_s = fm.inverse(z_s)
+    x_s = fm.inverse(z_s, y)
 
     x = nchw(x_nhwc).requires_grad_(True)
     record: dict[str, torch.Tensor] = {}
-    tz, tld = tm(x, record)
-    tloss, _ = bpd_loss(tz, tld)
+    tz, tld = tm(x, record, ty)
+    tloss, _ = bpd_loss(tz, tld, cfg.n_bits)
+    if tm.logits is not None:
+        tloss = tloss + cfg.weight_y * classifier_bits(tm.logits, ty).mean()
     tloss.backward()
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -934,15 +1028,19 @@ def compare_with_flownp(flownp_model: Any, x_nhwc: np.ndarray) -> dict[str, floa
         return rel(np.asarray(a), nhwc(t) if t.ndim == 4 else t.detach().numpy())
 
     tg = flownp_grads(tm)
-    return {
+    out = {
         "forward": max(diff(v, record[k]) for k, v in ref_fwd.items()),
         "latent": diff(z, tz),
         "logdet": diff(logdet, tld),
         "loss": rel(np.asarray(loss), tloss.detach().numpy()),
         "grads": max([diff(dx, x.grad)] + [rel(g, tg[k]) for k, g in fm.grads.items()]),
-        "inverse": diff(fm.inverse(z), tm.inverse(torch.from_numpy(z))),
-        "sample": diff(x_s, tm.inverse(torch.from_numpy(z_s))),
+        "inverse": diff(fm.inverse(z, y), tm.inverse(torch.from_numpy(z), ty)),
+        "sample": diff(x_s, tm.inverse(torch.from_numpy(z_s), ty)),
     }
+    if cfg.num_classes:
+        with torch.no_grad():
+            out["classes"] = diff(fm.class_log_probs(x_nhwc), tm.class_log_probs(x.detach()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
-"""Write the reference vectors for ports (docs/reference-vectors.md): eleven small fixed
+"""Write the reference vectors for ports (docs/reference-vectors.md): twelve small fixed
 float64 models (the paper's layers without guard: CInC + quad coupling, 1x1 LU + Emerging +
 affine coupling; the default configuration: LU corner, guard 0.9, exp scale, mixed sign
 buffers; the unit corner, a plain 1x1 convolution and Emerging alone; the periodic
 convolution with and without guard, channel reversal and shuffle, 1x1 + CInC, the additive
-coupling), their weights, an input batch, every layer's output and log-det, the latent, the
+coupling; a class-conditional model with the latent classifier on 5-bit data), their weights,
+an input batch (and labels), every layer's output and log-det, the latent, the
 bits/dim loss, every parameter gradient, two inverses and the weights after 3 Adam (or
 Adamax) steps, in one HDF5 file.
 
