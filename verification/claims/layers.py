@@ -32,7 +32,7 @@ from flownp.layers import (
     Split,
     Squeeze,
 )
-from flownp.layers.base import Layer
+from flownp.layers.base import Layer, Network
 from flownp.model import CONVS, COUPLINGS, FlowConfig, FlowModel
 from flownp.testing import check_layer_gradients, dense_jacobian, randomize_params
 from verification.claims._common import (
@@ -94,10 +94,12 @@ class SplitAsLayer(Layer):
 
 
 class ConditionerAsLayer(Layer):
-    """A (non-invertible) :class:`~flownp.layers.conditioner.ConditionerNet` ``x -> h`` with a
-    zero log-det, for the gradient check only."""
+    """A (non-invertible) network ``x -> h`` (the :class:`~flownp.layers.base.Network`
+    contract: a :class:`~flownp.layers.conditioner.ConditionerNet`, the
+    :class:`~flownp.layers.conditional.LatentClassifier`) with a zero log-det, for the
+    gradient check only."""
 
-    def __init__(self, net: ConditionerNet) -> None:
+    def __init__(self, net: Network) -> None:
         super().__init__(net.dtype)
         self.net = self.add_layer("net", net)
 
@@ -129,21 +131,6 @@ class LabelledPrior(Layer):
 
     def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
         return self.prior.backward(dy, dlogdet)
-
-
-class ClassifierAsLayer(Layer):
-    """:class:`~flownp.layers.conditional.LatentClassifier` ``h -> logits (N, K)`` with a zero
-    log-det, for the gradient check only."""
-
-    def __init__(self, net: LatentClassifier) -> None:
-        super().__init__(net.dtype)
-        self.net = self.add_layer("net", net)
-
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.net.forward(x), np.zeros(x.shape[0], dtype=self.dtype)
-
-    def backward(self, dy: np.ndarray, dlogdet: np.ndarray) -> np.ndarray:
-        return self.net.backward(dy)
 
 
 def _factory(
@@ -226,7 +213,7 @@ GRADIENT_ONLY_FACTORIES: dict[str, LayerFactory] = {
         lambda s: ConditionerAsLayer(ConditionerNet(3, 6, 4, seed=s)), _S343, 0.1
     ),
     "LatentClassifier(3 -> 4 classes)": _factory(
-        lambda s: ClassifierAsLayer(LatentClassifier(3, 4)), _S343, 0.3, False
+        lambda s: ConditionerAsLayer(LatentClassifier(3, 4)), _S343, 0.3, False
     ),
 }
 
