@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import NonFiniteError
-from flownp.kernels import conv as K_
+from flownp.kernels import solve as solve_kernels
 from flownp.layers import _linalg
 from flownp.layers.base import Layer, check_dtype
 
@@ -106,7 +106,7 @@ def solve_padded(y: np.ndarray, K: np.ndarray) -> np.ndarray:
     """
     K = np.ascontiguousarray(K, dtype=np.float64)
     perm, L, U = _linalg.plu(K[-1, -1].T, who="stability.solve_padded", check=False)
-    return K_.solve_raster(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
+    return solve_kernels.solve_raster(np.ascontiguousarray(y, dtype=np.float64), K, L, U, perm)
 
 
 def solve_transpose(z: np.ndarray, K: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 from flownp import threads
 from flownp.kernels import conv as K_
+from flownp.kernels import solve as KSOLVE
 from flownp.kernels.conv_same import actnorm_relu_backward
 
 n = int(sys.argv[2])
@@ -43,8 +44,8 @@ out = [
     K_.conv_forward(x, K),
     K_.conv_backward_input(dy, K),
     K_.conv_backward_kernel(x, dy, 3),
-    K_.solve_raster(dy, K, L, U, perm),
-    K_.solve_wavefront(dy, K, L, U, perm),
+    KSOLVE.solve_raster(dy, K, L, U, perm),
+    KSOLVE.solve_wavefront(dy, K, L, U, perm),
     *actnorm_relu_backward(big[::-1].copy(), np.maximum(big, 0), logs),
 ]
 np.savez(sys.argv[1], *out)

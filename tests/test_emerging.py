@@ -201,10 +201,10 @@ def test_solvers_agree(rng):
 
 @pytest.mark.parametrize("method", SOLVERS)
 def test_inverse_uses_the_requested_solver_for_both_substitutions(method, rng, monkeypatch):
-    import flownp.kernels.conv as K_
+    import flownp.kernels.solve as K_
 
     calls = []
-    for m in SOLVERS:  # the layers look the solver up in flownp.kernels.conv at call time
+    for m in SOLVERS:  # the layers look the solver up in flownp.kernels.solve at call time
         f = getattr(K_, f"solve_{m}")
         monkeypatch.setattr(K_, f"solve_{m}", lambda *a, _m=m, _f=f: calls.append(_m) or _f(*a))
     layer = make(2, 3, rng)

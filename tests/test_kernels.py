@@ -1,6 +1,6 @@
-"""Every kernel of :mod:`flownp.kernels.conv` against its readable reference, and every
-reference against the dense matrix of :mod:`verification.dense` (built independently from the
-paper's definitions).
+"""Every kernel of :mod:`flownp.kernels.conv` and :mod:`flownp.kernels.solve` against its
+readable reference, and every reference against the dense matrix of :mod:`verification.dense`
+(built independently from the paper's definitions).
 
 Tolerances are rounding-error bounds, not fitted numbers: ``gamma_n = n u / (1 - n u)`` with
 ``u = eps / 2`` of the working dtype, times the magnitudes the bound involves (Higham,
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flownp.kernels import conv as K_
+from flownp.kernels import solve as KSOLVE
 from flownp.kernels.conv_same import conv_same_backward, conv_same_forward
 from verification.dense import (
     conv_matrix,
@@ -170,12 +171,12 @@ def _system(K, L, U, perm, H, W):
 
 
 SOLVERS = {
-    "reference": K_.solve_reference,
-    "raster": K_.solve_raster,
-    "wavefront": K_.solve_wavefront,
-    "auto": K_.solve_auto,
-    "pixelwise-raster": lambda *a: K_.solve_pixelwise(*a, order="raster"),
-    "pixelwise-wavefront": lambda *a: K_.solve_pixelwise(*a, order="wavefront"),
+    "reference": KSOLVE.solve_reference,
+    "raster": KSOLVE.solve_raster,
+    "wavefront": KSOLVE.solve_wavefront,
+    "auto": KSOLVE.solve_auto,
+    "pixelwise-raster": lambda *a: KSOLVE.solve_pixelwise(*a, order="raster"),
+    "pixelwise-wavefront": lambda *a: KSOLVE.solve_pixelwise(*a, order="wavefront"),
 }
 
 
@@ -220,15 +221,15 @@ def test_solvers_ignore_the_corner_tap_of_K(rng):
 def test_solve_auto_is_raster_and_all_schedules_agree_bitwise(rng):
     """``solve_auto`` uses the raster schedule for every batch (never a per-diagonal barrier);
     the wavefront does the same arithmetic per pixel in the same order: the same bits."""
-    assert {K_.solve_schedule(n, t) for n in (1, 8, 24, 100) for t in (1, 2, 3)} == {"raster"}
+    assert {KSOLVE.solve_schedule(n, t) for n in (1, 8, 24, 100) for t in (1, 2, 3)} == {"raster"}
     C = 5
     K = _kernel(rng, 3, C, C, np.float32)
     L, U, perm = _factors(rng, C, "plu", np.float32)
     for N in (3, 24, 40):
         y = rng.standard_normal((N, 6, 7, C)).astype(np.float32)
-        x = K_.solve_auto(y, K, L, U, perm)
-        np.testing.assert_array_equal(x, K_.solve_raster(y, K, L, U, perm))
-        np.testing.assert_array_equal(x, K_.solve_wavefront(y, K, L, U, perm))
+        x = KSOLVE.solve_auto(y, K, L, U, perm)
+        np.testing.assert_array_equal(x, KSOLVE.solve_raster(y, K, L, U, perm))
+        np.testing.assert_array_equal(x, KSOLVE.solve_wavefront(y, K, L, U, perm))
 
 
 def test_kernels_without_jit_match_compiled(tmp_path):
@@ -238,14 +239,15 @@ def test_kernels_without_jit_match_compiled(tmp_path):
     script.write_text(
         "import numpy as np\n"
         "from flownp.kernels import conv as K_\n"
+        "from flownp.kernels import solve as KSOLVE\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.standard_normal((5, 3, 4, 2)); K = rng.normal(0, .2, (3, 3, 2, 2))\n"
         "L = np.tril(rng.normal(0, .3, (2, 2)), -1) + np.diag([1.5, -.8]); U = np.eye(2)\n"
         "p = np.arange(2)\n"
         "out = dict(f=K_.conv_forward(x, K), b=K_.conv_backward_input(x, K),\n"
-        "           g=K_.conv_backward_kernel(x, x, 3), r=K_.solve_raster(x, K, L, U, p),\n"
-        "           w=K_.solve_wavefront(x, K, L, U, p),\n"
-        "           q=K_.solve_pixelwise(x, K, L, U, p, order='wavefront'))\n"
+        "           g=K_.conv_backward_kernel(x, x, 3), r=KSOLVE.solve_raster(x, K, L, U, p),\n"
+        "           w=KSOLVE.solve_wavefront(x, K, L, U, p),\n"
+        "           q=KSOLVE.solve_pixelwise(x, K, L, U, p, order='wavefront'))\n"
         f"np.savez(r'{tmp_path / 'out.npz'}', **out)\n"
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
@@ -260,9 +262,9 @@ def test_kernels_without_jit_match_compiled(tmp_path):
         f=K_.conv_forward(x, K),
         b=K_.conv_backward_input(x, K),
         g=K_.conv_backward_kernel(x, x, 3),
-        r=K_.solve_raster(x, K, L, U, p),
-        w=K_.solve_wavefront(x, K, L, U, p),
-        q=K_.solve_pixelwise(x, K, L, U, p, order="wavefront"),
+        r=KSOLVE.solve_raster(x, K, L, U, p),
+        w=KSOLVE.solve_wavefront(x, K, L, U, p),
+        q=KSOLVE.solve_pixelwise(x, K, L, U, p, order="wavefront"),
     )
     for key, val in want.items():
         # the same operations up to fastmath reassociation: O(1) values, at most 4 k^2 C = 72
@@ -374,10 +376,10 @@ def test_public_kernels_validate_shapes_dtypes_and_factors():
         (lambda: K_.conv_backward_kernel(x, np.zeros((1, 4, 4, 3)), 3), "same N, H, W"),
         (lambda: K_.conv_backward_kernel(x, x.astype(np.float32), 3), "float64 but dy"),
         (lambda: K_.conv_backward_kernel(x, x, 0), "positive int"),
-        (lambda: K_.solve_raster(x, K, L, U, np.array([0, 0, 1])), "permutation"),
-        (lambda: K_.solve_auto(x, K, L[:2], U, perm), r"L must have shape \(3, 3\)"),
-        (lambda: K_.solve_wavefront(x, np.zeros((3, 3, 3, 4)), L, U, perm), "C channels to C"),
-        (lambda: K_.solve_pixelwise(x, K, L, U, perm.astype(float)), "integer"),
+        (lambda: KSOLVE.solve_raster(x, K, L, U, np.array([0, 0, 1])), "permutation"),
+        (lambda: KSOLVE.solve_auto(x, K, L[:2], U, perm), r"L must have shape \(3, 3\)"),
+        (lambda: KSOLVE.solve_wavefront(x, np.zeros((3, 3, 3, 4)), L, U, perm), "C channels to C"),
+        (lambda: KSOLVE.solve_pixelwise(x, K, L, U, perm.astype(float)), "integer"),
         (lambda: S.conv_same_forward(x, np.zeros((2, 2, 3, 3))), "odd"),
         (lambda: S.conv_same_forward(x, np.zeros((3, 3, 4, 3))), r"\(2, 4, 4, 3\).*\(3, 3, 4, 3\)"),
         (lambda: S.conv_same_forward(x, K, np.zeros(4)), r"bias must have shape \(3,\)"),
@@ -485,8 +487,8 @@ def _all_kernels(rng):
             K_.conv_forward(x, K),
             K_.conv_backward_input(dy, K),
             K_.conv_backward_kernel(x, dy, 3),
-            K_.solve_raster(dy, K, L, U, perm),
-            K_.solve_auto(dy, K, L, U, perm),
+            KSOLVE.solve_raster(dy, K, L, U, perm),
+            KSOLVE.solve_auto(dy, K, L, U, perm),
             S.conv_same_forward(x, Kw),
             *S.conv_same_backward(x, Kw, dyw),
             S.conv_same_forward(dyw, Kw.transpose(0, 1, 3, 2)),  # output side

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import flownp.kernels.conv as conv_module
+import flownp.kernels.solve as solve_module
 from flownp import cli, threads
 from flownp.layers import CInCConv
 from verification import claims as V
@@ -294,7 +295,7 @@ def test_wrong_forward_kernel_fails(monkeypatch):
 
 def test_wrong_inverse_kernel_fails(monkeypatch):
     """A wavefront solve that drops the taps of the previous row: the inverse is wrong."""
-    good = conv_module.solve_wavefront
+    good = solve_module.solve_wavefront
 
     def bad(y, K, L, U, perm):
         if K.shape[0] > 1:
@@ -302,7 +303,7 @@ def test_wrong_inverse_kernel_fails(monkeypatch):
             K[-2] = 0.0  # taps (k-2, b): the row above
         return good(y, K, L, U, perm)
 
-    monkeypatch.setattr(conv_module, "solve_wavefront", bad)
+    monkeypatch.setattr(solve_module, "solve_wavefront", bad)
     res = V.claim_layer_dense(verbose=False, modes=("triangular", "lu"), kernel_sizes=(3,))
     assert not res.passed
     assert max(r["max rel |inverse - dense solve|"] for r in res.numbers) > 1e-3

@@ -13,10 +13,6 @@ from flownp.kernels.conv import (
     conv_backward_kernel_reference,
     conv_forward,
     conv_forward_reference,
-    solve_auto,
-    solve_raster,
-    solve_reference,
-    solve_wavefront,
 )
 from flownp.kernels.conv_same import (
     actnorm_relu_backward,
@@ -29,6 +25,7 @@ from flownp.kernels.conv_same import (
     conv_same_forward_reference,
     matmul,
 )
+from flownp.kernels.solve import solve_auto, solve_raster, solve_reference, solve_wavefront
 
 __all__ = [
     "conv_forward",

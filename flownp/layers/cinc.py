@@ -38,7 +38,8 @@ the effective kernel's taps are rescaled so that the substitution stays diagonal
 for any parameter values (:mod:`flownp.layers.guard`; with :mod:`flownp.layers._linalg` for
 the LU factors, the only modules of the package this file needs besides the compiled
 convolution loops of :mod:`flownp.kernels.conv` and, for at most 8 channels, the planar ones
-of :mod:`flownp.kernels.conv_planar`)::
+of :mod:`flownp.kernels.conv_planar`, and the substitution loops of
+:mod:`flownp.kernels.solve`)::
 
     triangular / unit   K = guard_kernel(weight * mask, d, rho)        budget rho |d_o|
     lu                  K = guard_taps(weight * mask, rho / ||A^{-1}||_inf),  K[k-1,k-1] = A^T
@@ -56,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from flownp.errors import NonFiniteError, SingularKernelError
-from flownp.kernels import conv as K_
+from flownp.kernels import solve as solve_kernels
 from flownp.kernels.conv_planar import conv_backward_auto, conv_forward_auto
 from flownp.layers import _linalg
 from flownp.layers.base import Layer
@@ -74,8 +75,8 @@ SOLVERS = ("auto", "wavefront", "raster", "reference")
 
 
 def solver_function(method: str) -> Any:
-    """``flownp.kernels.conv.solve_<method>``, looked up at call time (one of :data:`SOLVERS`)."""
-    return getattr(K_, f"solve_{method}")
+    """``flownp.kernels.solve.solve_<method>``, looked up at call time (one of :data:`SOLVERS`)."""
+    return getattr(solve_kernels, f"solve_{method}")
 
 
 def corner_mask(k: int, C: int, *, full_corner: bool) -> np.ndarray:
@@ -200,7 +201,7 @@ class CInCConv(Layer):
     init_std : float
         Standard deviation of the random initial taps (off-corner and corner off-diagonal).
     solver : {"auto", "wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`); ``"auto"`` is the raster
+        Default inverse algorithm (see :mod:`flownp.kernels.solve`); ``"auto"`` is the raster
         schedule (the wavefront gives bitwise the same result, with one barrier per
         anti-diagonal).
     guard : float or None

@@ -32,7 +32,7 @@ flipped image with the spatially flipped kernel::
     conv1(x) = F conv_tl(F x, K1[::-1, ::-1])       M1 = F M1' F,  M1^T = F M1'^T F
 
 The corner tap of ``K1[::-1, ::-1]`` is ``K1[0, 0]``, so ``M1'`` is a CInC matrix with the
-upper-triangular corner ``A1``; :mod:`flownp.kernels.conv` solves ``A = P L U`` per pixel and is
+upper-triangular corner ``A1``; :mod:`flownp.kernels.solve` solves ``A = P L U`` per pixel and is
 passed ``L = I, U = A1, P = I`` (conv2 passes ``L = A2, U = I``). Reverse raster order on ``x``
 is raster order on ``F x``; the wavefront solver therefore takes ``H + W - 1`` steps per
 convolution, ``2 (H + W - 1)`` for the layer.
@@ -235,7 +235,7 @@ class EmergingConv(Layer):
     init_std : float
         Standard deviation of the random initial taps (the unmasked ones); diagonals start at 1.
     solver : {"auto", "wavefront", "raster", "reference"}
-        Default inverse algorithm (see :mod:`flownp.kernels.conv`; ``"auto"``: raster).
+        Default inverse algorithm (see :mod:`flownp.kernels.solve`; ``"auto"``: raster).
     guard : float or None
         Stability guard ``rho`` in (0, 1), applied to both masked convolutions as in
         :class:`~flownp.layers.cinc.CInCConv` (:func:`flownp.layers.guard.guard_kernel`): each has

@@ -1,7 +1,7 @@
 r"""Which precision the substitutions of a model's inverse run in, from the kernels alone.
 
 A CInC or Emerging layer inverts by substitution (a causal recursion over the pixels, see
-:mod:`flownp.kernels.conv`); its ``inverse`` takes ``solve_dtype`` (None: the layer's own
+:mod:`flownp.kernels.solve`); its ``inverse`` takes ``solve_dtype`` (None: the layer's own
 dtype), solves the layer's own kernel in that precision and casts the result back.
 :meth:`flownp.model.FlowModel.inverse` chooses the dtype of every such layer with
 :func:`choose_solve_dtypes` and passes it in; nothing is set on the layers.

@@ -43,6 +43,7 @@ def _layer_cases(layer, x, methods=None):
 def _cinc_kernel_cases(cinc, x):
     """Cases of the bare kernels behind a CInC layer, and the unblocked per-pixel solver."""
     from flownp.kernels import conv as K_
+    from flownp.kernels import solve as solve_kernels
 
     y = cinc.forward(x)[0]
     cinc.clear_cache()
@@ -51,7 +52,7 @@ def _cinc_kernel_cases(cinc, x):
     cases = {
         f"cinc inverse-pixelwise-{o}": (
             None,
-            lambda o=o: K_.solve_pixelwise(y, Kc, L, U, perm, order=o),
+            lambda o=o: solve_kernels.solve_pixelwise(y, Kc, L, U, perm, order=o),
         )
         for o in ("raster", "wavefront")
     }
@@ -122,7 +123,7 @@ def _bench_layers_shape(shape, N, width, rounds, rounds_coupling, rng):
             row["% GEMM"] = 100 * f / r["min"] / gemm
             row["/ cinc fwd"] = r["min"] / t_fwd
         rows.append(row)
-    from flownp.kernels.conv import solve_schedule
+    from flownp.kernels.solve import solve_schedule
 
     ratio = res["cinc inverse-auto"]["min"] / t_fwd  # the layer's default solver
     checks.append(
