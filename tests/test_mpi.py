@@ -39,8 +39,10 @@ def _unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _mpi_available():
+    """Before every fixture of this module (module scope, autouse): the module-scoped runs
+    below launch ``mpiexec`` and must not start where it is missing."""
     reason = _unavailable()
     if reason is None:
         return
