@@ -51,10 +51,6 @@ Backward (``dy``, ``dlogdet`` given; ``L = sum(y * dy) + sum(logdet * dlogdet)``
     dh_k[..., 0::2] = dshift_k,   dh_k[..., 1::2] = draw_k
     dx[..., :e_{k-1}] += NN_k.backward(dh_k)
     dx_1     += dy_1
-
-The public CInC code's reverse of the quad coupling is *not* the inverse of its forward (it
-starts from the fourth output block where the first belongs, see ``docs/layers/coupling.md``):
-:meth:`QuadCoupling.inverse_official_bug` reproduces it for the verification report.
 """
 
 from __future__ import annotations
@@ -226,13 +222,9 @@ class BlockCoupling(Layer):
         inputs a forward of the result would give them).
         """
         y = self.check_input(y, self.channels, name="y")
-        return self._inverse(y, y[..., : self.edges[1]])
-
-    def _inverse(self, y: np.ndarray, first: np.ndarray) -> np.ndarray:
-        """Sequential inverse starting from ``x_1 = first`` (``y_1`` for the exact inverse)."""
         self.clear_cache()
         x = np.empty_like(y)  # (N, H, W, C)
-        x[..., : self.edges[1]] = first
+        x[..., : self.edges[1]] = y[..., : self.edges[1]]  # x_1 = y_1
         for k, net, lo, hi in self._blocks():
             h = net.forward(x[..., :lo])  # x[..., :lo] is already reconstructed
             net.clear_cache()
@@ -342,18 +334,6 @@ class QuadCoupling(BlockCoupling):
             seed=seed,
             dtype=dtype,
         )
-
-    def inverse_official_bug(self, y: np.ndarray) -> np.ndarray:
-        """REPRODUCTION OF A BUG, for the verification report only: NOT an inverse.
-
-        The public CInC code's reverse pass of the quad coupling starts from the *fourth*
-        output block where the first belongs (``x_1 := y_4``), then reconstructs
-        ``x_2, x_3, x_4`` from ``y_2, y_3, y_4`` as the exact inverse does, conditioning on
-        that wrong ``x_1``. ``inverse_official_bug(forward(x)[0]) != x`` in general (error
-        of order 1 on random inputs); use :meth:`inverse`.
-        """
-        y = self.check_input(y, self.channels, name="y")
-        return self._inverse(y, y[..., self.edges[3] :])
 
 
 class AdditiveCoupling(BlockCoupling):

@@ -33,6 +33,7 @@ from verification.claims._common import (
     KERNEL_SIZES,
     _emit,
 )
+from verification.official_bug import official_bug_inverse
 from verification.result import ClaimResult
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def claim_quad_official_bug(quick: bool = True, seed: int = 9, verbose: bool = T
             layer.clear_cache()
             x_ok = layer.inverse(y)
             try:
-                x_bug = layer.inverse_official_bug(y)
+                x_bug = official_bug_inverse(layer, y)
             except NonFiniteError:  # the wrong x_1 can drive a scale to 0: report, not crash
                 x_bug = np.full_like(y, np.inf)
                 x_bug[..., : layer.edges[1]] = y[..., layer.edges[3] :]
@@ -213,11 +214,12 @@ def claim_quad_official_bug(quick: bool = True, seed: int = 9, verbose: bool = T
             computed=(
                 "QuadCoupling(8 channels, width 8) on a 4x4x4x8 N(0, 1) batch, both scales, at "
                 "initialisation (actnorm data-initialised, zero output convolutions) and with "
-                "every parameter randomised (+0.03 N(0,1)); QuadCoupling.inverse_official_bug "
-                "(flownp's own layer run with the wrong first block, labelled as the bug "
-                "reproduction) against QuadCoupling.inverse. Passes when flownp's round trip is "
-                "<= 1e-10 AND the reproduced official reverse misses x by >= 0.1 with its first "
-                "block exactly y_4 (i.e. the bug is reproduced)."
+                "every parameter randomised (+0.03 N(0,1)); official_bug_inverse "
+                "(verification.official_bug: flownp's own layer run with the wrong first "
+                "block, labelled as the bug reproduction) against QuadCoupling.inverse. "
+                "Passes when flownp's round trip is <= 1e-10 AND the reproduced official "
+                "reverse misses x by >= 0.1 with its first block exactly y_4 (i.e. the bug "
+                "is reproduced)."
             ),
             numbers=rows,
             passed=bool(ok),
