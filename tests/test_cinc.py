@@ -24,6 +24,7 @@ from verification.dense import (
     refined_solve,
     solve_error_bound,
 )
+from verification.fixed_kernel import FixedKernelCInC
 
 KS = [1, 2, 3, 5]
 MODES = ["triangular", "unit", "lu", "fixed-masked", "fixed-full"]
@@ -44,7 +45,7 @@ def make_layer(mode, k, C, rng, dtype=np.float64):
         else:
             q = np.linalg.qr(rng.standard_normal((C, C)))[0]
             K[k - 1, k - 1] = (q * rng.uniform(0.7, 1.5, C)).T
-        return CInCConv.from_kernel(K.astype(dtype), masked=mode == "fixed-masked")
+        return FixedKernelCInC(K.astype(dtype), masked=mode == "fixed-masked")
     layer = CInCConv(C, k, corner=mode, init_std=std, seed=int(rng.integers(1 << 31)), dtype=dtype)
     for name, p in layer.params.items():
         if name != "weight":
@@ -76,22 +77,24 @@ def test_constructor_validates_arguments():
         CInCConv(2, 0)
     with pytest.raises(ValueError, match="corner"):
         CInCConv(2, corner="full")
+    with pytest.raises(ValueError, match="corner"):  # a given kernel: verification.fixed_kernel
+        CInCConv(2, corner="fixed")
     with pytest.raises(ValueError, match="solver"):
         CInCConv(2, solver="fast")
     with pytest.raises(TypeError, match="float32 or float64"):
         CInCConv(2, dtype=np.float16)
 
 
-def test_from_kernel_validates_kernel(rng):
+def test_fixed_kernel_validates_kernel(rng):
     K = rng.standard_normal((3, 3, 2, 2))
     with pytest.raises(ValueError, match=r"kernel\[2,2,1,0\]"):  # c = 1 > o = 0 is masked
-        CInCConv.from_kernel(K, masked=True)
+        FixedKernelCInC(K, masked=True)
     with pytest.raises(ValueError, match=r"\(k, k, C, C\)"):
-        CInCConv.from_kernel(K[:, :2])
+        FixedKernelCInC(K[:, :2])
     K[2, 2] = np.triu(K[2, 2])
     K[0, 1, 0, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        CInCConv.from_kernel(K)
+        FixedKernelCInC(K)
 
 
 def test_inverse_method_is_validated():
@@ -118,12 +121,12 @@ def test_effective_kernel_masks_the_corner(mode, k, rng):
         np.testing.assert_array_equal(np.diag(A), np.ones(C))
 
 
-def test_from_kernel_is_exact(rng):
+def test_fixed_kernel_is_exact(rng):
     K = rng.standard_normal((3, 3, 2, 2))
     K[2, 2] = np.triu(K[2, 2])
-    np.testing.assert_array_equal(CInCConv.from_kernel(K).kernel, K)
-    np.testing.assert_array_equal(CInCConv.from_kernel(K, masked=False).kernel, K)
-    assert CInCConv.from_kernel(K.astype(np.float32)).dtype == np.float32
+    np.testing.assert_array_equal(FixedKernelCInC(K).kernel, K)
+    np.testing.assert_array_equal(FixedKernelCInC(K, masked=False).kernel, K)
+    assert FixedKernelCInC(K.astype(np.float32)).dtype == np.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +253,8 @@ def test_singular_kernels_raise(k, rng):
     K[k - 1, k - 1] = np.triu(K[k - 1, k - 1])
     K[k - 1, k - 1, 1, 1] = 0.0  # a zero on the corner diagonal
     with pytest.raises(SingularKernelError, match=r"channel\(s\) \[1\].*allow_singular"):
-        CInCConv.from_kernel(K)
-    layer = CInCConv.from_kernel(K, allow_singular=True)
+        FixedKernelCInC(K)
+    layer = FixedKernelCInC(K, allow_singular=True)
     y, logdet = layer.forward(x)  # the forward always works
     assert np.all(np.isfinite(y)) and np.all(logdet == -np.inf)
     for method in METHODS:
@@ -259,7 +262,7 @@ def test_singular_kernels_raise(k, rng):
             layer.inverse(y, method=method)
     # full corner: rank deficient although no entry is zero
     K[k - 1, k - 1] = np.outer([1.0, -2.0, 3.0], [2.0, 1.0, -1.0])
-    layer = CInCConv.from_kernel(K, masked=False)
+    layer = FixedKernelCInC(K, masked=False)
     for method in METHODS:
         with pytest.raises(SingularKernelError, match="singular"):
             layer.inverse(y, method=method)
@@ -277,7 +280,7 @@ def test_numerically_singular_kernel_raises_instead_of_returning_inf(rng):
     K = rng.normal(0.0, 0.5, (3, 3, 2, 2))
     K[2, 2] = np.triu(K[2, 2])
     K[2, 2, 0, 0] = 1e-300  # invertible, but the inverse overflows float64
-    layer = CInCConv.from_kernel(K)
+    layer = FixedKernelCInC(K)
     y, _ = layer.forward(rng.standard_normal((1, 4, 4, 2)))
     for method in METHODS:
         with pytest.raises(NonFiniteError, match="overflowed"):
@@ -289,7 +292,7 @@ def test_zero_corner_backward_without_logdet_is_finite(rng):
     K = rng.standard_normal((2, 2, 2, 2))
     K[1, 1] = np.triu(K[1, 1])
     K[1, 1, 0, 0] = 0.0
-    layer = CInCConv.from_kernel(K, allow_singular=True)
+    layer = FixedKernelCInC(K, allow_singular=True)
     y, _ = layer.forward(rng.standard_normal((1, 3, 3, 2)))
     layer.backward(np.ones_like(y), np.zeros(1))
     assert np.all(np.isfinite(layer.grads["kernel"]))
@@ -384,7 +387,7 @@ def test_property_masked_invertible_iff_corner_diagonal_nonzero(problem):
     K, H, W, N, seed, singular, tiny = problem
     k, C = K.shape[0], K.shape[2]
     rng = np.random.default_rng(seed)
-    layer = CInCConv.from_kernel(K, masked=True, allow_singular=True)
+    layer = FixedKernelCInC(K, masked=True, allow_singular=True)
     M, _ = dense(layer, H, W)
     d = np.diag(K[k - 1, k - 1])
     # the matrix side of the claim (Lemma 1 / Theorem 1): det M = prod(d)^(HW), triangular
@@ -408,7 +411,7 @@ def test_property_full_corner_invertible_iff_det_nonzero(problem):
     K, H, W, N, seed, singular, tiny = problem
     k, C = K.shape[0], K.shape[2]
     rng = np.random.default_rng(seed)
-    layer = CInCConv.from_kernel(K, masked=False)
+    layer = FixedKernelCInC(K, masked=False)
     y, logdet = layer.forward(rng.standard_normal((N, H, W, C)))
     layer.clear_cache()
     assert np.all(np.isfinite(y))
@@ -448,7 +451,7 @@ def test_property_round_trip(problem):
     K, H, W, N, seed, dtype = problem
     k, C = K.shape[0], K.shape[2]
     rng = np.random.default_rng(seed)
-    layer = CInCConv.from_kernel(K.astype(dtype))
+    layer = FixedKernelCInC(K.astype(dtype))
     x = rng.standard_normal((N, H, W, C)).astype(dtype)
     y, _ = layer.forward(x)
     layer.clear_cache()

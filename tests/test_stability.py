@@ -14,6 +14,7 @@ from flownp.kernels import conv as K_
 from flownp.layers.base import Layer
 from flownp.layers.cinc import CInCConv, corner_mask
 from flownp.testing import randomize_params
+from verification.fixed_kernel import FixedKernelCInC
 
 
 def _dense(layer: Layer, H: int, W: int) -> np.ndarray:
@@ -78,7 +79,7 @@ def test_solve_transpose_inverts_the_backward_convolution(corner, rng):
 def test_impulse_norms_equal_dense_inverse_norms(k, C, H, W, scale, seed):
     rng = np.random.default_rng(seed)
     K = _random_kernel(rng, k, C, scale)
-    Minv = np.linalg.inv(_dense(CInCConv.from_kernel(K), H, W))
+    Minv = np.linalg.inv(_dense(FixedKernelCInC(K), H, W))
     h = S.impulse_responses(K, H, W)
     ht = S.impulse_responses(K, H, W, transpose=True)
     n1 = np.abs(Minv).sum(axis=0).max()
@@ -88,13 +89,13 @@ def test_impulse_norms_equal_dense_inverse_norms(k, C, H, W, scale, seed):
     # the truncation property: the n x n norm is read from the same impulse response
     a = S.amplification_by_size(ht)
     for n in range(1, min(H, W) + 1):
-        Mn = np.linalg.inv(_dense(CInCConv.from_kernel(K), n, n))
+        Mn = np.linalg.inv(_dense(FixedKernelCInC(K), n, n))
         assert a[n - 1] == pytest.approx(np.abs(Mn).sum(axis=1).max(), rel=1e-9)
 
 
 def test_power_iteration_matches_svd(rng):
     K = _random_kernel(rng, 3, 2, 0.4)
-    lay = CInCConv.from_kernel(K)
+    lay = FixedKernelCInC(K)
     est = S.measure_layer(lay, 5, 4).norm_2
     exact = np.linalg.norm(np.linalg.inv(_dense(lay, 5, 4)), 2)
     assert est <= exact * (1 + 1e-12)
@@ -119,7 +120,7 @@ def test_dominance_bounds_hold_for_exact_inverse(k, C, H, W, ratio, masked, seed
     m = S.kernel_margins(K)
     has_taps = k > 1 or C > 1
     assert m.max_ratio == pytest.approx(ratio if has_taps else 0.0, abs=1e-12)
-    Minv = np.linalg.inv(_dense(CInCConv.from_kernel(K, masked=masked), H, W))
+    Minv = np.linalg.inv(_dense(FixedKernelCInC(K, masked=masked), H, W))
     ninf = np.abs(Minv).sum(axis=1).max()
     assert np.isfinite(m.row_bound)
     assert ninf <= m.row_bound * (1 + 1e-10)
@@ -139,7 +140,7 @@ def test_varah_bound_is_attained_by_m_matrix_kernels():
 
 def test_violating_dominance_grows_exponentially_and_breaks_float64():
     K = _worst_sign_kernel(3, 16, 0.1)  # r / d = 14.3
-    lay = CInCConv.from_kernel(K)
+    lay = FixedKernelCInC(K)
     rep = S.measure_layer(lay, 14, 14, power_iters=0)
     assert rep.max_ratio > 1 and not rep.dominant
     assert rep.norm_inf > 1e20 and rep.growth > 10
@@ -151,8 +152,8 @@ def test_violating_dominance_grows_exponentially_and_breaks_float64():
 
 
 def test_unstable_kernel_is_detected_and_reported(rng):
-    bad = CInCConv.from_kernel(_worst_sign_kernel(3, 4, 0.3))
-    good = CInCConv.from_kernel(_scale_to_ratio(_random_kernel(rng, 3, 4, 1.0), 0.5))
+    bad = FixedKernelCInC(_worst_sign_kernel(3, 4, 0.3))
+    good = FixedKernelCInC(_scale_to_ratio(_random_kernel(rng, 3, 4, 1.0), 0.5))
     rows = [
         S.measure_layer(good, 14, 14, name="flow/good"),
         S.measure_layer(bad, 14, 14, name="flow/bad"),
@@ -169,7 +170,7 @@ def test_unstable_kernel_is_detected_and_reported(rng):
 
 
 def test_at_risk_when_condition_is_large_but_roundtrip_passes():
-    lay = CInCConv.from_kernel(_worst_sign_kernel(3, 1, 0.2))  # ratio 1.6, moderate growth
+    lay = FixedKernelCInC(_worst_sign_kernel(3, 1, 0.2))  # ratio 1.6, moderate growth
     rep = S.measure_layer(lay, 8, 8, thresholds=S.StabilityThresholds(max_condition=10.0))
     assert rep.roundtrip_f32 < 1e-4
     assert rep.status == "at-risk" and rep.condition > 10.0
@@ -217,7 +218,7 @@ class _Wrapped(Layer):
 
 
 def test_dense_path_agrees_with_impulse_path(rng):
-    inner = CInCConv.from_kernel(_random_kernel(rng, 3, 2, 0.5))
+    inner = FixedKernelCInC(_random_kernel(rng, 3, 2, 0.5))
     fast = S.measure_layer(inner, 5, 6)
     dense = S.measure_layer(_Wrapped(inner), 5, 6)
     for key in ("norm_1", "norm_inf", "norm_2", "condition", "max_ratio", "bound"):
@@ -340,7 +341,7 @@ def test_guard_keeps_layer_dominant_through_random_steps(mode, dtype):
         if step % 60 == 59:
             bound = 1.0 / ((1 - rho) * np.abs(d.astype(np.float64)).min())
             assert m.row_bound <= bound * (1 + 1e-4)
-            lay = CInCConv.from_kernel(K)
+            lay = FixedKernelCInC(K)
             rep = S.measure_layer(lay, 16, 16, power_iters=0)
             assert rep.norm_inf <= bound * (1 + 1e-4)
             assert rep.roundtrip_f32 < 1e-5 and rep.status == "ok"
@@ -388,7 +389,7 @@ def test_lu_block_guard_budget_and_gradient(rng):
     K[-1, -1] = A.T
     m = S.kernel_margins(K)
     assert m.block_ratio < 0.8
-    Minv = np.linalg.inv(_dense(CInCConv.from_kernel(K, masked=False), 5, 5))
+    Minv = np.linalg.inv(_dense(FixedKernelCInC(K, masked=False), 5, 5))
     assert np.abs(Minv).sum(axis=1).max() <= m.block_bound * (1 + 1e-10)
 
 

@@ -15,6 +15,7 @@ from verification import claims as V
 from verification import dense as D
 from verification.__main__ import SECTIONS, run_verification
 from verification.claims import layers as VL
+from verification.fixed_kernel import FixedKernelCInC
 from verification.result import ClaimResult
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_dense_channel_order_and_mask_by_hand():
     )
     # the layer's convention is the same: its dense Jacobian on this kernel
     Km = D.masked_kernel(K)
-    layer = CInCConv.from_kernel(Km)
+    layer = FixedKernelCInC(Km)
     e = np.eye(4).reshape(4, 1, 2, 2)
     cols = np.stack([layer.forward(e[i : i + 1])[0].reshape(-1) for i in range(4)], axis=1)
     np.testing.assert_array_equal(cols, np.kron(np.eye(2), masked))

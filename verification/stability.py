@@ -30,7 +30,8 @@ import time
 import numpy as np
 
 from flownp import stability as S
-from flownp.layers.cinc import CInCConv, corner_mask
+from flownp.layers.cinc import corner_mask
+from verification.fixed_kernel import FixedKernelCInC
 from verification.result import ClaimResult
 
 FIGURE = "stability_amplification.png"
@@ -74,7 +75,7 @@ def diagonal_root(K: np.ndarray) -> float:
 def _dense_inverse_norm(K: np.ndarray, H: int, W: int, masked: bool = True) -> float:
     """Exact ``||M^{-1}||_inf`` from the dense matrix (the explicit forward of every unit
     image, inverted by LAPACK) -- independent of the substitution code."""
-    lay = CInCConv.from_kernel(K, masked=masked)
+    lay = FixedKernelCInC(K, masked=masked)
     M = S.dense_matrix(lambda e: S._forward_only(lay, e), H, W, K.shape[2])
     return float(np.abs(np.linalg.inv(M)).sum(axis=1).max())
 
@@ -229,7 +230,7 @@ def claim_instability(quick: bool = True) -> ClaimResult:
     issue_case = None
     for C, m, signs in cases:
         K = taps_kernel(3, C, m, signs)
-        rep = S.measure_layer(CInCConv.from_kernel(K), 14, 14, power_iters=0, batch=2)
+        rep = S.measure_layer(FixedKernelCInC(K), 14, 14, power_iters=0, batch=2)
         a = S.amplification_by_size(S.impulse_responses(K, 14, 14, transpose=True))
         n = np.arange(7, 15)
         with np.errstate(divide="ignore"):
@@ -327,7 +328,7 @@ def claim_guard(quick: bool = True, rho: float = 0.9, seed: int = 1) -> ClaimRes
         worst_ratio = max(worst_ratio, m.max_ratio)
         bound = 1.0 / ((1 - rho) * np.abs(d).min())
         for H in sizes:
-            rep = S.measure_layer(CInCConv.from_kernel(K), H, H, power_iters=0, batch=2)
+            rep = S.measure_layer(FixedKernelCInC(K), H, H, power_iters=0, batch=2)
             worst_norm_over_bound = max(worst_norm_over_bound, float(rep.norm_inf / bound))
             worst_rt32 = max(worst_rt32, rep.roundtrip_f32)
             worst_rt64 = max(worst_rt64, rep.roundtrip_f64)

@@ -1,7 +1,6 @@
 r"""Small dense linear-algebra helpers shared by the layers with a ``C x C`` channel matrix
-(:class:`~flownp.layers.conv1x1.Conv1x1`, the ``corner="lu"`` and ``from_kernel(masked=False)``
-modes of :class:`~flownp.layers.cinc.CInCConv`, and the measurements of
-:mod:`flownp.stability`).
+(:class:`~flownp.layers.conv1x1.Conv1x1`, the ``corner="lu"`` mode of
+:class:`~flownp.layers.cinc.CInCConv`, and the measurements of :mod:`flownp.stability`).
 
 One factorisation, one singularity rule (:func:`plu`). A free ``C x C`` matrix ``A`` is
 factorised once, in float64, with partial pivoting, ``A = P L U``. It is treated as singular

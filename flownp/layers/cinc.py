@@ -26,11 +26,8 @@ Corner parameterisations (``corner=``):
     ``sign * exp(log_s)`` diagonal): a Glow LU 1x1 convolution fused into the same layer. The
     Jacobian is block lower triangular, invertible because ``det A != 0`` (general-C theorem).
     Parameters ``weight, lower (C,C), upper (C,C), log_s (C,)``; buffers ``perm, sign``.
-``"fixed"`` (only via :meth:`CInCConv.from_kernel`)
-    The effective kernel is a free parameter ``kernel``; nothing guarantees invertibility.
-    For verification.
 
-In every parameterised mode, the corner entries of ``weight`` that the mask removes are
+In every mode, the corner entries of ``weight`` that the mask removes are
 ignored (their gradient is zero); :attr:`CInCConv.kernel` is the effective kernel.
 
 Stability guard (``guard=rho``, default ``None`` here, 0.9 in :class:`flownp.model.FlowConfig`):
@@ -235,14 +232,10 @@ class CInCConv(Layer):
             raise ValueError(f"CInCConv: channels must be a positive int, got {channels!r}")
         if not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
             raise ValueError(f"CInCConv: kernel_size must be an int >= 1, got {kernel_size!r}")
-        if corner not in CORNERS + ("fixed",):
+        if corner not in CORNERS:
             raise ValueError(f"CInCConv: corner must be one of {CORNERS}, got {corner!r}")
         if solver not in SOLVERS:
             raise ValueError(f"CInCConv: solver must be one of {SOLVERS}, got {solver!r}")
-        if guard is not None and corner not in CORNERS:
-            raise ValueError(
-                f"CInCConv: guard is available for the corners {CORNERS}, not corner={corner!r}"
-            )
         self.guard = check_guard(guard, guard_mode, "CInCConv")
         self.guard_mode = guard_mode
         self.channels = C = int(channels)
@@ -251,8 +244,6 @@ class CInCConv(Layer):
         self.solver = solver
         self.masked = corner != "lu"  # triangular corner (True) or full block (False)
         rng = np.random.default_rng(seed)
-        if corner == "fixed":
-            return  # from_kernel fills in the parameters
         self._mask = corner_mask(k, C, full_corner=corner == "lu").astype(self.dtype)
         self.add_param("weight", rng.normal(0.0, init_std, (k, k, C, C)) * self._mask)
         if corner == "triangular":
@@ -260,49 +251,6 @@ class CInCConv(Layer):
             self.add_buffer("sign", np.ones(C))
         elif corner == "lu":  # Glow: a random rotation, factorised once; P stays fixed
             _linalg.add_lu_parameters(self, _linalg.random_rotation(C, rng))
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_kernel(
-        cls, kernel: np.ndarray, masked: bool = True, *, allow_singular: bool = False, **kw: Any
-    ) -> CInCConv:
-        """A layer whose effective kernel is exactly ``kernel`` (k, k, C, C).
-
-        ``masked=True``: the corner must be triangular (``kernel[k-1,k-1,c,o] == 0`` for
-        ``c > o``), else ``ValueError``. ``masked=False``: the corner block is full. The kernel
-        is stored as the parameter ``kernel``; ``inverse`` raises :class:`SingularKernelError`
-        when the corner is singular. The dtype is the kernel's unless ``dtype=`` is given.
-        A masked corner with a zero diagonal entry (not invertible, Theorem 1) raises
-        :class:`SingularKernelError` unless ``allow_singular`` (to study such a layer).
-        """
-        kernel = np.asarray(kernel)
-        sh = kernel.shape
-        if kernel.ndim != 4 or sh[0] != sh[1] or sh[2] != sh[3]:
-            raise ValueError(f"CInCConv.from_kernel: kernel must be (k, k, C, C), got {sh}")
-        k, C = kernel.shape[0], kernel.shape[2]
-        kw.setdefault("dtype", kernel.dtype if kernel.dtype.kind == "f" else np.float64)
-        layer = cls(C, k, corner="fixed", **kw)
-        corner = kernel[k - 1, k - 1]
-        if masked and np.any(np.tril(corner, -1) != 0):
-            c, o = np.argwhere(np.tril(corner, -1) != 0)[0]
-            raise ValueError(
-                f"CInCConv.from_kernel: masked=True but kernel[{k - 1},{k - 1},{c},{o}] = "
-                f"{corner[c, o]!r} is nonzero (input channel {c} > output channel {o})"
-            )
-        if not np.all(np.isfinite(kernel)):
-            raise ValueError("CInCConv.from_kernel: kernel contains NaN/Inf")
-        if masked and not allow_singular and np.any(np.diag(corner) == 0):
-            raise SingularKernelError(
-                f"CInCConv.from_kernel: the corner diagonal kernel[{k - 1},{k - 1},c,c] is zero "
-                f"for channel(s) {np.flatnonzero(np.diag(corner) == 0).tolist()}: the "
-                "convolution is not invertible (Theorem 1); pass allow_singular=True to build it"
-            )
-        layer.masked = bool(masked)
-        layer._mask = np.ones(kernel.shape, dtype=layer.dtype)
-        if masked:
-            layer._mask[k - 1, k - 1] = np.triu(np.ones((C, C)))
-        layer.add_param("kernel", kernel)
-        return layer
 
     # ------------------------------------------------------------------ the effective kernel
     def _lu_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,21 +266,16 @@ class CInCConv(Layer):
         return self.kernel[-1, -1].T.copy()
 
     def diagonal(self) -> np.ndarray:
-        """The corner diagonal ``d`` (masked modes) or ``diag(U)`` (lu)."""
-        p = self._params
+        """The corner diagonal ``d`` (triangular, unit) or ``diag(U)`` (lu)."""
         if self.corner == "triangular":
-            return self._buffers["sign"] * np.exp(p["log_diag"])
-        if self.corner == "unit":
-            return np.ones(self.channels, dtype=self.dtype)
+            return self._buffers["sign"] * np.exp(self._params["log_diag"])
         if self.corner == "lu":
             return self._lu_factors()[2]
-        return np.diag(p["kernel"][-1, -1]).copy()
+        return np.ones(self.channels, dtype=self.dtype)  # unit
 
     @property
     def kernel(self) -> np.ndarray:
         """The effective ``(k, k, C, C)`` kernel used by :meth:`forward` (a new array)."""
-        if self.corner == "fixed":
-            return self._params["kernel"] * self._mask
         W = self._params["weight"] * self._mask  # (k, k, C, C), masked taps
         if self.corner == "lu":
             return lu_kernel(W, self.corner_matrix(), self.guard, self.guard_mode)
@@ -344,10 +287,7 @@ class CInCConv(Layer):
             return float(np.sum(self._params["log_diag"], dtype=np.float64))
         if self.corner == "lu":
             return float(np.sum(self._params["log_s"], dtype=np.float64))
-        if self.corner == "fixed" and not self.masked:  # same PLU and rule as the inverse
-            return _linalg.plu_logabsdet(self.corner_matrix(), dtype=self.dtype)
-        with np.errstate(divide="ignore"):  # unit (0) or a fixed triangular corner
-            return float(np.sum(np.log(np.abs(self.diagonal().astype(np.float64)))))
+        return 0.0  # unit: d = 1
 
     # ------------------------------------------------------------------ forward / inverse
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -370,19 +310,16 @@ class CInCConv(Layer):
                     f"(log_s = {self._params['log_s'].tolist()}): the convolution is not invertible"
                 )
             return L, U, np.asarray(self._buffers["perm"])
-        A = self.corner_matrix()
-        if self.masked:  # lower triangular: L = A, U = I, P = I (pivots = diagonal, exactly)
-            d = np.diag(A)
-            if np.any(d == 0):
-                zero = np.flatnonzero(d == 0).tolist()
-                raise SingularKernelError(
-                    f"CInCConv.inverse: the corner diagonal K[{self.kernel_size - 1},"
-                    f"{self.kernel_size - 1},c,c] is zero for channel(s) {zero}: "
-                    "the convolution is not invertible (Theorem 1)"
-                )
-            return A, np.eye(C, dtype=self.dtype), np.arange(C)
-        perm, L, U = _linalg.plu(A, dtype=self.dtype, who="CInCConv.inverse: the corner block")
-        return L.astype(self.dtype), U.astype(self.dtype), perm
+        A = self.corner_matrix()  # lower triangular: L = A, U = I, P = I (pivots = diagonal)
+        d = np.diag(A)
+        if np.any(d == 0):
+            zero = np.flatnonzero(d == 0).tolist()
+            raise SingularKernelError(
+                f"CInCConv.inverse: the corner diagonal K[{self.kernel_size - 1},"
+                f"{self.kernel_size - 1},c,c] is zero for channel(s) {zero}: "
+                "the convolution is not invertible (Theorem 1)"
+            )
+        return A, np.eye(C, dtype=self.dtype), np.arange(C)
 
     def inverse(
         self, y: np.ndarray, method: str | None = None, *, solve_dtype: Any = None
@@ -437,9 +374,7 @@ class CInCConv(Layer):
         # dx = M^T dy (N, H, W, C) and dK w.r.t. the effective kernel, in one pass
         dx, dK = conv_backward_auto(x, dy, K)
         g_ld = H * W * float(np.sum(dlogdet, dtype=np.float64))
-        if self.corner == "fixed":
-            self._fixed_backward(dK, g_ld)
-        elif self.corner == "lu":
+        if self.corner == "lu":
             self._lu_backward(dK, g_ld)
         else:
             self._triangular_backward(dK, g_ld)
@@ -465,15 +400,3 @@ class CInCConv(Layer):
         g["lower"] += dlower
         g["upper"] += dupper
         g["log_s"] += dlog_s + g_ld
-
-    def _fixed_backward(self, dK: np.ndarray, g_ld: float) -> None:
-        """``"fixed"`` (verification): the kernel is the parameter; d log|det A| / dA = A^{-T}."""
-        g = self._grads
-        g["kernel"] += dK * self._mask
-        if g_ld == 0.0:  # logdet unused: no term (avoids 0 * inf = NaN for a zero corner)
-            return
-        corner = self._params["kernel"][-1, -1]  # A^T
-        if self.masked:  # d log|d_c| / d d_c = 1 / d_c
-            g["kernel"][-1, -1] += np.diag(g_ld / np.diag(corner))
-        else:  # K-layout corner is A^T, so d/d corner = (A^{-T})^T = A^{-1}
-            g["kernel"][-1, -1] += g_ld * np.linalg.inv(corner.T)

@@ -27,6 +27,7 @@ from verification.claims._common import (
     _nonzero_ints,
     _sizes,
 )
+from verification.fixed_kernel import FixedKernelCInC
 from verification.result import ClaimResult
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def _test_layer(mode: str, k: int, C: int, rng: np.random.Generator) -> CInCConv
         else:  # a full corner: a random rotation times a diagonal, far from singular
             q = np.linalg.qr(rng.standard_normal((C, C)))[0]
             K[k - 1, k - 1] = (q * rng.uniform(0.7, 1.5, C)).T
-        return CInCConv.from_kernel(K, masked=mode == "fixed-masked")
+        return FixedKernelCInC(K, masked=mode == "fixed-masked")
     layer = CInCConv(C, k, corner=mode, init_std=std, seed=int(rng.integers(1 << 31)))
     for name, p in layer.params.items():
         if name != "weight":  # weight already random; perturb log-diagonals and LU factors
