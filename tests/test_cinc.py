@@ -2,7 +2,7 @@
 matrix of :mod:`verification.dense`, round trips, gradients by central finite differences,
 and property tests of "invertible exactly when the corner weights are nonzero".
 
-Tolerances are either the issue's (round trips 1e-10 in float64 on well-conditioned kernels)
+Tolerances are either fixed ones (round trips 1e-10 in float64 on well-conditioned kernels)
 or rounding-error bounds derived from ``u = eps / 2`` of the dtype, the number of terms and
 the conditioning of the dense matrix (:func:`verification.dense.solve_error_bound`).
 """

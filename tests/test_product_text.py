@@ -24,6 +24,11 @@ FORBIDDEN = {
         r"\bcolleague|\b(this|next|previous|working) session\b|\bthe lead\b|\bhelper agent",
         re.IGNORECASE,
     ),
+    "a reference to the development process": re.compile(
+        r"\bthe issue\b|\bissue's|\bwas fixed\b|\b(which|that) used to\b"
+        r"|\bearlier (session|commit)s?\b|\bprevious (commit|implementation)s?\b",
+        re.IGNORECASE,
+    ),
 }
 
 
@@ -51,6 +56,9 @@ def test_the_scan_finds_what_it_looks_for():
     bad = "see issue 12 and anchors.md, run from /work/main, as a colleague said"
     assert len(_hits(bad)) == 4
     assert not _hits("runs/<timestamp>/checkpoint.h5; tissue 3; mktemp -d; docs/style of x")
+    history = "as the issue says; the issue's order; a bug that was fixed; which used to fail"
+    assert len(_hits(history)) == 4
+    assert not _hits("the report of an earlier run; the previous file; used to colour a figure")
 
 
 @pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -140,7 +140,7 @@ def test_claim_passes(name, quick_results):
     assert res.statement and res.computed and res.numbers
 
 
-def test_claims_cover_the_issue(quick_results):
+def test_the_report_has_every_expected_claim(quick_results):
     assert [r.name for r in quick_results[1]] == EXPECTED
 
 

@@ -35,7 +35,7 @@ N_SAMPLES = 100
 TEMPERATURE = 0.7
 THREAD_COUNTS = (1, 2)
 
-#: name -> configuration (the issue's benchmark models; CIFAR = 32x32x3, L = 3, width 512)
+#: name -> configuration (the benchmark models; CIFAR = 32x32x3, L = 3, width 512)
 MODELS: dict[str, FlowConfig] = {
     "mnist default (L=2, D=8, w64, CInC lu + affine)": FlowConfig(dtype="float32"),
     "mnist D=4 (L=2, w64, CInC lu + affine)": FlowConfig(depth=4, dtype="float32"),

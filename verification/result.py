@@ -11,7 +11,7 @@ class ClaimResult:
     """One checked claim.
 
     name       short identifier, e.g. ``"lemma1"``
-    statement  the paper's statement (or the issue's) being checked, in words
+    statement  the statement being checked (the paper's, or a consequence of it), in words
     computed   what was computed to check it, in words
     numbers    the measured numbers: a dict, or a list of row dicts (rendered as a table)
     passed     True when the check holds

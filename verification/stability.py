@@ -227,7 +227,7 @@ def claim_instability(quick: bool = True) -> ClaimResult:
     ]
     if not quick:
         cases += [(4, 0.5, "random"), (16, 0.2, "random"), (16, 0.2, "worst")]
-    issue_case = None
+    c16_case = None
     for C, m, signs in cases:
         K = taps_kernel(3, C, m, signs)
         rep = S.measure_layer(FixedKernelCInC(K), 14, 14, power_iters=0, batch=2)
@@ -250,7 +250,7 @@ def claim_instability(quick: bool = True) -> ClaimResult:
         }
         rows.append(row)
         if (C, m, signs) == (16, 0.1, "worst"):
-            issue_case = row
+            c16_case = row
     # sharpness: for all-opposite signs (C = 1) dominance is also necessary. p(t) = K(t, t)
     # falls from d > 0 to d - r < 0 on (0, 1], so the inverse filter's generating function has
     # a pole at t* < 1: the amplification grows like (1 / t*^2) per image row/column.
@@ -276,11 +276,11 @@ def claim_instability(quick: bool = True) -> ClaimResult:
     ok_sharp = all(abs(r[key] / r["predicted growth 1/t*^2"] - 1) < 0.02 for r in sharp_rows)
     ok = (
         ok_sharp
-        and issue_case is not None
-        and issue_case["rt f64"] >= 1e-2
-        and issue_case["status"] == "unstable"
-        and issue_case["growth/pixel"] > 2
-        and issue_case["log-linear R2"] > 0.99
+        and c16_case is not None
+        and c16_case["rt f64"] >= 1e-2
+        and c16_case["status"] == "unstable"
+        and c16_case["growth/pixel"] > 2
+        and c16_case["log-linear R2"] > 0.99
     )
     return ClaimResult(
         name="stability_violation",
@@ -299,11 +299,11 @@ def claim_instability(quick: bool = True) -> ClaimResult:
         numbers=rows + sharp_rows + [{"seconds": round(time.perf_counter() - t0, 2)}],
         passed=bool(ok),
         notes=(
-            "The issue's case (C=16, taps 0.1) is reproduced: ||M^{-1}|| ~ 1e24, float64 "
-            "round trip >> 1, detected as 'unstable'. Random signs grow far more slowly than "
-            "the worst case: dominance is sufficient but conservative for mixed signs. For "
-            "all-opposite signs it is also necessary: the growth per image side matches "
-            "1/t*^2, t* the root in (0, 1) of K(t, t) = d - sum_ab |K_ab| t^(da+db)."
+            "The case C=16, all-opposite taps 0.1 behaves as stated: ||M^{-1}|| ~ 1e24, "
+            "float64 round trip >> 1, detected as 'unstable'. Random signs grow far more "
+            "slowly than the worst case: dominance is sufficient but conservative for mixed "
+            "signs. For all-opposite signs it is also necessary: the growth per image side "
+            "matches 1/t*^2, t* the root in (0, 1) of K(t, t) = d - sum_ab |K_ab| t^(da+db)."
         ),
     )
 

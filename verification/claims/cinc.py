@@ -248,7 +248,7 @@ def claim_general_c(quick: bool = True, seed: int = 2, verbose: bool = True) -> 
         ClaimResult(
             name="general_c",
             statement=(
-                "General C (the issue's statement of the paper's general-C characterisation): "
+                "General C (the paper's general-C characterisation): "
                 "with top-left padding M is invertible iff det(K[k-1, k-1]) != 0 for a full "
                 "corner, and iff every corner diagonal entry is nonzero for the masked corner; "
                 "det M = det(A)^(HW)."
@@ -516,7 +516,8 @@ def claim_figure1(out_dir: str = "report", verbose: bool = True) -> ClaimResult:
 
 
 def run(out_dir: str = "report", quick: bool = True, verbose: bool = True) -> list:
-    """Section ``cinc``: the claims of the paper's Section 3.1, in the issue's order."""
+    """Section ``cinc``: the claims of the paper's Section 3.1: Lemma 1, Theorem 1,
+    general C, the symmetric counterexamples, the layer against its dense matrix, Figure 1."""
     return [
         claim_lemma1(quick, verbose=verbose),
         claim_theorem1(quick, verbose=verbose),
