@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flownp import threads
-from flownp._numba import jit
+from flownp._numba import jit, jit_exact, jit_inline
 from flownp.kernels import _validate as V
 from flownp.kernels.conv_same import (
     actnorm_relu_backward_reference,
@@ -171,8 +171,8 @@ def _shift(Z, nb, H, W, k, sign, out):  # pragma: no cover - compiled
                         out[c, _u(q)] += Z[r, _u(q + off)]  # unsigned: vectorised
 
 
-_gather_nb = jit(_gather)
-_shift_nb = jit(_shift)
+_gather_nb = jit_exact(_gather)
+_shift_nb = jit_exact(_shift)
 
 
 def _conv_fwd(src, nb, H, W, k, KT, KcT, side, out):  # pragma: no cover - compiled
@@ -212,8 +212,8 @@ def _conv_bwd(src, dy, nb, H, W, k, KT, KcT, side, dsrc, dK):  # pragma: no cove
         np.dot(KcT.T, dZ, dsrc)
 
 
-_conv_fwd_nb = jit(_conv_fwd)
-_conv_bwd_nb = jit(_conv_bwd)
+_conv_fwd_nb = jit_exact(_conv_fwd)
+_conv_bwd_nb = jit_exact(_conv_bwd)
 
 
 def _actnorm_relu(a, bias, scale):  # pragma: no cover - compiled
@@ -233,7 +233,8 @@ def _actnorm_relu_back(d, r, scale, sums):  # pragma: no cover - compiled
 
     The row sums accumulate in the arrays' precision (float32 sums start as float32 zeros;
     float64 arrays unify them to float64), which lets LLVM keep many partial sums in vector
-    lanes; the blocks' sums are then added in float64."""
+    lanes; the blocks' sums are then added in float64. Inlined into its caller (one compiled
+    copy: the result does not depend on what else the process compiled or loaded)."""
     C, Mb = d.shape
     for c in range(C):
         sc = scale[c]
@@ -250,8 +251,8 @@ def _actnorm_relu_back(d, r, scale, sums):  # pragma: no cover - compiled
         sums[1, c] = s1
 
 
-_actnorm_relu_nb = jit(_actnorm_relu)
-_actnorm_relu_back_nb = jit(_actnorm_relu_back)
+_actnorm_relu_nb = jit_exact(_actnorm_relu)
+_actnorm_relu_back_nb = jit_inline(_actnorm_relu_back)
 
 
 def _forward_block(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from flownp import threads
-from flownp._numba import jit
+from flownp._numba import jit, jit_exact
 from flownp.kernels import _validate as V
 from flownp.kernels import conv as K_
 
@@ -80,7 +80,7 @@ def _shift_copy(src, nb, H, W, di, dj, out):  # pragma: no cover - compiled
                 out[base + i * W + j] = 0.0
 
 
-_shift_copy_nb = jit(_shift_copy)
+_shift_copy_nb = jit_exact(_shift_copy)
 
 
 def _gather(src, off, nb, H, W, cols):  # pragma: no cover - compiled
@@ -91,7 +91,7 @@ def _gather(src, off, nb, H, W, cols):  # pragma: no cover - compiled
             _shift_copy_nb(src[c], nb, H, W, off[t, 0], off[t, 1], cols[t * C + c])
 
 
-_gather_nb = jit(_gather)
+_gather_nb = jit_exact(_gather)
 
 
 def _transpose_in(a, lo, hi):  # pragma: no cover - compiled
@@ -107,8 +107,8 @@ def _transpose_out(aT, out, lo):  # pragma: no cover - compiled
             out[lo + m, c] = aT[c, m]
 
 
-_transpose_in_nb = jit(_transpose_in)
-_transpose_out_nb = jit(_transpose_out)
+_transpose_in_nb = jit_exact(_transpose_in)
+_transpose_out_nb = jit_exact(_transpose_out)
 
 
 def _forward_blocks(x, KT, off, H, W, per, blk0, blk1, y):  # pragma: no cover - compiled

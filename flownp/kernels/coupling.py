@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from flownp import threads
-from flownp._numba import jit
+from flownp._numba import jit, jit_exact
 
 #: Estimated nanoseconds of one core per element (work estimate of the chunks).
 _NS_PER_ELEMENT = 2.0
@@ -53,7 +53,7 @@ def _scale(raw, sigmoid):  # pragma: no cover - compiled
     return s, log_s, ds
 
 
-_scale_nb = jit(_scale)
+_scale_nb = jit_exact(_scale)
 
 
 def _forward_kernel(x, h, lo, mode, y, logdet, n0, n1):  # pragma: no cover - compiled

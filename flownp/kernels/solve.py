@@ -316,7 +316,7 @@ def _solve_pixel(y, Kp, L, U, perm, x, n, i, j):  # pragma: no cover - compiled
         xo[m] = acc / U[m, m]
 
 
-_solve_pixel_nb = jit(_solve_pixel)
+_solve_pixel_nb = jit_inline(_solve_pixel)
 
 
 def _solve_pixelwise_kernel(y, Kp, L, U, perm, x, wavefront):  # pragma: no cover - compiled
