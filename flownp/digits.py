@@ -35,17 +35,35 @@ ones): 0 % of uniform noise, shuffled digits and smooth blobs, and about 8 % of 
 pairs reach 0.9, against about 78 % of real held-out digits (held-out accuracy about 0.96). The
 share is a relative measure: compare samples with the real share, not with 100 %.
 
-The classifier is trained once per process and cached (:func:`bundled_classifier`); it depends
-only on NumPy, SciPy and the bundled data, never on a model.
+Shipped weights. The weights :func:`train_classifier` produces on the bundled split ship with
+flownp as ``flownp/data/digit_classifier.npz`` (:data:`WEIGHTS_FILE`), so scoring samples does
+not retrain. :func:`bundled_classifier` loads them once per process and checks what they were
+trained for: the :data:`MEASURE` string, the :func:`hyperparameters` and the
+:func:`data_fingerprint` of the training images and labels stored next to the weights must
+equal the current ones, and the weights must have their shapes, be float64 and finite. A
+missing, unreadable or mismatched file is never used: the classifier is then trained in memory
+(about 8 s) after a one-line warning on stderr. ``python -m flownp.digits --write-weights PATH``
+trains the classifier and writes the file (:func:`write_weights`; the same bytes on every run
+on a given machine). The classifier depends only on NumPy, SciPy and the bundled data, never on
+a model.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import hashlib
+import io
+import json
 import math
+import os
+import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -66,6 +84,11 @@ L2 = 1e-4
 OUTLIER_WEIGHT = 0.5
 NUM_OUTLIERS = 9000
 SEED = 0
+#: The shipped weights of :func:`bundled_classifier`, package data of :mod:`flownp.data`
+#: (:func:`write_weights` writes it, :func:`load_weights` reads it).
+WEIGHTS_FILE = "digit_classifier.npz"
+WEIGHTS_FORMAT = 1
+_NAMES = ("w1", "b1", "w2", "b2")  # the order of DigitClassifier.params and classifier_loss
 #: Columns of the ``digits_requested`` metrics table of a class-conditional digit model: the
 #: share of samples that are confidently the requested digit, overall and per digit.
 REQUESTED_COLUMNS = ("step", "temperature", "samples", "share") + tuple(
@@ -269,14 +292,144 @@ def train_classifier(
     return DigitClassifier(**params)
 
 
+# ---------------------------------------------------------------------- shipped weights
+def hyperparameters() -> dict[str, int | float]:
+    """The settings :func:`train_classifier` trains the bundled classifier with (its defaults
+    and the module constants), as stored next to the shipped weights."""
+    return {
+        "hidden": HIDDEN,
+        "epochs": EPOCHS,
+        "batch": BATCH,
+        "learning_rate": LEARNING_RATE,
+        "l2": L2,
+        "outlier_weight": OUTLIER_WEIGHT,
+        "num_outliers": NUM_OUTLIERS,
+        "seed": SEED,
+    }
+
+
+def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 (hex) of the training data: the images' dtype and shape, their bytes in C order,
+    then the labels as little-endian int64."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(f"{images.dtype.str} {images.shape}".encode())
+    h.update(images.data)
+    h.update(np.ascontiguousarray(labels, dtype="<i8").data)
+    return h.hexdigest()
+
+
+def write_weights(
+    path: str | Path, clf: DigitClassifier, images: np.ndarray, labels: np.ndarray
+) -> Path:
+    """Write ``clf`` trained on ``images, labels`` as the weights file :func:`load_weights`
+    reads: an npz (deflate) of ``w1, b1, w2, b2`` (float64) and ``format``, ``measure``,
+    ``hyperparameters`` (JSON), ``fingerprint`` (:func:`data_fingerprint`). The zip entries
+    carry a fixed date, so the same weights give the same bytes. Written to a temporary file
+    and renamed into place."""
+    path = Path(path)
+    arrays = {
+        "format": np.array(WEIGHTS_FORMAT),
+        "measure": np.array(MEASURE),
+        "hyperparameters": np.array(json.dumps(hyperparameters(), sort_keys=True)),
+        "fingerprint": np.array(data_fingerprint(images, labels)),
+        **{
+            name: np.asarray(p, dtype=np.float64)
+            for name, p in zip(_NAMES, clf.params(), strict=True)
+        },
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(
+    source: str | Path | BinaryIO, images: np.ndarray, labels: np.ndarray
+) -> DigitClassifier:
+    """The classifier stored by :func:`write_weights`, checked against the training data
+    ``images, labels`` it must have been trained on.
+
+    Raises
+    ------
+    DataError
+        The file is missing or unreadable, its format, :data:`MEASURE`, :func:`hyperparameters`
+        or :func:`data_fingerprint` differ from the current ones, or a weight has the wrong
+        shape or dtype or a non-finite value.
+    """
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except Exception as e:  # any failure to read means: do not use this file
+        raise DataError(f"unreadable ({type(e).__name__}: {e})") from e
+    keys = {*_NAMES, "format", "measure", "hyperparameters", "fingerprint"}
+    if missing := sorted(keys - set(arrays)):
+        raise DataError(f"entries missing: {', '.join(missing)}")
+
+    def text(name: str) -> str:
+        a = arrays[name]
+        return str(a[()]) if a.shape == () and a.dtype.kind == "U" else repr(a)
+
+    if arrays["format"].shape != () or arrays["format"].dtype.kind not in "iu":
+        raise DataError("format entry is not an integer")
+    if int(arrays["format"]) != WEIGHTS_FORMAT:
+        raise DataError(f"format {int(arrays['format'])}, this flownp reads {WEIGHTS_FORMAT}")
+    if text("measure") != MEASURE:
+        raise DataError(f"trained for the measure {text('measure')!r}, not {MEASURE!r}")
+    try:
+        stored = json.loads(text("hyperparameters"))
+    except ValueError:
+        stored = None
+    if stored != hyperparameters():
+        raise DataError(f"trained with {text('hyperparameters')}, not {hyperparameters()}")
+    if text("fingerprint") != data_fingerprint(images, labels):
+        raise DataError("trained on other data (fingerprint of the images and labels differs)")
+    shapes = {"w1": (784, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN, NUM_CLASSES), "b2": (10,)}
+    for name, shape in shapes.items():
+        a = arrays[name]
+        if a.shape != shape or a.dtype != np.float64:
+            raise DataError(f"{name} is {a.dtype} {a.shape}, expected float64 {shape}")
+        if not np.all(np.isfinite(a)):
+            raise DataError(f"{name} has non-finite values")
+    return DigitClassifier(**{name: arrays[name] for name in _NAMES})
+
+
+def load_or_train(
+    source: str | Path | BinaryIO, images: np.ndarray, labels: np.ndarray
+) -> DigitClassifier:
+    """:func:`load_weights`, or, when that fails, :func:`train_classifier` on ``images,
+    labels`` after a one-line warning on stderr naming the reason."""
+    try:
+        return load_weights(source, images, labels)
+    except DataError as e:
+        reason = " ".join(str(e).split())  # one line
+        print(
+            f"flownp: warning: digit classifier: the shipped weights {WEIGHTS_FILE} are not "
+            f"used ({reason}); training the classifier instead (about 8 s)",
+            file=sys.stderr,
+        )
+    return train_classifier(images, labels)
+
+
 @functools.lru_cache(maxsize=1)
 def bundled_classifier() -> DigitClassifier:
-    """The classifier trained on the 9,000 training images of the bundled MNIST split
-    (trained on first use, about 8 s; cached for the process)."""
+    """The classifier trained on the 9,000 training images of the bundled MNIST split: the
+    shipped weights (:data:`WEIGHTS_FILE`), checked by :func:`load_weights`, or trained anew
+    when they cannot be used (:func:`load_or_train`); cached for the process."""
     from flownp.data import load_dataset
 
     data = load_dataset("mnist")
-    return train_classifier(data.train, data.train_labels)
+    try:
+        source: Path | BinaryIO = io.BytesIO(
+            resources.files("flownp.data").joinpath(WEIGHTS_FILE).read_bytes()
+        )
+    except OSError:
+        source = Path(WEIGHTS_FILE)  # missing from the package: load_or_train names it
+    return load_or_train(source, data.train, data.train_labels)
 
 
 @functools.lru_cache(maxsize=1)
@@ -491,3 +644,32 @@ def format_sweep(rows: list[tuple[float, DigitScore]]) -> str:
     if real is not None:
         lines.append(f"\nreal held-out images: {real.real_share:.1%} of {real.num_real}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- regenerating the file
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flownp.digits --write-weights PATH``: train the bundled classifier and
+    write its weights file (:func:`write_weights`), then check it loads back."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flownp.digits",
+        description="Train the digit classifier on the bundled MNIST split and write the "
+        f"weights file flownp ships as flownp/data/{WEIGHTS_FILE}.",
+    )
+    parser.add_argument("--write-weights", metavar="PATH", required=True, type=Path)
+    args = parser.parse_args(argv)
+    from flownp.data import load_dataset
+
+    data = load_dataset("mnist")
+    clf = train_classifier(data.train, data.train_labels)
+    path = write_weights(args.write_weights, clf, data.train, data.train_labels)
+    loaded = load_weights(path, data.train, data.train_labels)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.params(), clf.params(), strict=True))
+    print(
+        f"{path}: held-out accuracy {clf.accuracy(data.test, data.test_labels):.3f}, "
+        f"confident share {clf.confident_share(data.test):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -206,3 +206,98 @@ def test_training_run_reports_the_share(tmp_path, mnist):
     assert 0.0 <= table["share"][0] <= 1.0
     clf = G.bundled_classifier()
     assert table["real_share"][0] == clf.confident_share(data.test)
+
+
+# ---------------------------------------------------------------------- shipped weights
+def _shipped_bytes() -> bytes:
+    from importlib import resources
+
+    return resources.files("flownp.data").joinpath(G.WEIGHTS_FILE).read_bytes()
+
+
+def test_shipped_weights_are_what_training_on_the_bundled_split_gives(mnist, capsys):
+    """Retrains (about 8 s on an idle core): the fallback of a missing file is the same
+    classifier as the shipped one. Injected round-off of 2e-16 per gradient entry moved the
+    trained weights by about 1e-15 relative, so the tolerance leaves room for another BLAS
+    while a different training (other seed, epoch count, data) is far outside it."""
+    import io
+
+    shipped = G.load_weights(io.BytesIO(_shipped_bytes()), mnist.train, mnist.train_labels)
+    trained = G.load_or_train("no such file.npz", mnist.train, mnist.train_labels)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "digit classifier" in err and "training" in err, err
+    for name, a, b in zip(
+        ("w1", "b1", "w2", "b2"), shipped.params(), trained.params(), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert G.bundled_classifier().accuracy(mnist.test, mnist.test_labels) == 0.954
+
+
+def _rewrite(tmp_path, **changes):
+    """The shipped file with some entries replaced; returns its path."""
+    path = tmp_path / f"w{len(list(tmp_path.glob('w*.npz')))}.npz"
+    with np.load(io_bytes(_shipped_bytes())) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def io_bytes(raw: bytes):
+    import io
+
+    return io.BytesIO(raw)
+
+
+def test_a_bad_weights_file_is_never_used(tmp_path, mnist, monkeypatch, capsys):
+    images, labels = mnist.train, mnist.train_labels
+    assert G.load_weights(io_bytes(_shipped_bytes()), images, labels).w1.shape == (784, 256)
+    raw = _shipped_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01  # inside w1's deflate stream: the CRC-32 catches it
+    w1 = np.load(io_bytes(raw))["w1"]
+    nan_w1 = w1.copy()
+    nan_w1[3, 4] = np.nan
+    bad = {
+        "missing": tmp_path / "absent.npz",
+        "empty": io_bytes(b""),
+        "garbage": io_bytes(b"not a zip file at all"),
+        "truncated": io_bytes(raw[: len(raw) // 3]),
+        "one bit flipped": io_bytes(bytes(flipped)),
+        "other measure": _rewrite(tmp_path, measure=np.array(G.MEASURE + " v2")),
+        "other hyperparameters": _rewrite(tmp_path, hyperparameters=np.array('{"epochs": 19}')),
+        "other data": _rewrite(tmp_path, fingerprint=np.array("0" * 64)),
+        "other format": _rewrite(tmp_path, format=np.array(2)),
+        "float32": _rewrite(tmp_path, w1=w1.astype(np.float32)),
+        "shape": _rewrite(tmp_path, w1=w1[:, :128]),
+        "nan": _rewrite(tmp_path, w1=nan_w1),
+    }
+    for kind, source in bad.items():
+        with pytest.raises(DataError):
+            G.load_weights(source, images, labels)
+            pytest.fail(f"{kind}: loaded")
+    # a wrong training split is refused too
+    with pytest.raises(DataError, match="other data"):
+        G.load_weights(io_bytes(raw), images[:-1], labels[:-1])
+    # load_or_train falls back to training, after one line on stderr
+    sentinel = object()
+    monkeypatch.setattr(G, "train_classifier", lambda x, y: sentinel)
+    for kind in ("missing", "truncated", "other measure"):
+        source = bad[kind]
+        if hasattr(source, "seek"):
+            source.seek(0)
+        assert G.load_or_train(source, images, labels) is sentinel, kind
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("flownp: warning: digit classifier"), err
+
+
+def test_written_weights_load_back_and_are_byte_reproducible(tmp_path, mnist):
+    images, labels = mnist.train[:64], mnist.train_labels[:64]
+    clf = G.train_classifier(images, labels, epochs=1, num_outliers=16)
+    a = G.write_weights(tmp_path / "a.npz", clf, images, labels)
+    b = G.write_weights(tmp_path / "b.npz", clf, images, labels)
+    assert a.read_bytes() == b.read_bytes()
+    back = G.load_weights(a, images, labels)
+    for p, q in zip(back.params(), clf.params(), strict=True):
+        np.testing.assert_array_equal(p, q)
+    assert G.write_weights(a, clf, images, labels) == a and not list(tmp_path.glob("*.tmp"))

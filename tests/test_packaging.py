@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("flownp", "verification")
-DATA_SUFFIXES = (".gz", ".h5")
+DATA_SUFFIXES = (".gz", ".h5", ".npz")
 
 
 def _source_files() -> list[str]:
@@ -68,6 +68,7 @@ def test_every_package_directory_is_in_the_wheel(wheel_names: set[str]) -> None:
 def test_every_module_and_data_file_is_in_the_wheel(wheel_names: set[str]) -> None:
     files = _source_files()
     assert any(f.endswith(".gz") for f in files) and any(f.endswith(".h5") for f in files)
+    assert "flownp/data/digit_classifier.npz" in files  # the digit classifier's weights
     missing = [f for f in files if f not in wheel_names]
     assert not missing, f"files missing from the wheel: {missing}"
 
