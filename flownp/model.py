@@ -89,6 +89,9 @@ COUPLINGS = ("quad", "affine", "additive")
 UNGUARDED_CONVS = ("1x1", "reverse", "shuffle")
 SCALES = ("sigmoid", "exp")
 CINC_CORNERS = ("triangular", "unit", "lu")
+#: How the label enters a class-conditional top prior: one offset per channel (broadcast over
+#: the positions, as in Glow) or one per position and channel.
+LABEL_PRIORS = ("channel", "position")
 #: Latent temperature of the samples that the commands draw by default (``flownp train``
 #: ``samples.png``, ``flownp sample``, ``flownp experiment``), chosen by the share of samples
 #: the digit classifier finds legible (docs/experiments.md, "Choosing the sampling temperature").
@@ -171,6 +174,7 @@ class FlowConfig:
     num_classes: int = 0
     weight_y: float = 0.0
     n_bits: int = 8
+    label_prior: str = "channel"
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape)
@@ -247,6 +251,10 @@ class FlowConfig:
         if self.weight_y > 0 and not self.num_classes:
             raise ValueError(
                 "FlowConfig: weight_y > 0 needs a class-conditional model (num_classes >= 2)"
+            )
+        if self.label_prior not in LABEL_PRIORS:
+            raise ValueError(
+                f"FlowConfig: label_prior must be one of {LABEL_PRIORS}, got {self.label_prior!r}"
             )
         b = self.n_bits
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 8:
@@ -492,7 +500,13 @@ class FlowModel(Layer):
         self.prior: LearnedPrior
         if config.num_classes:
             self.prior = self.add_layer(
-                "prior", ConditionalPrior(top, config.num_classes, dtype=dt)
+                "prior",
+                ConditionalPrior(
+                    top,
+                    config.num_classes,
+                    per_position=config.label_prior == "position",
+                    dtype=dt,
+                ),
             )
         else:
             self.prior = self.add_layer("prior", LearnedPrior(top, dtype=dt))

@@ -230,3 +230,55 @@ def test_classifier_bad_input(rng):
         clf.backward(np.zeros((2, K + 1)))
     with pytest.raises(ValueError, match=r"cross_entropy_bits: label 5 is outside"):
         cross_entropy_bits(np.zeros((1, K)), np.array([5]))
+
+
+# ---------------------------------------------------------------------- per-position label prior
+def test_per_position_label_embedding_shapes_formula_and_round_trip(rng):
+    """per_position=True: W_mean, W_logs (K, H, W, C), one offset per position and channel:
+    eps = (z - mean - W_mean[y]) exp(-(logs + W_logs[y])), logdet = -sum(logs + W_logs[y])."""
+    layer = ConditionalPrior(SHAPE, K, per_position=True)
+    assert layer.params["label_mean"].shape == (K, *SHAPE)
+    assert layer.params["label_logs"].shape == (K, *SHAPE)
+    z = rng.standard_normal((3, *SHAPE))
+    eps, logdet = layer.forward(z, np.array([0, 1, 2]))
+    assert np.array_equal(eps, z) and not logdet.any()  # zero initialised: N(0, I)
+    randomize_params(layer, rng, scale=0.3)
+    p = layer.params
+    y = np.array([2, 0, 2, 1, 0])
+    z = rng.standard_normal((5, *SHAPE))
+    eps, logdet = layer.forward(z, y)
+    for n in range(5):
+        mean = p["mean"] + p["label_mean"][y[n]]  # (H, W, C) + (H, W, C)
+        logs = p["logs"] + p["label_logs"][y[n]]
+        np.testing.assert_allclose(eps[n], (z[n] - mean) * np.exp(-logs), rtol=1e-13)
+        np.testing.assert_allclose(logdet[n], -logs.sum(), rtol=1e-13)
+    assert np.max(np.abs(layer.inverse(eps, y) - z)) <= 1e-12
+    scores = layer.class_log_likelihoods(z)
+    for k in range(K):
+        e, ld = layer.forward(z, np.full(5, k))
+        ref = -0.5 * (e.reshape(5, -1) ** 2).sum(1) - 0.5 * e[0].size * math.log(2 * math.pi) + ld
+        np.testing.assert_allclose(scores[:, k], ref, rtol=1e-12)
+
+
+def test_per_position_backward_matches_finite_differences(rng):
+    layer = ConditionalPrior(SHAPE, 4, per_position=True)
+    randomize_params(layer, rng, scale=0.3)
+    z = rng.standard_normal((5, *SHAPE))
+    y = np.array([2, 0, 2, 1, 0])  # class 3 absent
+    eps, logdet = layer.forward(z, y)
+    deps = rng.standard_normal(eps.shape)
+    dld = rng.standard_normal(logdet.shape)
+    layer.zero_grad()
+    dz = layer.backward(deps, dld)
+    grads = {"z": dz, **{k: g.copy() for k, g in layer.grads.items()}}
+    assert not grads["label_mean"][3].any() and not grads["label_logs"][3].any()
+
+    def loss() -> float:
+        e, ld = layer.forward(z, y)
+        layer.clear_cache()
+        return float(np.sum(e * deps) + np.sum(ld * dld))
+
+    for name, arr in {"z": z, **layer.params}.items():
+        for i in range(arr.size):
+            num = _fd(loss, arr, i)
+            assert abs(grads[name].reshape(-1)[i] - num) <= 1e-7 * max(1.0, abs(num)), (name, i)

@@ -68,6 +68,7 @@ MODEL_OPTIONS = (
     "guard",
     "weight_y",
     "n_bits",
+    "label_prior",
 )
 #: The model option that is not a FlowConfig field: the number of classes comes from the data.
 CLASS_OPTION = "class_conditional"
@@ -276,6 +277,15 @@ def add_config_options(
         metavar="W",
         help="with --class-conditional: add W x the cross-entropy in bits of a linear "
         "classifier on the spatial mean of the top latent to the loss (0 = no classifier)",
+    )
+
+    model.add_argument(
+        "--label-prior",
+        choices=("channel", "position"),
+        default=mc.label_prior,
+        help="with --class-conditional: the label's offset of the top prior's mean and "
+        "log-scale is one value per channel, broadcast over the positions ('channel', as in "
+        "Glow), or one per position and channel ('position')",
     )
 
     opt = _Group("optimisation (docs/training.md)")

@@ -113,7 +113,12 @@ class ConditionalPrior(LearnedPrior):
     """
 
     def __init__(
-        self, shape: tuple[int, int, int], num_classes: int, *, dtype: Any = np.float64
+        self,
+        shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        per_position: bool = False,
+        dtype: Any = np.float64,
     ) -> None:
         super().__init__(shape, dtype=dtype)
         if (
@@ -125,9 +130,10 @@ class ConditionalPrior(LearnedPrior):
                 f"ConditionalPrior: num_classes must be an int >= 2, got {num_classes!r}"
             )
         self.num_classes = int(num_classes)
-        C = self.shape[2]
-        self.add_param("label_mean", np.zeros((self.num_classes, C)))
-        self.add_param("label_logs", np.zeros((self.num_classes, C)))
+        self.per_position = bool(per_position)
+        emb = (self.num_classes, *self.shape) if self.per_position else (self.num_classes, self.shape[2])
+        self.add_param("label_mean", np.zeros(emb))
+        self.add_param("label_logs", np.zeros(emb))
 
     def _labels(self, labels: Any, n: int) -> np.ndarray | None:
         if labels is None:
@@ -140,6 +146,8 @@ class ConditionalPrior(LearnedPrior):
         mean, logs = self._params["mean"], self._params["logs"]
         if labels is None:
             return mean, logs
+        if self.per_position:  # a (H, W, C) offset per class
+            return mean + self._params["label_mean"][labels], logs + self._params["label_logs"][labels]
         mean_n = mean + self._params["label_mean"][labels][:, None, None, :]  # (N, H, W, C)
         logs_n = logs + self._params["label_logs"][labels][:, None, None, :]
         return mean_n, logs_n
@@ -165,7 +173,10 @@ class ConditionalPrior(LearnedPrior):
         dz, dmean, dlogs = standardize_backward(deps, dlogdet, eps, inv_scale)  # (N, H, W, C)
         self._grads["mean"] += dmean.sum(axis=0)
         self._grads["logs"] += dlogs.sum(axis=0)
-        if y is not None:  # d W[k] = sum over the images of class k and the positions
+        if y is not None and self.per_position:  # d W[k] = sum over the images of class k
+            np.add.at(self._grads["label_mean"], y, dmean)
+            np.add.at(self._grads["label_logs"], y, dlogs)
+        elif y is not None:  # d W[k] = sum over the images of class k and the positions
             np.add.at(self._grads["label_mean"], y, dmean.sum(axis=(1, 2)))
             np.add.at(self._grads["label_logs"], y, dlogs.sum(axis=(1, 2)))
         return dz
