@@ -154,6 +154,13 @@ class FlowConfig:
         the spatial mean of its top latent (:class:`~flownp.layers.conditional.
         LatentClassifier`, path ``classifier``) and training minimises
         ``bits/dim + weight_y * cross-entropy in bits``.
+    label_prior : str
+        How the label enters a class-conditional top prior: ``"channel"`` (default; one
+        offset of the mean and log-scale per channel, broadcast over the positions, as in
+        Glow) or ``"position"`` (one per position and channel,
+        :class:`~flownp.layers.conditional.ConditionalPrior` with ``per_position``). Unused by
+        an unconditional model; a checkpoint written before the field existed loads with
+        ``"channel"``.
     n_bits : int
         Bits per pixel of the data the model sees, 1..8 (:mod:`flownp.data.pixels`: N-bit
         data, dequantised with U(0, 1/2^N); bits/dim counts ``D ln 2^N``). Default 8.

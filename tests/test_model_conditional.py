@@ -57,6 +57,7 @@ def images(rng, cfg, n):
         ({"n_bits": 0}, "n_bits must be an int in 1..8"),
         ({"n_bits": 9}, "n_bits must be an int in 1..8"),
         ({"n_bits": 5.0}, "n_bits must be an int in 1..8"),
+        ({"label_prior": "pixel"}, "label_prior must be one of"),
     ],
 )
 def test_config_rejects_bad_values(kw, match):
@@ -89,11 +90,16 @@ def test_layers_and_parameter_paths():
     # everything else is the unconditional model's, path for path
     extra = {"prior/label_mean", "prior/label_logs", "classifier/weight", "classifier/bias"}
     assert set(shapes) - extra == set(plain.params)
+    pos = FlowModel(tiny(label_prior="position"))
+    top = pos.latent_shapes()[-1]
+    assert pos.params["prior/label_mean"].shape == pos.params["prior/label_logs"].shape
+    assert pos.params["prior/label_mean"].shape == (K, *top)
 
 
 # ---------------------------------------------------------------------- labels
-def test_round_trip_with_labels_and_label_free(rng):
-    cfg = tiny(weight_y=1.0)
+@pytest.mark.parametrize("label_prior", ["channel", "position"])
+def test_round_trip_with_labels_and_label_free(rng, label_prior):
+    cfg = tiny(weight_y=1.0, label_prior=label_prior)
     model = ready(cfg, rng)
     x = images(rng, cfg, 4)
     y = np.array([0, 2, 1, 2])
@@ -110,8 +116,9 @@ def test_round_trip_with_labels_and_label_free(rng):
     assert np.max(np.abs(z[:, -n_top:] - zf[:, -n_top:])) > 1e-3
 
 
-def test_class_log_probs_is_log_prob_given_each_label(rng):
-    cfg = tiny()
+@pytest.mark.parametrize("label_prior", ["channel", "position"])
+def test_class_log_probs_is_log_prob_given_each_label(rng, label_prior):
+    cfg = tiny(label_prior=label_prior)
     model = ready(cfg, rng)
     x = images(rng, cfg, 3)
     L = model.class_log_probs(x)
@@ -195,9 +202,11 @@ def _model_fd(model, x, y, rng, recompute=False, entries=3):
     return worst, grads
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_backward_with_the_classifier_matches_finite_differences(rng, recompute):
-    cfg = tiny(weight_y=1.0)
+@pytest.mark.parametrize(
+    ("recompute", "label_prior"), [(False, "channel"), (True, "channel"), (False, "position")]
+)
+def test_backward_with_the_classifier_matches_finite_differences(rng, recompute, label_prior):
+    cfg = tiny(weight_y=1.0, label_prior=label_prior)
     model = ready(cfg, rng)
     x = images(rng, cfg, 3)
     y = np.array([2, 0, 2])

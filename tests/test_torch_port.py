@@ -33,6 +33,7 @@ CONFIGS = {
     "reverse-additive": dict(conv="reverse", coupling="additive"),
     "shuffle-quad-sigmoid": dict(conv="shuffle", coupling="quad", scale="sigmoid"),
     "ycond-classifier-5bit": dict(num_classes=3, weight_y=0.7, n_bits=5),
+    "ycond-position": dict(num_classes=3, label_prior="position"),
 }
 
 

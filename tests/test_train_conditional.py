@@ -263,6 +263,15 @@ def test_weight_y_needs_class_conditional(tmp_path, capsys):
     )
 
 
+def test_label_prior_needs_class_conditional(tmp_path, capsys):
+    assert cli.main(["train", "--label-prior", "position", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "flownp train: error: --label-prior position needs --class-conditional (it shapes the "
+        "label's term of the top prior)"
+    )
+
+
 def test_class_conditional_on_unlabelled_data_is_one_line_exit_2(tmp_path, capsys):
     path = tmp_path / "x.npz"
     np.savez(path, x=rectangles_dataset(40, 10, 0, SHAPE).train)

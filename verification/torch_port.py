@@ -62,8 +62,14 @@ LOG_2PI = math.log(2.0 * math.pi)
 # --------------------------------------------------------------------------------------------
 
 
+#: The top prior's label embedding: (K, C), or (K, H, W, C) with ``label_prior="position"``.
+LABEL_EMBEDDINGS = ("label_mean", "label_logs")
+
+
 def to_torch_layout(path: str, a: np.ndarray) -> np.ndarray:
     """A flownp parameter/buffer ``a`` at ``path`` in this port's layout (porting.md, 1)."""
+    if a.ndim == 4 and path.endswith(LABEL_EMBEDDINGS):  # per position (K, H, W, C) -> (K, C, H, W)
+        return a.transpose(0, 3, 1, 2)
     if a.ndim == 4:  # k x k kernel (k, k, C_in, C_out) -> (C_out, C_in, k, k)
         return a.transpose(3, 2, 0, 1)
     if a.ndim == 3:  # top prior mean/logs (H, W, C) -> (C, H, W)
@@ -73,6 +79,8 @@ def to_torch_layout(path: str, a: np.ndarray) -> np.ndarray:
 
 def to_flownp_layout(path: str, a: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_torch_layout`."""
+    if a.ndim == 4 and path.endswith(LABEL_EMBEDDINGS):
+        return a.transpose(0, 2, 3, 1)
     if a.ndim == 4:
         return a.transpose(2, 3, 1, 0)
     if a.ndim == 3:
@@ -635,7 +643,8 @@ class TorchFlow(nn.Module):
             setattr(self, f"level{l}", Level(config, c, l < config.levels - 1, self.dtype))
         H, W, C = shapes[-1]
         K = config.num_classes
-        label = {} if not K else {"label_mean": (K, C), "label_logs": (K, C)}
+        emb = (K, C, H, W) if config.label_prior == "position" else (K, C)
+        label = {} if not K else {"label_mean": emb, "label_logs": emb}
         self.prior = _Holder(self.dtype, mean=(C, H, W), logs=(C, H, W), **label)
         if config.weight_y > 0:  # the linear classifier on the mean of the top latent
             self.classifier = _Holder(self.dtype, weight=(C, K), bias=(K,))
@@ -648,6 +657,8 @@ class TorchFlow(nn.Module):
         mean, logs = self.prior.mean, self.prior.logs
         if y is None:
             return mean, logs
+        if self.config.label_prior == "position":  # one (C, H, W) offset per class
+            return mean + self.prior.label_mean[y], logs + self.prior.label_logs[y]
         return (
             mean + self.prior.label_mean[y][:, :, None, None],
             logs + self.prior.label_logs[y][:, :, None, None],

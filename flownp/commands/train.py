@@ -383,9 +383,15 @@ def _n_bits_value(text: str) -> int:
 
 
 def class_options(args: argparse.Namespace) -> None:
-    """``--weight-y`` needs ``--class-conditional`` (:class:`~flownp.errors.UsageError`)."""
+    """``--weight-y`` and ``--label-prior`` need ``--class-conditional``
+    (:class:`~flownp.errors.UsageError`)."""
     from flownp.errors import UsageError
 
+    if args.label_prior != "channel" and not args.class_conditional:
+        raise UsageError(
+            f"--label-prior {args.label_prior} needs --class-conditional (it shapes the label's "
+            "term of the top prior)"
+        )
     if args.weight_y and not args.class_conditional:
         raise UsageError(
             f"--weight-y {args.weight_y:g} needs --class-conditional (the classifier is trained "

@@ -26,6 +26,13 @@ initialised and broadcast over the positions::
         (Were the one-hot row a free input, its gradient would be
         d e_n = s^mean_n W_mean^T + s^logs_n W_logs^T; labels are data, so it is not used.)
 
+``per_position=True``: the embedding has one entry per position and channel, ``W_mean``,
+``W_logs`` of shape ``(K, H, W, C)`` (a mean and log-scale image of the top latent per class)::
+
+    mean_n[i, j, c] = mean[i, j, c] + W_mean[y_n, i, j, c]
+    logs_n[i, j, c] = logs[i, j, c] + W_logs[y_n, i, j, c]
+    d W_mean[k] = sum_{n: y_n = k} S^mean_n,   d W_logs[k] = sum_{n: y_n = k} S^logs_n
+
 The label embedding is zero at initialisation, so an untrained conditional prior is the
 unconditional one. ``labels=None`` leaves the label term out (``mean_n = mean``,
 ``logs_n = logs``): the *label-free latent*, an exact bijection of its own that latent editing
@@ -105,11 +112,15 @@ class ConditionalPrior(LearnedPrior):
         Shape of one top latent.
     num_classes : int
         K >= 2, the number of classes.
+    per_position : bool
+        False: the label embedding is one offset per channel, broadcast over the positions
+        (as in Glow); True: one per position and channel.
     dtype : float32 or float64
 
     Parameters of the layer (all zero initialised): ``mean``, ``logs`` ``(H, W, C)`` (as in
-    :class:`~flownp.layers.split.LearnedPrior`), ``label_mean``, ``label_logs`` ``(K, C)``
-    (the label embedding ``W_mean``, ``W_logs`` of the module docstring).
+    :class:`~flownp.layers.split.LearnedPrior`), ``label_mean``, ``label_logs`` ``(K, C)``,
+    or ``(K, H, W, C)`` with ``per_position`` (the label embedding ``W_mean``, ``W_logs`` of
+    the module docstring).
     """
 
     def __init__(
@@ -131,7 +142,8 @@ class ConditionalPrior(LearnedPrior):
             )
         self.num_classes = int(num_classes)
         self.per_position = bool(per_position)
-        emb = (self.num_classes, *self.shape) if self.per_position else (self.num_classes, self.shape[2])
+        K, C = self.num_classes, self.shape[2]
+        emb = (K, *self.shape) if self.per_position else (K, C)
         self.add_param("label_mean", np.zeros(emb))
         self.add_param("label_logs", np.zeros(emb))
 
@@ -147,7 +159,8 @@ class ConditionalPrior(LearnedPrior):
         if labels is None:
             return mean, logs
         if self.per_position:  # a (H, W, C) offset per class
-            return mean + self._params["label_mean"][labels], logs + self._params["label_logs"][labels]
+            mean_n = mean + self._params["label_mean"][labels]  # (N, H, W, C)
+            return mean_n, logs + self._params["label_logs"][labels]
         mean_n = mean + self._params["label_mean"][labels][:, None, None, :]  # (N, H, W, C)
         logs_n = logs + self._params["label_logs"][labels][:, None, None, :]
         return mean_n, logs_n
