@@ -137,6 +137,11 @@ CASES: dict[str, Case] = {
         names=("z", "eps"),
         owner="ConditionalPrior",
     ),
+    "conditional-prior-position": Case(
+        lambda dt, s: LabelledPrior(ConditionalPrior(SHAPE, 3, per_position=True, dtype=dt)),
+        names=("z", "eps"),
+        owner="ConditionalPrior",
+    ),
     "split": Case(
         lambda dt, s: SplitAsLayer(Split(SHAPE[2], dtype=dt)), names=("x", "h"), owner="Split"
     ),
