@@ -425,3 +425,39 @@ def test_step_rule_judges_and_counts():
     rec = rule.apply(tr.model, tr.optimizer, bad)
     assert not rec.accepted and rec.error == "loss is nan" and tr.optimizer.t == 1
     assert rule.consecutive_bad == 2 and rule.rejected_total == 1
+
+
+# ---------------------------------------------------------------------- evaluation memory
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_evaluation_stores_no_activations_and_gives_the_same_numbers():
+    """evaluate_bpd equals, bit for bit, the mean bits/dim of a forward pass that stores every
+    layer's activations (same noise), needs a fraction of that pass's memory, and leaves the
+    model's recompute setting and empty caches behind."""
+    from flownp.model import FlowModel, bits_per_dim
+
+    data = make_data(n_test=64)
+    model = FlowModel(tiny_model(depth=4, width=16), seed=0)
+    model.initialize(pixels.dequantize(data.train[:32], np.random.default_rng(0), np.float64))
+
+    def stored() -> float:
+        x = pixels.dequantize(data.test, np.random.default_rng(1234), np.float64)
+        z, logdet = model.forward(x)
+        model.clear_cache()
+        return float(np.sum(bits_per_dim(z, logdet))) / len(x)
+
+    expected = stored()
+    assert T.evaluate_bpd(model, data.test, batch_size=64) == expected
+    peak_stored = _peak_bytes(stored)
+    peak_eval = _peak_bytes(lambda: T.evaluate_bpd(model, data.test, batch_size=64))
+    assert peak_eval < 0.5 * peak_stored, (peak_eval, peak_stored)
+    assert model.recompute is False and model._cache is None
