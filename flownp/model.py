@@ -801,9 +801,25 @@ class FlowModel(Layer):
 
     def initialize(self, x: np.ndarray) -> None:
         """Data-dependent initialisation: one forward pass on a batch ``x`` (every ActNorm that
-        is not yet initialised sets its bias/log-scale from the statistics it sees)."""
-        self.forward(x)
-        self.clear_cache()
+        is not yet initialised sets its bias/log-scale from the statistics it sees), storing
+        no activations (:meth:`no_stored_activations`)."""
+        with self.no_stored_activations():
+            self.forward(x)
+
+    @contextlib.contextmanager
+    def no_stored_activations(self) -> Iterator[None]:
+        """Within the block, :meth:`forward` keeps no layer's activations: each layer's cache
+        is cleared right after the layer, as with ``recompute=True``, so a pass over ``N``
+        images needs the memory of one layer's activations, not the whole flow's. For passes
+        without a backward (evaluation, initialisation); the numbers are the same bit for bit.
+        Afterwards the model's own ``recompute`` setting is back and its caches are empty."""
+        recompute = self.recompute
+        self.recompute = True
+        try:
+            yield
+        finally:
+            self.recompute = recompute
+            self.clear_cache()
 
     def num_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))

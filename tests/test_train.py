@@ -461,3 +461,23 @@ def test_evaluation_stores_no_activations_and_gives_the_same_numbers():
     peak_eval = _peak_bytes(lambda: T.evaluate_bpd(model, data.test, batch_size=64))
     assert peak_eval < 0.5 * peak_stored, (peak_eval, peak_stored)
     assert model.recompute is False and model._cache is None
+
+
+def test_initialization_stores_no_activations_and_sets_the_same_parameters():
+    """FlowModel.initialize gives, bit for bit, the parameters of a data-dependent forward pass
+    that stores every layer's activations, with a fraction of its memory."""
+    from flownp.model import FlowModel
+
+    x = pixels.dequantize(make_data().train[:64], np.random.default_rng(0), np.float64)
+    stored, model = (FlowModel(tiny_model(depth=4, width=16), seed=0) for _ in range(2))
+
+    def init_storing() -> None:
+        stored.forward(x)
+        stored.clear_cache()
+
+    peak_stored = _peak_bytes(init_storing)
+    peak_init = _peak_bytes(lambda: model.initialize(x))
+    assert model.initialized and peak_init < 0.5 * peak_stored, (peak_init, peak_stored)
+    for name, value in stored.params.items():
+        np.testing.assert_array_equal(model.params[name], value, err_msg=name)
+    assert model.recompute is False and model._cache is None

@@ -10,17 +10,16 @@ all-reduce of the sums (and of a failure flag) at the end gives every process th
 numbers. A layer error on one process (a NaN inside, a singular kernel) is raised on every
 process.
 
-Evaluation stores no activations: while it runs, the model forgets each layer's cache right
-after the layer (its ``recompute`` mode), so a batch needs the memory of one layer's
-activations, not the whole flow's (with stored activations, an evaluation batch of 500 images
-would hold 7.8 times the activations of a training step of 64). The numbers are the same bit
-for bit: only what is kept changes.
+Evaluation stores no activations
+(:meth:`flownp.model.FlowModel.no_stored_activations`): each layer's cache is cleared right
+after the layer, so a batch needs the memory of one layer's activations, not the whole flow's
+(with stored activations, an evaluation batch of 500 images would hold 7.8 times the
+activations of a training step of 64). The numbers are the same bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,20 +31,6 @@ from flownp.model import LN2, FlowModel, bits_per_dim
 from flownp.progress import Progress
 
 _ERRORS = (NonFiniteError, FloatingPointError, SingularKernelError)
-
-
-@contextmanager
-def no_stored_activations(model: FlowModel) -> Iterator[None]:
-    """Within the block, ``model.forward`` keeps no layer's activations (each layer's cache
-    is cleared right after it, as with ``recompute=True``); afterwards the model's own setting
-    is back and its caches are empty."""
-    recompute = model.recompute
-    model.recompute = True
-    try:
-        yield
-    finally:
-        model.recompute = recompute
-        model.clear_cache()
 
 
 def _evaluate(
@@ -71,7 +56,7 @@ def _evaluate(
     error: BaseException | None = None
     with (
         Progress(n, desc="evaluate", unit="image", enabled=progress, lines=10) as bar,
-        no_stored_activations(model),
+        model.no_stored_activations(),
     ):
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
