@@ -46,6 +46,7 @@ works the same on such a model, and images of different classes share one latent
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,21 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Iterator[A
             bar.update(1)
 
 
+def _inference(model: Any) -> Any:
+    """The model's :meth:`flownp.model.FlowModel.no_stored_activations` where it has one
+    (a forward pass that keeps no activations), else a block that clears its caches after."""
+    own = getattr(model, "no_stored_activations", None)
+    return own() if callable(own) else _released(model)
+
+
+@contextlib.contextmanager
+def _released(model: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _release(model)
+
+
 def _release(model: Any) -> None:
     clear = getattr(model, "clear_cache", None)
     if callable(clear):
@@ -148,8 +164,8 @@ def encode(
     out = []
     n_batches = math.ceil(len(x) / batch_size) if len(x) else 0
     for sl in _progress(_batches(len(x), batch_size), n_batches, "encode", progress):
-        z, _ = model.forward(x[sl])
-        _release(model)
+        with _inference(model):
+            z, _ = model.forward(x[sl])
         out.append(np.asarray(z).reshape(sl.stop - sl.start, -1))  # (B, D)
     if not out:
         raise ValueError("encode: no images")

@@ -722,8 +722,8 @@ class FlowModel(Layer):
         ``labels``) per sample (float64, nats), for ``x`` in model space (no dequantisation
         offset; see :func:`bits_per_dim`)."""
         self._need_labels(labels, "log_prob")
-        z, logdet = self.forward(x, labels)
-        self.clear_cache()
+        with self.no_stored_activations():
+            z, logdet = self.forward(x, labels)
         return log_normal(z) + logdet
 
     def class_log_probs(self, x: np.ndarray) -> np.ndarray:
@@ -733,8 +733,8 @@ class FlowModel(Layer):
         ``argmax_k`` is the model's generative classifier."""
         if not self.config.num_classes:
             raise ValueError("FlowModel.class_log_probs: the model is not class-conditional")
-        h, pieces, logdet = self.forward_top(x)
-        self.clear_cache()
+        with self.no_stored_activations():
+            h, pieces, logdet = self.forward_top(x)
         return self.class_log_probs_from_top(h, pieces, logdet)
 
     def class_log_probs_from_top(
@@ -754,8 +754,8 @@ class FlowModel(Layer):
         """The linear classifier's predicted labels ``(N,)`` (models with a classifier)."""
         if self.classifier is None:
             raise ValueError("FlowModel.predict_labels: the model has no classifier (weight_y 0)")
-        self.forward(x)
-        self.clear_cache()
+        with self.no_stored_activations():
+            self.forward(x)
         assert self.logits is not None
         return np.argmax(self.logits, axis=1).astype(np.int64)
 
@@ -811,7 +811,8 @@ class FlowModel(Layer):
         """Within the block, :meth:`forward` keeps no layer's activations: each layer's cache
         is cleared right after the layer, as with ``recompute=True``, so a pass over ``N``
         images needs the memory of one layer's activations, not the whole flow's. For passes
-        without a backward (evaluation, initialisation); the numbers are the same bit for bit.
+        without a backward (:meth:`initialize`, :meth:`log_prob`, :meth:`class_log_probs`,
+        :meth:`predict_labels`, evaluation, encoding); the numbers are the same bit for bit.
         Afterwards the model's own ``recompute`` setting is back and its caches are empty."""
         recompute = self.recompute
         self.recompute = True

@@ -440,9 +440,9 @@ def _peak_bytes(fn) -> int:
 
 
 def test_evaluation_stores_no_activations_and_gives_the_same_numbers():
-    """evaluate_bpd equals, bit for bit, the mean bits/dim of a forward pass that stores every
-    layer's activations (same noise), needs a fraction of that pass's memory, and leaves the
-    model's recompute setting and empty caches behind."""
+    """evaluate_bpd and encode equal, bit for bit, a forward pass that stores every layer's
+    activations (same noise); they and log_prob need a fraction of that pass's memory and
+    leave the model's recompute setting and empty caches behind."""
     from flownp.model import FlowModel, bits_per_dim
 
     data = make_data(n_test=64)
@@ -455,12 +455,23 @@ def test_evaluation_stores_no_activations_and_gives_the_same_numbers():
         model.clear_cache()
         return float(np.sum(bits_per_dim(z, logdet))) / len(x)
 
+    from flownp.latent import encode
+
     expected = stored()
     assert T.evaluate_bpd(model, data.test, batch_size=64) == expected
+    x = pixels.dequantize(data.test, np.random.default_rng(1234), np.float64)
+    z_stored, _ = model.forward(x)
+    model.clear_cache()
+    np.testing.assert_array_equal(encode(model, x, batch_size=64), z_stored)
     peak_stored = _peak_bytes(stored)
-    peak_eval = _peak_bytes(lambda: T.evaluate_bpd(model, data.test, batch_size=64))
-    assert peak_eval < 0.5 * peak_stored, (peak_eval, peak_stored)
-    assert model.recompute is False and model._cache is None
+    for name, run in {
+        "evaluate_bpd": lambda: T.evaluate_bpd(model, data.test, batch_size=64),
+        "log_prob": lambda: model.log_prob(x),
+        "encode": lambda: encode(model, x, batch_size=64),
+    }.items():
+        peak = _peak_bytes(run)
+        assert peak < 0.5 * peak_stored, (name, peak, peak_stored)
+        assert model.recompute is False and model._cache is None, name
 
 
 def test_initialization_stores_no_activations_and_sets_the_same_parameters():
