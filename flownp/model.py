@@ -87,7 +87,7 @@ CONVS = ("cinc", "emerging", "1x1", "1x1+emerging", "1x1+cinc", "periodic", "rev
 COUPLINGS = ("quad", "affine", "additive")
 #: Convolutions whose inverse is no substitution and that have no taps to guard.
 UNGUARDED_CONVS = ("1x1", "reverse", "shuffle")
-SCALES = ("sigmoid", "exp")
+SCALES = ("sigmoid", "exp", "softclamp")
 CINC_CORNERS = ("triangular", "unit", "lu")
 #: How the label enters a class-conditional top prior: one offset per channel (broadcast over
 #: the positions, as in Glow) or one per position and channel.
@@ -128,8 +128,9 @@ class FlowConfig:
         (log-det 0; ``scale`` is not used).
     kernel_size : int
         k of the CInC / Emerging / periodic convolution.
-    scale : {"sigmoid", "exp"}
-        Coupling scale function (``sigmoid(h + 2)`` as the official code, or ``exp``).
+    scale : {"softclamp", "exp", "sigmoid"}
+        Coupling scale function: ``exp(2 tanh(h / 2))`` (``exp`` with a bounded log, the
+        default), ``exp(h)`` (the paper's equations) or ``sigmoid(h + 2)`` (the official code).
     dtype : {"float32", "float64"}
     cinc_corner : {"triangular", "unit", "lu"}
         Corner parameterisation of :class:`~flownp.layers.cinc.CInCConv`.
@@ -173,7 +174,7 @@ class FlowConfig:
     conv: str = "cinc"
     coupling: str = "affine"
     kernel_size: int = 3
-    scale: str = "exp"
+    scale: str = "softclamp"
     dtype: str = "float32"
     cinc_corner: str = "lu"
     lu: bool = False

@@ -131,7 +131,7 @@ def test_conditioner_kernel_rejects_mismatched_shapes(rng):
 
 
 # ---------------------------------------------------------------------- the coupling's block pass
-@pytest.mark.parametrize("scale", ["sigmoid", "exp", None])
+@pytest.mark.parametrize("scale", ["sigmoid", "exp", "softclamp", None])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_coupling_block_kernels_match_the_layers_numpy_functions(scale, dtype, rng):
     """flownp.kernels.coupling against the layer's readable block_forward / block_backward,
@@ -143,7 +143,7 @@ def test_coupling_block_kernels_match_the_layers_numpy_functions(scale, dtype, r
     Cb = 4
     x = rng.standard_normal((N, H, W, C)).astype(dtype)
     h = rng.standard_normal((N, H, W, Cb if scale is None else 2 * Cb)).astype(dtype)
-    if scale == "sigmoid":
+    if scale in ("sigmoid", "softclamp"):  # the tails (softclamp: flat, log s -> -2 / 2)
         h[0, 0, 0, 1::2] = [-60.0, -20.0, 20.0, 60.0]
     y = np.full_like(x, 7.0)
     logdet = np.arange(N, dtype=np.float64)

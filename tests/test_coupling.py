@@ -12,7 +12,7 @@ from flownp.testing import dense_jacobian, randomize_params
 from verification.official_bug import official_bug_inverse
 
 CLASSES = [AffineCoupling, QuadCoupling]
-SCALES = ["sigmoid", "exp"]
+SCALES = ["sigmoid", "exp", "softclamp"]
 CASES = [(cls, scale) for cls in CLASSES for scale in SCALES]
 IDS = [f"{cls.__name__}-{scale}" for cls, scale in CASES]
 NETS = {AffineCoupling: ["net"], QuadCoupling: ["nn1", "nn2", "nn3"]}
@@ -150,7 +150,11 @@ def test_shift_scale_layout_and_scale_functions(cls, scale, rng):
     ref_ld = np.zeros(2)
     for k, bias in enumerate(biases, start=1):
         shift, raw = bias[0::2], bias[1::2]
-        s = expit(raw + 2.0) if scale == "sigmoid" else np.exp(raw)
+        s = {
+            "sigmoid": expit(raw + 2.0),
+            "exp": np.exp(raw),
+            "softclamp": np.exp(2.0 * np.tanh(raw / 2.0)),
+        }[scale]
         blk = slice(k * b, (k + 1) * b)
         np.testing.assert_allclose(y[..., blk], (x[..., blk] + shift) * s, rtol=1e-14)
         ref_ld += 9 * np.sum(np.log(s))
@@ -298,3 +302,23 @@ def test_overflow_is_reported_not_silenced(cls, rng):
         match=f"{cls.__name__}.inverse: the output block {len(NETS[cls]) + 1} contains",
     ):
         sig.inverse(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softclamp_bounds_what_overflows_exp(cls, dtype, rng):
+    """Raw scales of +-1000 (exp(1000) = inf): the soft-clamped scale stays within e^-2..e^2,
+    the log-det is exactly 2 or -2 per transformed element, and the inverse recovers x."""
+    C, shape = 4, (2, 3, 3)
+    for sign in (1.0, -1.0):
+        layer = cls(C, 4, scale="softclamp", dtype=dtype)
+        layer.params[f"{NETS[cls][-1]}/conv_out/bias"][1::2] = sign * 1000.0
+        x = rng.standard_normal((*shape, C)).astype(dtype)
+        y, logdet = layer.forward(x)
+        layer.clear_cache()
+        assert np.isfinite(y).all()
+        lo = len(NETS[cls]) * C // (len(NETS[cls]) + 1)  # the last block, scaled by net k
+        np.testing.assert_allclose(y[..., lo:] / (x[..., lo:] + 0.0), np.exp(2.0 * sign), rtol=1e-5)
+        if cls is AffineCoupling:  # one network: every transformed element has log s = +-2
+            np.testing.assert_allclose(logdet, sign * 2.0 * 9 * (C // 2), rtol=1e-6)
+        np.testing.assert_allclose(layer.inverse(y), x, rtol=1e-5, atol=1e-5)

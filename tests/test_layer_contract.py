@@ -131,6 +131,8 @@ CASES: dict[str, Case] = {
     "affine-sigmoid": Case(_coupling(AffineCoupling, "sigmoid"), noise=0.03),
     "quad-exp": Case(_coupling(QuadCoupling, "exp"), noise=0.03),
     "quad-sigmoid": Case(_coupling(QuadCoupling, "sigmoid"), noise=0.03),
+    "affine-softclamp": Case(_coupling(AffineCoupling, "softclamp"), noise=0.03),
+    "quad-softclamp": Case(_coupling(QuadCoupling, "softclamp"), noise=0.03),
     "learned-prior": Case(lambda dt, s: LearnedPrior(SHAPE, dtype=dt), names=("z", "eps")),
     "conditional-prior": Case(
         lambda dt, s: LabelledPrior(ConditionalPrior(SHAPE, 3, dtype=dt)),

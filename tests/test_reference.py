@@ -93,7 +93,7 @@ def test_layout_is_the_documented_one(committed):
     with h5py.File(R.DEFAULT_PATH, "r") as f:
         for name in R.REFERENCE_MODELS:
             assert f[name].attrs["optimizer"] == R.optimizer_of(name)
-    # the default configuration is covered: LU corner, guard 0.9, exp scale, mixed signs
+    # the default configuration is covered: LU corner, guard 0.9, softclamp scale, mixed signs
     default = R.REFERENCE_MODELS["cinc_default"][0]
     assert (default.conv, default.cinc_corner, default.guard, default.scale) == (
         FlowConfig().conv,

@@ -17,7 +17,10 @@ CONFIGS = {
         conv="cinc", cinc_corner="triangular", coupling="quad", scale="sigmoid", guard=0.9
     ),
     "cinc-unit-guard-affine": dict(conv="cinc", cinc_corner="unit", guard=0.5),
-    "cinc-lu-guard-affine-exp": dict(conv="cinc", cinc_corner="lu", guard=0.9),
+    "cinc-lu-guard-affine-exp": dict(conv="cinc", cinc_corner="lu", guard=0.9, scale="exp"),
+    "cinc-lu-guard-quad-softclamp": dict(
+        conv="cinc", cinc_corner="lu", guard=0.9, coupling="quad", scale="softclamp"
+    ),
     "cinc-lu-k2-quad": dict(
         conv="cinc", cinc_corner="lu", kernel_size=2, coupling="quad", scale="sigmoid", guard=None
     ),

@@ -168,7 +168,7 @@ def test_layer_factories_registry():
     for k in (1, 3, 5):
         assert f"EmergingConv(k={k})" in names
     for cls in ("AffineCoupling", "QuadCoupling"):
-        for scale in ("sigmoid", "exp"):
+        for scale in ("sigmoid", "exp", "softclamp"):
             assert f"{cls}(scale={scale})" in names
     for name in ("ActNorm", "Conv1x1(lu=False)", "Conv1x1(lu=True)", "Squeeze", "Split"):
         assert name in names

@@ -16,9 +16,11 @@ The models (:data:`REFERENCE_MODELS`), chosen so that together they contain ever
                      Conv1x1(LU) + EmergingConv(k=3), AffineCoupling(exp scale),
                      split prior, top prior
     cinc_default     the default FlowConfig on an 8x8x2 image, 2 levels x 2 steps, width 4:
-                     CInCConv(k=3, LU corner, guard 0.9, tanh), AffineCoupling(exp scale);
+                     CInCConv(k=3, LU corner, guard 0.9, tanh), AffineCoupling(softclamp
+                     scale);
                      mixed-sign ``sign`` buffers
-    cinc_unit        2 levels x 1 step: CInCConv(k=3, unit corner, guard 0.9)
+    cinc_unit        2 levels x 1 step: CInCConv(k=3, unit corner, guard 0.9); the groups
+                     below use the exp scale
     glow_1x1         2 levels x 1 step: plain Conv1x1 (a free weight, no LU)
     emerging         2 levels x 1 step: EmergingConv(k=3, guard 0.9) alone; mixed-sign
                      ``sign`` buffers
@@ -30,8 +32,8 @@ The models (:data:`REFERENCE_MODELS`), chosen so that together they contain ever
     shuffle          8x8x1, 2 levels x 1 step: a fixed random channel shuffle
     1x1_cinc         8x8x1, 2 levels x 1 step: Conv1x1(LU) then CInCConv(LU corner, guard
                      0.9); optimised by Adamax
-    cinc_ycond       8x8x1, 2 levels x 1 step, the defaults, class-conditional (3 classes:
-                     ConditionalPrior), the linear classifier with weight_y 0.5
+    cinc_ycond       8x8x1, 2 levels x 1 step, the defaults (exp scale), class-conditional
+                     (3 classes: ConditionalPrior), the linear classifier with weight_y 0.5
                      (LatentClassifier), 5-bit data (the loss counts D ln 2^5)
 
 The first two use ``guard=None`` (the paper's layers); ``cinc_default``, ``cinc_unit`` and
@@ -120,7 +122,10 @@ _COMMON = dict(
     image_shape=(8, 8, 2), levels=2, depth=2, width=4, kernel_size=3, dtype="float64", guard=None
 )
 
-_SMALL = dict(image_shape=(8, 8, 2), levels=2, width=4, kernel_size=3, dtype="float64")
+_DEFAULTS = dict(image_shape=(8, 8, 2), levels=2, width=4, kernel_size=3, dtype="float64")
+#: The groups other than ``cinc_default`` fix the coupling scale, so that their vectors do not
+#: change with the default configuration.
+_SMALL = {**_DEFAULTS, "scale": "exp"}
 _ONE_CHANNEL = {**_SMALL, "image_shape": (8, 8, 1)}
 
 #: name -> (config, model_seed, data_seed), in the order of the file
@@ -144,8 +149,8 @@ REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
         21,
         22,
     ),
-    # the defaults of FlowConfig (LU corner, guard 0.9, affine coupling, exp scale)
-    "cinc_default": (FlowConfig(depth=2, **_SMALL), 31, 32),
+    # the defaults of FlowConfig (LU corner, guard 0.9, affine coupling, softclamp scale)
+    "cinc_default": (FlowConfig(depth=2, **_DEFAULTS), 31, 32),
     "cinc_unit": (FlowConfig(depth=1, conv="cinc", cinc_corner="unit", **_SMALL), 41, 42),
     "glow_1x1": (FlowConfig(depth=1, conv="1x1", lu=False, **_SMALL), 51, 52),
     "emerging": (FlowConfig(depth=1, conv="emerging", **_SMALL), 61, 62),
@@ -156,9 +161,7 @@ REFERENCE_MODELS: dict[str, tuple[FlowConfig, int, int]] = {
         72,
     ),
     "periodic_free": (
-        FlowConfig(
-            depth=1, conv="periodic", guard=None, coupling="affine", scale="sigmoid", **_ONE_CHANNEL
-        ),
+        FlowConfig(**{**_ONE_CHANNEL, "scale": "sigmoid"}, depth=1, conv="periodic", guard=None),
         81,
         82,
     ),

@@ -13,8 +13,8 @@ Written from ``docs/porting.md``, ``docs/conventions.md``, ``docs/layers/*.md`` 
   (every ``FlowConfig``: CInC with the ``"triangular"``, ``"unit"`` and ``"lu"`` corners and
   the stability guard, Emerging, Glow's 1x1 plain and LU, a 1x1 before CInC or Emerging, the
   periodic convolution, channel reversal and shuffle, affine, additive and quad couplings,
-  ``exp`` and ``sigmoid`` scales, the class-conditional prior with the latent classifier,
-  n-bit data) and returns the largest differences of the outputs, per-layer
+  ``softclamp``, ``exp`` and ``sigmoid`` scales, the class-conditional prior with the latent
+  classifier, n-bit data) and returns the largest differences of the outputs, per-layer
   log-dets, loss, gradients and inverse (``tests/test_torch_port.py``).
 
 Everything here needs ``torch`` (an optional extra: ``pip install flownp[torch]``); flownp
@@ -500,7 +500,8 @@ class ConditionerNet(nn.Module):
 class BlockCoupling(nn.Module):
     """Affine (2 blocks, network ``net``) or quad (4 blocks, ``nn1..nn3``) coupling:
     ``y_k = (x_k + shift_k) * s(raw_k)``, ``shift = h[:, 0::2]``, ``raw = h[:, 1::2]``,
-    ``h = NN_{k-1}(x_1..x_{k-1})``; ``s = sigmoid(raw + 2)`` or ``exp(raw)``. ``scale=None``:
+    ``h = NN_{k-1}(x_1..x_{k-1})``; ``s = sigmoid(raw + 2)``, ``exp(raw)`` or
+    ``exp(2 tanh(raw / 2))``. ``scale=None``:
     additive, ``h`` is the shift alone and ``s = 1``."""
 
     def __init__(self, C: int, width: int, blocks: int, scale: str | None, dtype: torch.dtype):
@@ -523,6 +524,9 @@ class BlockCoupling(nn.Module):
         shift, raw = h[:, 0::2], h[:, 1::2]
         if self.scale == "sigmoid":
             return shift, torch.sigmoid(raw + 2.0), F.logsigmoid(raw + 2.0)
+        if self.scale == "softclamp":
+            log_s = 2.0 * torch.tanh(raw / 2.0)
+            return shift, torch.exp(log_s), log_s
         return shift, torch.exp(raw), raw
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,7 +238,8 @@ def add_config_options(
         "--scale",
         choices=SCALES,
         default=mc.scale,
-        help="coupling scale: sigmoid(h + 2) (official code) or exp",
+        help="coupling scale: exp(2 tanh(h / 2)) (exp with a bounded log: cannot overflow), "
+        "exp(h) (the paper's equations) or sigmoid(h + 2) (the official code)",
     )
     model.add_argument(
         "--dtype",

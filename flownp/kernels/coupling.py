@@ -15,7 +15,9 @@ For the block ``x[..., lo:hi]`` of ``Cb = hi - lo`` channels and its conditioner
     dh[..., 1::2]   = (dy_b * y_b + dlogdet[n]) * dlog s / draw
 
 ``scale`` is ``sigmoid(raw + 2)`` (``log s = -log(1 + e^-(raw+2))``, ``dlog s/draw =
-sigmoid(-(raw+2))``) or ``exp(raw)`` (``log s = raw``, derivative 1); ``None`` is the
+sigmoid(-(raw+2))``), ``exp(raw)`` (``log s = raw``, derivative 1) or the soft-clamped
+``exp(c tanh(raw / c))`` (``log s = c t`` with ``t = tanh(raw / c)``, derivative
+``1 - t^2``, ``c = 2``); ``None`` is the
 additive coupling: ``h`` is the shift alone (``Cb`` channels), ``y_b = x_b + h``, no
 log-determinant, ``dx_b += dy_b``, ``dh = dy_b``. One pass instead of
 about ten NumPy passes and their temporaries; chunks of samples on :mod:`flownp.threads`
@@ -35,12 +37,19 @@ from flownp._numba import jit, jit_exact
 _NS_PER_ELEMENT = 2.0
 #: Offset of the sigmoid scale (the layer's ``SIGMOID_SHIFT``, repeated: kernels import no layer).
 _SIGMOID_SHIFT = 2.0
+#: Bound ``c`` of the soft-clamped scale (the layer's ``SOFTCLAMP``, repeated likewise).
+_SOFTCLAMP = 2.0
 
 
-def _scale(raw, sigmoid):  # pragma: no cover - compiled
-    """``(s, log s, dlog s / draw)`` of one raw scale (NumPy / SciPy's stable forms)."""
-    if not sigmoid:
+def _scale(raw, mode):  # pragma: no cover - compiled
+    """``(s, log s, dlog s / draw)`` of one raw scale (NumPy / SciPy's stable forms);
+    mode 1 sigmoid, 2 exp, 3 soft-clamped exp."""
+    if mode == 2:
         return math.exp(raw), raw, 1.0
+    if mode == 3:
+        t = math.tanh(raw / _SOFTCLAMP)
+        log_s = _SOFTCLAMP * t
+        return math.exp(log_s), log_s, 1.0 - t * t
     u = raw + _SIGMOID_SHIFT
     e = math.exp(-abs(u))
     log_s = -(max(0.0, -u) + math.log1p(e))  # -logaddexp(0, -u)
@@ -57,7 +66,7 @@ _scale_nb = jit_exact(_scale)
 
 
 def _forward_kernel(x, h, lo, mode, y, logdet, n0, n1):  # pragma: no cover - compiled
-    """mode: 0 additive, 1 sigmoid, 2 exp."""
+    """mode: 0 additive, 1 sigmoid, 2 exp, 3 soft-clamped exp."""
     N, H, W, _ = x.shape
     if mode == 0:
         for n in range(n0, n1):
@@ -66,14 +75,13 @@ def _forward_kernel(x, h, lo, mode, y, logdet, n0, n1):  # pragma: no cover - co
                     for c in range(h.shape[3]):
                         y[n, i, j, lo + c] = x[n, i, j, lo + c] + h[n, i, j, c]
         return
-    sigmoid = mode == 1
     Cb = h.shape[3] // 2
     for n in range(n0, n1):
         acc = 0.0
         for i in range(H):
             for j in range(W):
                 for c in range(Cb):
-                    s, log_s, _ = _scale_nb(h[n, i, j, 2 * c + 1], sigmoid)
+                    s, log_s, _ = _scale_nb(h[n, i, j, 2 * c + 1], mode)
                     y[n, i, j, lo + c] = (x[n, i, j, lo + c] + h[n, i, j, 2 * c]) * s
                     acc += log_s
         logdet[n] += acc
@@ -90,14 +98,13 @@ def _backward_kernel(dy, y, h, dlogdet, lo, mode, dx, dh, n0, n1):  # pragma: no
                         dx[n, i, j, lo + c] += g
                         dh[n, i, j, c] = g
         return
-    sigmoid = mode == 1
     Cb = h.shape[3] // 2
     for n in range(n0, n1):
         dl = dlogdet[n]
         for i in range(H):
             for j in range(W):
                 for c in range(Cb):
-                    s, _, ds = _scale_nb(h[n, i, j, 2 * c + 1], sigmoid)
+                    s, _, ds = _scale_nb(h[n, i, j, 2 * c + 1], mode)
                     g = dy[n, i, j, lo + c]
                     d = g * s
                     dx[n, i, j, lo + c] += d
@@ -144,14 +151,16 @@ def add_to_channels(dst: np.ndarray, src: np.ndarray) -> None:
     _channels_nb(s, 0, d, 0, s.shape[1], True)
 
 
-_MODES = {None: 0, "sigmoid": 1, "exp": 2}
+_MODES = {None: 0, "sigmoid": 1, "exp": 2, "softclamp": 3}
 
 
 def _check(fn: str, a: np.ndarray, h: np.ndarray, lo: int, name: str, scale) -> int:
     """Shapes of a block: ``a (N, H, W, C)`` and ``h (N, H, W, 2 Cb)`` (``Cb`` additive)
     C-contiguous of one dtype, ``lo + Cb <= C``; returns the mode."""
     if scale not in _MODES:
-        raise ValueError(f"{fn}: scale must be 'sigmoid', 'exp' or None, got {scale!r}")
+        raise ValueError(
+            f"{fn}: scale must be 'sigmoid', 'exp', 'softclamp' or None, got {scale!r}"
+        )
     per = 1 if scale is None else 2
     if a.ndim != 4 or h.ndim != 4 or a.shape[:3] != h.shape[:3] or h.shape[3] % per:
         raise ValueError(

@@ -203,7 +203,7 @@ LAYER_FACTORIES: dict[str, LayerFactory] = {
             lambda s, cls=cls, scale=scale: cls(4, 4, scale=scale, seed=s), _S344, 0.03
         )
         for cls in (AffineCoupling, QuadCoupling)
-        for scale in ("sigmoid", "exp")
+        for scale in ("sigmoid", "exp", "softclamp")
     },
 }
 
