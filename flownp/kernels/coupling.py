@@ -46,8 +46,9 @@ def _scale(raw, mode):  # pragma: no cover - compiled
     mode 1 sigmoid, 2 exp, 3 soft-clamped exp."""
     if mode == 2:
         return math.exp(raw), raw, 1.0
-    if mode == 3:
-        t = math.tanh(raw / _SOFTCLAMP)
+    if mode == 3:  # t = tanh(raw / c) from one exp (math.tanh is not vectorised)
+        a = math.exp(-2.0 * abs(raw) / _SOFTCLAMP)
+        t = math.copysign((1.0 - a) / (1.0 + a), raw)
         log_s = _SOFTCLAMP * t
         return math.exp(log_s), log_s, 1.0 - t * t
     u = raw + _SIGMOID_SHIFT
