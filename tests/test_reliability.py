@@ -336,7 +336,11 @@ def test_single_spikes_do_not_stop_training(monkeypatch):
         return (loss * 10 if tr.step in (14, 20, 21) else loss), dz, dld
 
     monkeypatch.setattr(step_module, "bpd_loss", spiky)
-    assert tr.run().steps == 30
+    result = tr.run()
+    assert result.steps == 30 and result.rejected_total == 3
+    rejected = np.asarray(tr.metrics["train"]["rejected"])
+    np.testing.assert_array_equal(np.flatnonzero(rejected), [14, 20, 21])  # the spiked rows
+    assert tr.optimizer.t == 27  # the spikes' updates were not applied
 
 
 def test_loss_monitor_rule():

@@ -417,14 +417,24 @@ def test_step_rule_judges_and_counts():
     rule = T.StepRule(T.LossMonitor(window=50, margin=1.0, min_history=2))
     rule.replay([3.0, 3.0, 50.0], [0.0, 0.0, 1.0])  # a rejected loss is not part of the level
     assert rule.monitor.level() == 3.0
+    before = {k: v.copy() for k, v in tr.model.params.items()}
     g = T.batch_gradients(tr.model, tr.next_batch())
-    rec = rule.apply(tr.model, tr.optimizer, g)  # the first real loss is > 6: high, applied
-    assert rec.accepted and rec.high and rec.bad and "more than twice" in rec.error
-    assert tr.optimizer.t == 1 and rule.consecutive_bad == 1 and rule.rejected_total == 0
+    rec = rule.apply(tr.model, tr.optimizer, g)  # the first real loss is > 6: high, not applied
+    assert not rec.accepted and rec.high and rec.bad and "more than twice" in rec.error
+    assert tr.optimizer.t == 0 and rule.consecutive_bad == 1 and rule.rejected_total == 1
+    for k, v in tr.model.params.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert not any(np.any(v) for v in tr.model.grads.values())  # nothing left for a next step
+    assert rule.monitor.level() == 3.0  # a high loss is not part of the level
     bad = T.BatchGradients(float("nan"), 4, None, "loss is nan")
     rec = rule.apply(tr.model, tr.optimizer, bad)
-    assert not rec.accepted and rec.error == "loss is nan" and tr.optimizer.t == 1
-    assert rule.consecutive_bad == 2 and rule.rejected_total == 1
+    assert not rec.accepted and not rec.high and rec.error == "loss is nan"
+    assert tr.optimizer.t == 0 and rule.consecutive_bad == 2 and rule.rejected_total == 2
+    g = T.batch_gradients(tr.model, tr.next_batch())
+    rule.monitor.add(50.0)  # median of 3, 3, 50: still 3; add one more to lift it
+    rule.monitor.add(50.0)
+    rec = rule.apply(tr.model, tr.optimizer, g)  # level 26.5: applied
+    assert rec.accepted and not rec.bad and tr.optimizer.t == 1 and rule.consecutive_bad == 0
 
 
 # ---------------------------------------------------------------------- evaluation memory

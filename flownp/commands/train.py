@@ -13,9 +13,9 @@ model. --n-bits N trains on the N high bits of each pixel and reports bits/dim o
 (bits/dim given the label, and the accuracy of argmax_y p(x | y)); --weight-y W adds W x the
 cross-entropy in bits of a linear classifier on the top latent (docs/training.md).
 
-A step with a NaN/Inf loss or gradient is rejected (reported, parameters unchanged); a step is
-bad when rejected or when its loss is more than twice (and at least 1 bit/dim above)
-the median of the last 50 accepted losses. After --max-bad-steps bad steps in a row training
+A step is rejected (reported, update not applied) when its loss or gradient is NaN/Inf or
+its loss is more than twice (and at least 1 bit/dim above) the median of the last 50
+accepted losses. After --max-bad-steps rejected steps in a row training
 stops (exit code 1); the checkpoint is only ever written with a usable state, so the run
 folder keeps the last usable one (the message says which step and how to go on). Ctrl-C (or
 SIGTERM) finishes the current step, saves the checkpoint and the curves, and exits with 130

@@ -20,8 +20,8 @@ The package, one job per module (imports point down this list)::
     observers.py    checkpoint-time measurements: inverse stability, digit share
     loop.py         Trainer: the loop that calls them in order
 
-A step whose loss or gradient is NaN/Inf is *rejected* (the update is not applied); a loss
-far above its recent level is a *blow-up*; after ``max_bad_steps`` bad steps in a row
+A step whose loss or gradient is NaN/Inf, or whose loss is far above its recent level (a
+*blow-up*), is *rejected* (the update is not applied); after ``max_bad_steps`` bad steps in a row
 training stops with :class:`TrainingDiverged` and the run folder keeps its last usable
 checkpoint. SIGINT / SIGTERM finish the step, save and raise :class:`TrainingInterrupted`.
 

@@ -650,7 +650,8 @@ class Trainer:
         """Log a bad step; return the smoothed loss of the progress bar."""
         if rec.high:
             self.log(
-                f"step {self.step}: LOSS BLOW-UP ({self.consecutive_bad} in a row): {rec.error}"
+                f"step {self.step}: LOSS BLOW-UP ({self.consecutive_bad} in a row): {rec.error}; "
+                "update not applied, parameters kept at the last good state"
             )
         elif rec.accepted:
             return rec.bpd if math.isnan(smooth) else 0.98 * smooth + 0.02 * rec.bpd

@@ -4,12 +4,12 @@ r"""One training step, in two parts.
     (:class:`~flownp.train.data_stream.Batch`; a function of the model and the batch
     only): the loss, the image count and the
     gradients, or the error that makes them unusable (a NaN/Inf loss, a NaN inside a layer).
-(b) :meth:`StepRule.apply`: the one place where the optimizer applies the update and the
-    step is judged. A step is *rejected* when (a) failed or the gradient is not finite: the
-    update is not applied, the parameters stay at the last good state. A step is *high* when
-    its loss is far above its recent level (:class:`LossMonitor`); its update is applied.
-    Rejected and high steps are *bad*; :attr:`StepRule.consecutive_bad` counts them in a row
-    (the loop stops after ``max_bad_steps``).
+(b) :meth:`StepRule.apply`: the one place where the step is judged and the optimizer applies
+    the update. A step is *rejected* when (a) failed, the gradient is not finite, or its loss
+    is *high*, far above its recent level (:class:`LossMonitor`, judged before the update):
+    the update is not applied, the parameters, moments and EMA stay at the last good state.
+    Rejected steps are *bad*; :attr:`StepRule.consecutive_bad` counts them in a row (the loop
+    stops after ``max_bad_steps``).
 
 Between (a) and (b), :class:`StepReduction` combines the shares of several processes: each
 computes (a) on its share of the global batch with the global image count, so the shares'
@@ -20,8 +20,10 @@ unchanged.
 
 Blow-up rule (:class:`LossMonitor`): a loss is high when ``loss > level + max(BLOWUP_MARGIN,
 level)``, ``BLOWUP_MARGIN`` = 1 bit/dim, ``level`` the median of the last ``BLOWUP_WINDOW`` = 50
-accepted, not-high losses (judged once ``BLOWUP_MIN_HISTORY`` = 10 such losses exist). Single
-spikes of small batches recover within a step or two; a blow-up does not.
+accepted, not-high losses (judged once ``BLOWUP_MIN_HISTORY`` = 10 such losses exist). A high
+step is not applied: one batch that the model maps far out (a loss of 1e19 bits/dim was seen
+in a default run) would otherwise fill Adam's moments with its clipped gradient and set the
+run back for hundreds of steps; a sustained climb stops the run after ``max_bad_steps``.
 """
 
 from __future__ import annotations
@@ -274,6 +276,17 @@ class StepRule:
     def apply(self, model: FlowModel, optimizer: Any, g: BatchGradients) -> StepRecord:
         """Apply ``g`` with ``optimizer`` (unless it is unusable or not finite) and judge it."""
         error, info = g.error, None
+        terms = {"bits_x": g.bits_x, "bits_y": g.bits_y, "class_error": g.class_error}
+        if error is None and self.monitor.is_high(g.loss):  # a blow-up: judged, not applied
+            self.consecutive_bad += 1
+            self.rejected_total += 1
+            model.clear_cache()
+            model.zero_grad()
+            why = (
+                f"loss {g.loss:.4g} bits/dim is more than twice its recent level "
+                f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
+            )
+            return StepRecord(False, True, g.loss, float("nan"), float("nan"), why, **terms)
         if error is None:
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -282,23 +295,13 @@ class StepRule:
                 model.clear_cache()
                 model.zero_grad()
                 error = str(exc)
-        terms = {"bits_x": g.bits_x, "bits_y": g.bits_y, "class_error": g.class_error}
         if error is not None or info is None:
             self.consecutive_bad += 1
             self.rejected_total += 1
             return StepRecord(False, False, g.loss, float("nan"), float("nan"), error, **terms)
-        rec = StepRecord(True, False, g.loss, info["lr"], info["grad_norm"], **terms)
-        if self.monitor.is_high(g.loss):
-            self.consecutive_bad += 1
-            rec.high = True
-            rec.error = (
-                f"loss {g.loss:.4g} bits/dim is more than twice its recent level "
-                f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
-            )
-        else:
-            self.consecutive_bad = 0
-            self.monitor.add(g.loss)
-        return rec
+        self.consecutive_bad = 0
+        self.monitor.add(g.loss)
+        return StepRecord(True, False, g.loss, info["lr"], info["grad_norm"], **terms)
 
     def replay(self, losses: Iterable[float], rejected: Iterable[float]) -> None:
         """Refill the monitor from a run's recorded losses, judging them as the live run did
