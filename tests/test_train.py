@@ -431,9 +431,9 @@ def test_step_rule_judges_and_counts():
     assert not rec.accepted and not rec.high and rec.error == "loss is nan"
     assert tr.optimizer.t == 0 and rule.consecutive_bad == 2 and rule.rejected_total == 2
     g = T.batch_gradients(tr.model, tr.next_batch())
-    rule.monitor.add(50.0)  # median of 3, 3, 50: still 3; add one more to lift it
+    rule.monitor.add(50.0)  # the level: median of [3, 3, 50, 50] = 26.5
     rule.monitor.add(50.0)
-    rec = rule.apply(tr.model, tr.optimizer, g)  # level 26.5: applied
+    rec = rule.apply(tr.model, tr.optimizer, g)  # below 2 x 26.5: applied
     assert rec.accepted and not rec.bad and tr.optimizer.t == 1 and rule.consecutive_bad == 0
 
 

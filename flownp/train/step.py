@@ -261,7 +261,8 @@ class StepRecord:
 
     @property
     def bad(self) -> bool:
-        return self.high or not self.accepted
+        """Rejected (a high step is rejected too)."""
+        return not self.accepted
 
 
 class StepRule:
@@ -274,31 +275,29 @@ class StepRule:
         self.rejected_total = 0
 
     def apply(self, model: FlowModel, optimizer: Any, g: BatchGradients) -> StepRecord:
-        """Apply ``g`` with ``optimizer`` (unless it is unusable or not finite) and judge it."""
-        error, info = g.error, None
-        terms = {"bits_x": g.bits_x, "bits_y": g.bits_y, "class_error": g.class_error}
-        if error is None and self.monitor.is_high(g.loss):  # a blow-up: judged, not applied
-            self.consecutive_bad += 1
-            self.rejected_total += 1
-            model.clear_cache()
-            model.zero_grad()
-            why = (
+        """Judge ``g`` and apply it with ``optimizer``, unless it is rejected: unusable, a
+        blow-up (judged before the update) or not finite (refused by the optimizer)."""
+        error, info, high = g.error, None, False
+        if error is None and self.monitor.is_high(g.loss):
+            high = True
+            error = (
                 f"loss {g.loss:.4g} bits/dim is more than twice its recent level "
                 f"{self.monitor.level():.4g} (threshold {self.monitor.threshold():.4g})"
             )
-            return StepRecord(False, True, g.loss, float("nan"), float("nan"), why, **terms)
-        if error is None:
+        elif error is None:
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                     info = optimizer.step(g.grads)  # refuses non-finite gradients
             except STEP_ERRORS as exc:
-                model.clear_cache()
-                model.zero_grad()
                 error = str(exc)
-        if error is not None or info is None:
+        terms = {"bits_x": g.bits_x, "bits_y": g.bits_y, "class_error": g.class_error}
+        if error is not None or info is None:  # rejected: nothing of this step is kept
+            model.clear_cache()
+            model.zero_grad()
             self.consecutive_bad += 1
             self.rejected_total += 1
-            return StepRecord(False, False, g.loss, float("nan"), float("nan"), error, **terms)
+            nan = float("nan")
+            return StepRecord(False, high, g.loss, nan, nan, error, **terms)
         self.consecutive_bad = 0
         self.monitor.add(g.loss)
         return StepRecord(True, False, g.loss, info["lr"], info["grad_norm"], **terms)
